@@ -1,0 +1,110 @@
+"""``wan-trt build``: reference modules → every declared graph as ONNX → an engines directory.
+
+The directory is built in a temporary sibling and renamed into place only when complete, so an
+interrupted or failed build never leaves a half-written directory, and an existing one stays usable
+until the new one replaces it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from wan_trt import __version__
+from wan_trt.components import GraphSpec, graph_specs
+from wan_trt.errors import BadInputError
+from wan_trt.metrics import relative_l2
+from wan_trt.export.graphs import cache_layouts, graph_modules
+from wan_trt.export.onnx_export import EXPORT_SIZES, export_graph
+from wan_trt.presets import Preset
+from wan_trt.reference_models import build_reference_models
+from wan_trt.runtime.engines import OrtEngine, TorchEngine
+from wan_trt.runtime.manifest import GraphEntry, Manifest, file_sha256, write_manifest
+from wan_trt.tokenizer import build_tiny_tokenizer
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+BUILD_TOLERANCE = 1e-4  # rel-L2 of each ONNX graph in ORT vs its PyTorch module, checked at build time
+
+
+def tool_versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"wan_trt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
+                  random_weights: bool = False, verify: bool = True) -> Path:
+    """Export all graphs of ``preset`` into ``out_dir`` (atomically). Returns the directory."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
+        raise BadInputError(f"--out '{out_dir}' exists and is not an engines directory: choose a new or empty path")
+    tokenizer = build_tiny_tokenizer()
+    vocab_size = int(preset.text_encoder.get("vocab_size", tokenizer.get_vocab_size()))
+    log.info("building reference modules for preset '%s' (seed %d)", preset.name, seed)
+    models = build_reference_models(preset, seed=seed, vocab_size=vocab_size, checkpoint=checkpoint,
+                                    random_weights=random_weights)
+    encoder_caches, decoder_caches = cache_layouts(models)
+    specs = graph_specs(preset, encoder_caches, decoder_caches, vocab_size)
+    modules = graph_modules(models)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        tokenizer.save(str(staging / TOKENIZER_FILE))
+        graphs: dict[str, GraphEntry] = {}
+        for number, (name, spec) in enumerate(specs.items(), start=1):
+            log.info("[%d/%d] exporting %s", number, len(specs), name)
+            start = time.monotonic()
+            path = export_graph(spec, modules[name], staging / f"{name}.onnx")
+            if verify:
+                error = verify_graph(spec, path, modules[name])
+                log.info("[%d/%d] %s: ORT vs PyTorch rel-L2 %.2e (%.1f s)", number, len(specs), name, error,
+                         time.monotonic() - start)
+            graphs[name] = GraphEntry(spec, path.name, path.stat().st_size, file_sha256(path))
+        manifest = Manifest(preset=preset, seed=seed, weights_hash=models.weights_hash(), precision="fp32",
+                            tokenizer_file=TOKENIZER_FILE, graphs=graphs, versions=tool_versions(),
+                            checkpoint=checkpoint)
+        write_manifest(staging, manifest)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("engines written to %s", out_dir)
+    return out_dir
+
+
+def verify_graph(spec: GraphSpec, path: Path, module: torch.nn.Module) -> float:
+    """Run the fresh ONNX file in ORT and its module in PyTorch on random inputs; fail past BUILD_TOLERANCE."""
+    feed = {k: torch.from_numpy(v) for k, v in spec.sample_inputs(EXPORT_SIZES, seed=1).items()}
+    got = OrtEngine(path, spec).run(feed)
+    want = TorchEngine(module, spec).run(feed)
+    error = max(relative_l2(got[n], want[n]) for n in spec.output_names)
+    if not error <= BUILD_TOLERANCE:
+        raise RuntimeError(f"{spec.name}: the exported ONNX differs from PyTorch (rel-L2 {error:.2e} > {BUILD_TOLERANCE})")
+    return error
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move ``staging`` onto ``target``; an existing target is kept until the new one is in place."""
+    if not target.exists():
+        staging.rename(target)
+        return
+    backup = target.with_name(f".{target.name}.old-{int(time.time())}")
+    target.rename(backup)
+    try:
+        staging.rename(target)
+    except BaseException:
+        backup.rename(target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,310 @@
+"""Export-friendly torch modules, one per declared graph (see ``wan_trt.components``).
+
+Each module's ``forward`` takes the graph's inputs positionally in declared order and returns its
+outputs as a tuple in declared order. They wrap the diffusers/transformers reference modules and
+only change what export needs, with identical math:
+
+* transformer: the motion encoder runs as its own graph (once per segment, not once per denoising
+  step), so the DiT graph takes motion vectors; the pose embedding is added with ``cat`` instead of
+  an in-place slice write; attention processors use plain SDPA and RoPE without strided writes.
+* motion encoder: ``Q = qr(W)`` of the motion basis depends only on weights, so it is precomputed.
+* VAE: the causal feature caches become explicit 2-frame tensors (zeros where the reference code
+  has no history yet, which is what its causal zero padding computes anyway).
+
+The runtime's ``torch`` backend runs these same modules, so the ORT-vs-torch tests compare the
+exact function that was exported; separate tests tie these modules to the untouched references.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from wan_trt.components import CacheSlot
+from wan_trt.reference_models import ReferenceModels
+
+CACHE_FRAMES = 2  # the causal 3-D convs look back 2 frames
+
+
+# ------------------------------------------------------------------------------------------------
+# Encoders
+# ------------------------------------------------------------------------------------------------
+
+class TextEncoderGraph(torch.nn.Module):
+    """umT5 → hidden states with padded positions zeroed (== trimming to the prompt and zero-padding)."""
+
+    def __init__(self, text_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor]:
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return (hidden * attention_mask.unsqueeze(-1).to(hidden.dtype),)
+
+
+class ImageEncoderGraph(torch.nn.Module):
+    """CLIP vision tower → the penultimate layer's hidden states."""
+
+    def __init__(self, image_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+
+    def forward(self, clip_pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.image_encoder(pixel_values=clip_pixels, output_hidden_states=True).hidden_states[-2],)
+
+
+class MotionEncoderGraph(torch.nn.Module):
+    """Face crops → motion vectors, with the motion basis' QR precomputed (it depends only on weights)."""
+
+    def __init__(self, motion_encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.motion_encoder = motion_encoder
+        with torch.no_grad():
+            basis = (motion_encoder.motion_synthesis_weight + 1e-8).to(torch.float32)
+            q = torch.linalg.qr(basis)[0]
+        self.register_buffer("basis_q_t", q.T.contiguous(), persistent=False)
+
+    def forward(self, face_pixels: torch.Tensor) -> tuple[torch.Tensor]:
+        enc = self.motion_encoder
+        x = enc.conv_in(face_pixels)
+        for block in enc.res_blocks:
+            x = block(x)
+        x = enc.conv_out(x).flatten(1)
+        for linear in enc.motion_network:
+            x = linear(x)
+        # reference: sum(diag_embed(alpha) @ Q^T, dim=1), which is alpha @ Q^T
+        return (torch.matmul(x.to(torch.float32), self.basis_q_t).to(x.dtype),)
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer
+# ------------------------------------------------------------------------------------------------
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rotary embedding (diffusers' math) built with stack instead of strided writes."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over [B, S, H, D] tensors, returning [B, S, H*D]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2).flatten(2, 3)
+
+
+class ExportAttnProcessor:
+    """diffusers' WanAttnProcessor math (self- and cross-attention with the CLIP K/V branch) for export."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        image_context = None
+        if attn.add_k_proj is not None:
+            split = encoder_hidden_states.shape[1] - 512  # the reference splits image tokens from 512 text tokens
+            image_context = encoder_hidden_states[:, :split]
+            encoder_hidden_states = encoder_hidden_states[:, split:]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        k = attn.norm_k(attn.to_k(context)).unflatten(2, (attn.heads, -1))
+        v = attn.to_v(context).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
+        out = _sdpa(q, k, v).type_as(q)
+        if image_context is not None:
+            k_img = attn.norm_added_k(attn.add_k_proj(image_context)).unflatten(2, (attn.heads, -1))
+            v_img = attn.add_v_proj(image_context).unflatten(2, (attn.heads, -1))
+            out = out + _sdpa(q, k_img, v_img).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class ExportFaceAttnProcessor:
+    """diffusers' face-block attention: each latent frame's tokens attend to that frame's motion tokens."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        hidden_states = attn.pre_norm_q(hidden_states)
+        motion = attn.pre_norm_kv(encoder_hidden_states)
+        batch, frames, tokens, _ = motion.shape
+        motion = motion.flatten(1, 2)
+        q = attn.norm_q(attn.to_q(hidden_states).unflatten(2, (attn.heads, -1)))
+        k = attn.norm_k(attn.to_k(motion).view(batch, frames, tokens, attn.heads, -1))
+        v = attn.to_v(motion).view(batch, frames, tokens, attn.heads, -1)
+        q = q.unflatten(1, (frames, -1)).flatten(0, 1)
+        out = _sdpa(q, k.flatten(0, 1), v.flatten(0, 1)).type_as(q)
+        return attn.to_out(out.unflatten(0, (batch, frames)).flatten(1, 2))
+
+
+class TransformerGraph(torch.nn.Module):
+    """WanAnimateTransformer3DModel.forward with motion vectors as input (see the module docstring)."""
+
+    def __init__(self, transformer: torch.nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+        for block in transformer.blocks:
+            block.attn1.set_processor(ExportAttnProcessor())
+            block.attn2.set_processor(ExportAttnProcessor())
+        for face_block in transformer.face_adapter:
+            face_block.set_processor(ExportFaceAttnProcessor())
+
+    def forward(self, latent_input, timestep, text_embeds, image_embeds, pose_latents, motion_vectors):
+        model = self.transformer
+        batch, _, frames, height, width = latent_input.shape
+        p_t, p_h, p_w = model.config.patch_size
+        rotary_emb = model.rope(latent_input)
+
+        tokens = model.patch_embedding(latent_input)
+        pose = model.pose_patch_embedding(pose_latents)
+        tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:] + pose], dim=2)  # no pose on the reference slot
+        tokens = tokens.flatten(2).transpose(1, 2)
+
+        temb, timestep_proj, text_context, image_context = model.condition_embedder(
+            timestep, text_embeds, image_embeds, timestep_seq_len=None
+        )
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+        context = torch.cat([image_context, text_context], dim=1)
+
+        face_tokens = model.face_encoder(motion_vectors)
+        face_tokens = torch.cat([torch.zeros_like(face_tokens[:, :1]), face_tokens], dim=1)  # reference slot
+
+        every = model.config.inject_face_latents_blocks
+        for index, block in enumerate(model.blocks):
+            tokens = block(tokens, context, timestep_proj, rotary_emb)
+            if index % every == 0:
+                tokens = model.face_adapter[index // every](tokens, face_tokens) + tokens
+
+        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        dtype = tokens.dtype
+        tokens = (model.norm_out(tokens.float()) * (1 + scale) + shift).to(dtype)
+        tokens = model.proj_out(tokens)
+        tokens = tokens.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        velocity = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return (velocity,)
+
+
+# ------------------------------------------------------------------------------------------------
+# Streamed VAE
+# ------------------------------------------------------------------------------------------------
+
+def _latent_stats(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+def _padded_cache(cache: torch.Tensor) -> torch.Tensor:
+    """A cache of exactly CACHE_FRAMES frames, zero frames in front where history is shorter."""
+    missing = CACHE_FRAMES - cache.shape[2]
+    if missing <= 0:
+        return cache
+    return torch.cat([cache.new_zeros(*cache.shape[:2], missing, *cache.shape[3:]), cache], dim=2)
+
+
+def discover_cache_slots(vae: torch.nn.Module, side: str) -> tuple[list[int], list[CacheSlot]]:
+    """Run two chunks eagerly and read which feature-cache slots hold tensors, with their sizes.
+
+    Returns the used slot indices of diffusers' cache list and their layout relative to ``h2``.
+    """
+    h2 = 2
+    with torch.no_grad():
+        if side == "encoder":
+            cache: list = [None] * vae._cached_conv_counts["encoder"]
+            video = torch.zeros(1, 3, 5, 16 * h2, 16 * h2)
+            vae.encoder(video[:, :, :1], feat_cache=cache, feat_idx=[0])
+            vae.encoder(video[:, :, 1:5], feat_cache=cache, feat_idx=[0])
+        else:
+            cache = [None] * vae._cached_conv_counts["decoder"]
+            latents = vae.post_quant_conv(torch.zeros(1, vae.config.z_dim, 2, 2 * h2, 2 * h2))
+            vae.decoder(latents[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True)
+            vae.decoder(latents[:, :, 1:2], feat_cache=cache, feat_idx=[0])
+    used = [i for i, c in enumerate(cache) if isinstance(c, torch.Tensor)]
+    return used, [CacheSlot(int(cache[i].shape[1]), int(cache[i].shape[3]) // h2) for i in used]
+
+
+class _StreamedVae(torch.nn.Module):
+    side = ""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+        self.used_slots, self.slots = discover_cache_slots(vae, self.side)
+        mean, std = _latent_stats(vae)
+        self.register_buffer("latents_mean", mean, persistent=False)
+        self.register_buffer("latents_std", std, persistent=False)
+
+    def _cache_list(self, caches: Sequence[torch.Tensor]) -> list:
+        cache: list = [None] * self.vae._cached_conv_counts[self.side]
+        for index, tensor in zip(self.used_slots, caches):
+            cache[index] = tensor
+        return cache
+
+    def _caches_out(self, cache: list, like: torch.Tensor, h2, w2) -> list[torch.Tensor]:
+        out = []
+        for index, slot in zip(self.used_slots, self.slots):
+            value = cache[index]
+            if isinstance(value, torch.Tensor):
+                out.append(_padded_cache(value))
+            else:  # "Rep": the upsampler skipped its time conv on the first chunk -> no history yet
+                out.append(like.new_zeros(like.shape[0], slot.channels, CACHE_FRAMES, slot.scale * h2, slot.scale * w2))
+        return out
+
+
+class VaeEncoderFirst(_StreamedVae):
+    side = "encoder"
+
+    def forward(self, video: torch.Tensor):
+        cache = self._cache_list([])
+        moments = self.vae.quant_conv(self.vae.encoder(video, feat_cache=cache, feat_idx=[0]))
+        mean = moments[:, : self.vae.config.z_dim]
+        latents = (mean - self.latents_mean) / self.latents_std
+        return (latents, *self._caches_out(cache, video, video.shape[3] // 16, video.shape[4] // 16))
+
+
+class VaeEncoderStep(_StreamedVae):
+    side = "encoder"
+
+    def forward(self, video: torch.Tensor, *caches: torch.Tensor):
+        cache = self._cache_list(caches)
+        moments = self.vae.quant_conv(self.vae.encoder(video, feat_cache=cache, feat_idx=[0]))
+        mean = moments[:, : self.vae.config.z_dim]
+        latents = (mean - self.latents_mean) / self.latents_std
+        return (latents, *self._caches_out(cache, video, video.shape[3] // 16, video.shape[4] // 16))
+
+
+class VaeDecoderFirst(_StreamedVae):
+    side = "decoder"
+
+    def forward(self, latents: torch.Tensor):
+        cache = self._cache_list([])
+        z = self.vae.post_quant_conv(latents * self.latents_std + self.latents_mean)
+        video = self.vae.decoder(z, feat_cache=cache, feat_idx=[0], first_chunk=True).clamp(-1.0, 1.0)
+        return (video, *self._caches_out(cache, latents, latents.shape[3] // 2, latents.shape[4] // 2))
+
+
+class VaeDecoderStep(_StreamedVae):
+    side = "decoder"
+
+    def forward(self, latents: torch.Tensor, *caches: torch.Tensor):
+        cache = self._cache_list(caches)
+        z = self.vae.post_quant_conv(latents * self.latents_std + self.latents_mean)
+        video = self.vae.decoder(z, feat_cache=cache, feat_idx=[0]).clamp(-1.0, 1.0)
+        return (video, *self._caches_out(cache, latents, latents.shape[3] // 2, latents.shape[4] // 2))
+
+
+def graph_modules(models: ReferenceModels) -> dict[str, torch.nn.Module]:
+    """One export-friendly module per declared graph name."""
+    transformer = models.transformer
+    return {
+        "text_encoder": TextEncoderGraph(models.text_encoder).eval(),
+        "image_encoder": ImageEncoderGraph(models.image_encoder).eval(),
+        "vae_encoder_first": VaeEncoderFirst(models.vae).eval(),
+        "vae_encoder_step": VaeEncoderStep(models.vae).eval(),
+        "vae_decoder_first": VaeDecoderFirst(models.vae).eval(),
+        "vae_decoder_step": VaeDecoderStep(models.vae).eval(),
+        "motion_encoder": MotionEncoderGraph(transformer.motion_encoder).eval(),
+        "transformer": TransformerGraph(transformer).eval(),
+    }
+
+
+def cache_layouts(models: ReferenceModels) -> tuple[list[CacheSlot], list[CacheSlot]]:
+    """(encoder slots, decoder slots) of the streamed VAE."""
+    return discover_cache_slots(models.vae, "encoder")[1], discover_cache_slots(models.vae, "decoder")[1]

@@ -1,0 +1,96 @@
+"""``--compare torch``: per-component errors of the engines against the PyTorch reference.
+
+While the engines run, a recorder keeps the first call of every graph (inputs and outputs). Each
+recorded call is then replayed on the PyTorch reference and compared; the whole video is also
+generated on the reference and compared as pictures (PSNR).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from wan_trt.components import CACHE_OUTPUT_PREFIX
+from wan_trt.metrics import max_abs, relative_l2
+from wan_trt.runtime.engines import Engine
+
+COMPONENT_TOLERANCE = 1e-4  # rel-L2 of fp32 engines vs PyTorch, per graph output
+VIDEO_PSNR_MIN = 40.0  # dB, engines' video vs the reference's
+
+
+class RecordingEngine:
+    """Wraps an engine and keeps a copy of its first call."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.spec = engine, engine.spec
+        self.feed: dict[str, torch.Tensor] | None = None
+        self.outputs: dict[str, torch.Tensor] | None = None
+
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        outputs = self.engine.run(feed)
+        if self.feed is None:
+            self.feed = {k: v.detach().clone() for k, v in feed.items()}
+            self.outputs = {k: v.detach().clone() for k, v in outputs.items()}
+        return outputs
+
+
+@dataclass
+class ComponentError:
+    graph: str
+    output: str
+    rel_l2: float
+    max_abs: float
+
+    @property
+    def passed(self) -> bool:
+        return self.rel_l2 <= COMPONENT_TOLERANCE
+
+
+@dataclass
+class CompareReport:
+    backend: str
+    rows: list[ComponentError] = field(default_factory=list)
+    video_psnr: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        video_ok = self.video_psnr is None or self.video_psnr >= VIDEO_PSNR_MIN
+        return video_ok and all(row.passed for row in self.rows)
+
+    def table(self) -> str:
+        lines = [f"{'graph':<20} {'output':<16} {'rel-L2':>10} {'max-abs':>10}  ok (rel-L2 <= {COMPONENT_TOLERANCE:g})"]
+        for row in self.rows:
+            lines.append(f"{row.graph:<20} {row.output:<16} {row.rel_l2:>10.2e} {row.max_abs:>10.2e}  "
+                         f"{'yes' if row.passed else 'NO'}")
+        if self.video_psnr is not None:
+            ok = "yes" if self.video_psnr >= VIDEO_PSNR_MIN else "NO"
+            lines.append(f"video PSNR {self.backend} vs torch: {self.video_psnr:.2f} dB  ok (>= {VIDEO_PSNR_MIN:g} dB): {ok}")
+        return "\n".join(lines)
+
+    def failure_summary(self) -> str:
+        bad = [f"{r.graph}.{r.output} rel-L2 {r.rel_l2:.2e}" for r in self.rows if not r.passed]
+        if self.video_psnr is not None and self.video_psnr < VIDEO_PSNR_MIN:
+            bad.append(f"video PSNR {self.video_psnr:.2f} dB < {VIDEO_PSNR_MIN:g}")
+        return "; ".join(bad) + " (past tolerance)"
+
+
+def compare_components(recorded: Mapping[str, RecordingEngine], reference: Mapping[str, Engine]) -> list[ComponentError]:
+    """Replay each graph's recorded first call on the reference engines and measure every output."""
+    rows = []
+    for name, recorder in recorded.items():
+        if recorder.feed is None:
+            continue
+        want = reference[name].run(recorder.feed)
+        caches = [t.name for t in recorder.spec.outputs if t.name.startswith(CACHE_OUTPUT_PREFIX)]
+        for output in recorder.spec.output_names:
+            if output not in caches:
+                got = recorder.outputs[output]
+                rows.append(ComponentError(name, output, relative_l2(got, want[output]), max_abs(got, want[output])))
+        if caches:  # the streamed VAE's feature caches: one row, the worst of them
+            worst = max(caches, key=lambda c: relative_l2(recorder.outputs[c], want[c]))
+            got = recorder.outputs[worst]
+            rows.append(ComponentError(name, "caches (worst)", relative_l2(got, want[worst]), max_abs(got, want[worst])))
+    return rows
+

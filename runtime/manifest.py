@@ -1,0 +1,138 @@
+"""The engines directory's ``manifest.json``: what was built, from what, and how to check it.
+
+Written by ``wan-trt build``, read (and checked) by ``wan-trt infer`` before any heavy work. It
+records the preset (full configuration), the weights' seed/hash, each graph's file, size, SHA-256
+and I/O declaration, the precision and the versions of the tools that built it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wan_trt.components import GraphSpec
+from wan_trt.errors import EngineError
+from wan_trt.presets import Preset, preset_from_json
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+HASH_CHECK_LIMIT = 512 * 1024**2  # hash files up to this size on load; larger ones are checked by size
+
+
+@dataclass
+class GraphEntry:
+    spec: GraphSpec
+    file: str
+    size: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": self.file, "size": self.size, "sha256": self.sha256, "spec": self.spec.to_json()}
+
+
+@dataclass
+class Manifest:
+    preset: Preset
+    seed: int
+    weights_hash: str
+    precision: str
+    tokenizer_file: str
+    graphs: dict[str, GraphEntry]
+    versions: dict[str, str] = field(default_factory=dict)
+    checkpoint: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "preset": self.preset.to_json(),
+            "seed": self.seed,
+            "checkpoint": self.checkpoint,
+            "weights_hash": self.weights_hash,
+            "precision": self.precision,
+            "tokenizer_file": self.tokenizer_file,
+            "versions": self.versions,
+            "graphs": {name: entry.to_json() for name, entry in self.graphs.items()},
+        }
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write atomically (temp file in the same directory, then rename)."""
+    path = directory / MANIFEST_NAME
+    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(manifest.to_json(), handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifest:
+    """Load and check an engines directory; any problem is one EngineError naming the fix."""
+    directory = Path(directory)
+    rebuild = f"rebuild it with: wan-trt build --out {directory}"
+    if not directory.is_dir():
+        raise EngineError(f"engines directory '{directory}' does not exist: build it with: wan-trt build --out {directory}")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise EngineError(f"'{directory}' has no {MANIFEST_NAME}, so it is not an engines directory: {rebuild}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format_version") != FORMAT_VERSION:
+            raise EngineError(
+                f"'{path}' has format version {data.get('format_version')!r}, this wan-trt reads {FORMAT_VERSION}: {rebuild}"
+            )
+        graphs = {
+            name: GraphEntry(GraphSpec.from_json(entry["spec"]), entry["file"], int(entry["size"]), entry["sha256"])
+            for name, entry in data["graphs"].items()
+        }
+        manifest = Manifest(
+            preset=preset_from_json(data["preset"]),
+            seed=int(data["seed"]),
+            weights_hash=str(data["weights_hash"]),
+            precision=str(data["precision"]),
+            tokenizer_file=str(data["tokenizer_file"]),
+            graphs=graphs,
+            versions=dict(data.get("versions", {})),
+            checkpoint=data.get("checkpoint"),
+        )
+    except EngineError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise EngineError(f"'{path}' is corrupt ({type(error).__name__}: {error}): {rebuild}") from None
+    if check_files:
+        check_manifest_files(directory, manifest)
+    return manifest
+
+
+def check_manifest_files(directory: Path, manifest: Manifest) -> None:
+    """Every listed file exists with the recorded size (and hash, for files small enough to hash quickly)."""
+    rebuild = f"rebuild with: wan-trt build --out {directory}"
+    tokenizer = directory / manifest.tokenizer_file
+    if not tokenizer.is_file():
+        raise EngineError(f"tokenizer '{tokenizer}' listed in the manifest is missing: {rebuild}")
+    for name, entry in manifest.graphs.items():
+        file = directory / entry.file
+        if not file.is_file():
+            raise EngineError(f"engine file '{file}' ({name}) listed in the manifest is missing: {rebuild}")
+        size = file.stat().st_size
+        if size != entry.size:
+            raise EngineError(f"engine file '{file}' has {size} bytes, the manifest says {entry.size}: {rebuild}")
+        if size <= HASH_CHECK_LIMIT and file_sha256(file) != entry.sha256:
+            raise EngineError(f"engine file '{file}' does not match its SHA-256 in the manifest: {rebuild}")

@@ -1,0 +1,160 @@
+"""The lean Wan-Animate pipeline: orchestrates engines and the scheduler, never knows how a graph is built.
+
+Per video (once): the prompt's text embeddings, the letter-boxed reference photo's VAE latent and
+CLIP features. Per segment: pose latents, the temporal-guidance conditioning latents, motion
+vectors of the face crops, ``steps`` DiT calls with UniPC updates, and a streamed VAE decode.
+Segments follow the reference pipeline: the driving inputs are padded ping-pong to whole segments,
+each later segment is conditioned on the last ``guide_frames`` decoded frames of the previous one,
+the overlap is dropped and the result is cut to the input length.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+
+from wan_trt.presets import DEFAULT_PROMPT, Preset
+from wan_trt.runtime import conditioning as cond
+from wan_trt.runtime.engines import Engine
+from wan_trt.runtime.scheduler import FlowUniPCScheduler
+
+log = logging.getLogger(__name__)
+
+MOTION_BATCH = 8  # face crops per motion-encoder call (the reference's default; bounds memory at 512²)
+
+
+@dataclass
+class Segment:
+    """One finished segment: its new frames (uint8) and the final latents (for checks)."""
+
+    index: int
+    frames: np.ndarray  # [T, H, W, 3] uint8, overlap already dropped
+    latents: torch.Tensor  # [1, 16, F+1, h, w] after the last step
+
+
+@dataclass
+class GenerationRequest:
+    ref_image: np.ndarray  # HxWx3 uint8, any size (letter-boxed to the pose size)
+    pose_frames: np.ndarray  # [T, H, W, 3] uint8; its size is the output size
+    face_frames: np.ndarray  # [T, S, S, 3] uint8
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    steps: int = 20
+    segment_frames: int = 77
+    guide_frames: int = 1
+    on_step: Callable[[int, int, int, int], None] | None = field(default=None, repr=False)  # segment, n, step, n
+
+
+class AnimatePipeline:
+    """Runs declared graphs through any backend's engines."""
+
+    def __init__(self, engines: Mapping[str, Engine], preset: Preset, tokenize: Callable[[str], tuple]) -> None:
+        self.engines, self.preset, self.tokenize = engines, preset, tokenize
+
+    # ---- components -------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        input_ids, mask = self.tokenize(prompt)
+        out = self.engines["text_encoder"].run(
+            {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)})
+        return out["text_embeds"]
+
+    def encode_image(self, ref_pixels: torch.Tensor) -> torch.Tensor:
+        return self.engines["image_encoder"].run({"clip_pixels": cond.clip_pixels(ref_pixels)})["image_embeds"]
+
+    def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, 4n+1, H, W]`` in [-1, 1] → normalised latents ``[B, 16, n+1, H/8, W/8]``, chunk by chunk."""
+        frames = video.shape[2]
+        if (frames - 1) % cond.TEMPORAL_STRIDE:
+            raise ValueError(f"VAE encode needs 4n+1 frames, got {frames}")
+        out = self.engines["vae_encoder_first"].run({"video": video[:, :, :1]})
+        latents = [out.pop("latents")]
+        step = self.engines["vae_encoder_step"]
+        for start in range(1, frames, cond.TEMPORAL_STRIDE):
+            out = step.run({"video": video[:, :, start:start + cond.TEMPORAL_STRIDE], **_as_inputs(step, out)})
+            latents.append(out.pop("latents"))
+        return torch.cat(latents, dim=2)
+
+    def vae_decode(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Normalised latents ``[B, 16, F, h, w]`` → pixel chunks in [-1, 1] (1 frame, then 4 per latent)."""
+        out = self.engines["vae_decoder_first"].run({"latents": latents[:, :, :1]})
+        yield out.pop("video")
+        step = self.engines["vae_decoder_step"]
+        for index in range(1, latents.shape[2]):
+            out = step.run({"latents": latents[:, :, index:index + 1], **_as_inputs(step, out)})
+            yield out.pop("video")
+
+    def motion_vectors(self, face_frames: np.ndarray) -> torch.Tensor:
+        """Face crops ``[T, S, S, 3]`` uint8 → ``[1, T, D]``, in batches of MOTION_BATCH."""
+        pixels = cond.to_unit_range(face_frames)[0].transpose(0, 1)  # [T, 3, S, S]
+        engine = self.engines["motion_encoder"]
+        parts = [engine.run({"face_pixels": pixels[i:i + MOTION_BATCH]})["motion_vectors"]
+                 for i in range(0, pixels.shape[0], MOTION_BATCH)]
+        return torch.cat(parts).unsqueeze(0)
+
+    def velocity(self, latent_input, timestep, text_embeds, image_embeds, pose_latents, motion) -> torch.Tensor:
+        return self.engines["transformer"].run({
+            "latent_input": latent_input, "timestep": timestep, "text_embeds": text_embeds,
+            "image_embeds": image_embeds, "pose_latents": pose_latents, "motion_vectors": motion,
+        })["velocity"]
+
+    # ---- generation -------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest) -> Iterator[Segment]:
+        """Yield finished segments in order; together they hold exactly ``len(pose_frames)`` frames."""
+        num_frames, height, width = request.pose_frames.shape[:3]
+        face_frames = cond.resize_faces(request.face_frames, self.preset.face_size)
+        padded, num_segments = cond.segment_plan(num_frames, request.segment_frames, request.guide_frames)
+        order = cond.ping_pong(num_frames, padded)
+        stride = request.segment_frames - request.guide_frames
+
+        text_embeds = self.encode_prompt(request.prompt)
+        ref_pixels = cond.to_unit_range(cond.letterbox(request.ref_image, height, width))
+        image_embeds = self.encode_image(ref_pixels)
+        latent_h, latent_w = height // 8, width // 8
+        ref_latents = torch.cat([torch.ones(1, 4, 1, latent_h, latent_w), self.vae_encode(ref_pixels)], dim=1)
+
+        scheduler = FlowUniPCScheduler(shift=self.preset.shift)
+        generator = torch.Generator().manual_seed(request.seed)
+        latent_frames = (request.segment_frames - 1) // cond.TEMPORAL_STRIDE + 1
+        previous: torch.Tensor | None = None  # last decoded pixel frames of the previous segment
+        emitted = 0
+        for index in range(num_segments):
+            start = index * stride
+            window = order[start:start + request.segment_frames]
+            noise_shape = (1, self.preset.latent_channels, latent_frames + 1, latent_h, latent_w)
+            latents = torch.randn(noise_shape, generator=generator, dtype=torch.float32)
+
+            pose_latents = self.vae_encode(cond.to_unit_range(request.pose_frames[window]))
+            motion = self.motion_vectors(face_frames[window])
+            guide = torch.zeros(1, 3, request.segment_frames, height, width)
+            guides = 0
+            if previous is not None:
+                guides = request.guide_frames
+                guide[:, :, :guides] = previous
+            conditioning = torch.cat(
+                [ref_latents, torch.cat([cond.guide_mask(latent_frames, latent_h, latent_w, guides),
+                                         self.vae_encode(guide)], dim=1)], dim=2)
+
+            timesteps = scheduler.set_timesteps(request.steps)
+            for step, t in enumerate(timesteps):
+                latent_input = torch.cat([latents, conditioning], dim=1)
+                velocity = self.velocity(latent_input, t.to(torch.float32).reshape(1), text_embeds, image_embeds,
+                                         pose_latents, motion)
+                latents = scheduler.step(velocity, t, latents)
+                if request.on_step:
+                    request.on_step(index, num_segments, step + 1, len(timesteps))
+
+            video = torch.cat(list(self.vae_decode(latents[:, :, 1:])), dim=2)
+            previous = video[:, :, -request.guide_frames:]
+            new = video if index == 0 else video[:, :, request.guide_frames:]
+            new = new[:, :, : num_frames - emitted]
+            emitted += new.shape[2]
+            yield Segment(index, cond.to_uint8(new), latents)
+
+
+def _as_inputs(engine: Engine, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map a streamed graph's ``next_cache_*`` outputs onto its ``cache_*`` inputs."""
+    return {inp: outputs[out] for inp, out in engine.spec.cache_pairs}

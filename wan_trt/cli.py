@@ -1,0 +1,148 @@
+"""The ``wan-trt`` command line: build, infer, demo.
+
+Logs and progress go to stderr; results (tables, output paths) to stdout. Every expected failure is
+one line on stderr and a documented exit code (see ``wan_trt.errors``; 4 = an accuracy check of
+``--compare`` failed).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from wan_trt import __version__
+from wan_trt.errors import BadInputError, WanTrtError
+
+log = logging.getLogger("wan_trt")
+
+EXIT_COMPARE_FAILED = 4
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnx_ir", "onnxscript", "torch", "torch.onnx", "diffusers", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+class _Group(click.Group):
+    """Turns WanTrtError into one line and its exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except WanTrtError as error:
+            click.echo(f"wan-trt: error: {error}", err=True)
+            sys.exit(error.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="wan-trt")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Deploy Wan 2.2 Animate: build engines from PyTorch, run them end to end."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option("--preset", default="tiny", show_default=True, help="Model configuration: tiny or animate-14b.")
+@click.option("--checkpoint", type=click.Path(), default=None, help="Directory of real weights (animate-14b).")
+@click.option("--random-weights", is_flag=True, help="Random weights at full size (speed/memory work).")
+@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
+              help="Engines to build (TensorRT arrives with its own issue).")
+@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="Engines directory to write.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
+def build(preset: str, checkpoint: str | None, random_weights: bool, backend: str, precision: str, seed: int,
+          out_dir: str, verify: bool) -> None:
+    """Export every component to ONNX and write an engines directory with a manifest."""
+    from wan_trt.export.build import build_engines
+    from wan_trt.presets import get_preset
+
+    path = build_engines(get_preset(preset), out_dir, seed=seed, checkpoint=checkpoint,
+                         random_weights=random_weights, verify=verify)
+    click.echo(str(path))
+
+
+@main.command()
+@click.option("--engines", "engines_dir", type=click.Path(), required=True, help="Directory from wan-trt build.")
+@click.option("--input", "input_dir", type=click.Path(), default=None,
+              help="Preprocessed folder (src_ref.png, src_pose.mp4, src_face.mp4).")
+@click.option("--ref", type=click.Path(), default=None, help="Reference photo (instead of --input).")
+@click.option("--pose", type=click.Path(), default=None, help="Skeleton video (instead of --input).")
+@click.option("--face", type=click.Path(), default=None, help="Face-crop video (instead of --input).")
+@click.option("--out", "out_path", type=click.Path(), required=True, help="Output .mp4 (H.264).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
+              help="cpu; cuda/tensorrt use onnxruntime-gpu's execution providers (or CUDA for --backend torch).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
+@click.option("--prompt", default=None, help="Text prompt [the official default].")
+@click.option("--guide-frames", type=click.Choice(["1", "5"]), default="1", show_default=True,
+              help="Frames of temporal guidance between segments.")
+@click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
+@click.option("--compare", type=click.Choice(["torch"]), default=None,
+              help="Also run the PyTorch reference and print per-component errors; exit 4 past tolerance.")
+def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
+          out_path: str, backend: str, device: str, seed: int, steps: int | None, prompt: str | None,
+          guide_frames: str, segment_frames: int | None, compare: str | None) -> None:
+    """Animate a reference photo with a driving skeleton and face video; write an mp4."""
+    from wan_trt.inference import InferenceOptions, run_inference
+
+    options = InferenceOptions(
+        engines_dir=Path(engines_dir), out_path=Path(out_path), backend=backend, device=device, seed=seed,
+        steps=steps, prompt=prompt, guide_frames=int(guide_frames), segment_frames=segment_frames,
+        compare=compare, input_dir=input_dir, ref=ref, pose=pose, face=face,
+    )
+    report = run_inference(options)
+    click.echo(str(out_path))
+    if report is not None:
+        click.echo(report.table())
+        if not report.passed:
+            click.echo(f"wan-trt: error: --compare torch: {report.failure_summary()}", err=True)
+            sys.exit(EXIT_COMPARE_FAILED)
+
+
+@main.command()
+@click.option("--out", "out_dir", type=click.Path(), default="wan-trt-demo", show_default=True,
+              help="Folder for the demo inputs, engines and animation.")
+@click.option("--frames", type=click.IntRange(1, 1000), default=77, show_default=True)
+@click.option("--width", type=int, default=128, show_default=True)
+@click.option("--height", type=int, default=96, show_default=True)
+@click.option("--steps", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--compare", type=click.Choice(["torch"]), default="torch", show_default=True,
+              help="Check the engines against PyTorch as part of the demo.")
+def demo(out_dir: str, frames: int, width: int, height: int, steps: int, compare: str | None) -> None:
+    """Make synthetic inputs, build the tiny preset's ONNX engines and animate: the whole flow on a CPU."""
+    from wan_trt.demo_media import make_demo_inputs
+    from wan_trt.export.build import build_engines
+    from wan_trt.inference import InferenceOptions, run_inference
+    from wan_trt.presets import get_preset
+    from wan_trt.runtime.manifest import MANIFEST_NAME
+
+    root = Path(out_dir)
+    inputs = root / "inputs"
+    if not (inputs / "src_pose.mp4").is_file():
+        log.info("making demo inputs in %s", inputs)
+        make_demo_inputs(inputs, width=width, height=height, num_frames=frames)
+    engines = root / "engines"
+    if not (engines / MANIFEST_NAME).is_file():
+        build_engines(get_preset("tiny"), engines)
+    out_path = root / "animation.mp4"
+    report = run_inference(InferenceOptions(engines_dir=engines, out_path=out_path, input_dir=str(inputs),
+                                            steps=steps, compare=compare))
+    click.echo(str(out_path))
+    if report is not None:
+        click.echo(report.table())
+        if not report.passed:
+            click.echo(f"wan-trt: error: --compare torch: {report.failure_summary()}", err=True)
+            sys.exit(EXIT_COMPARE_FAILED)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

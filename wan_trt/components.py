@@ -1,0 +1,275 @@
+"""Every graph of the deployed model, declared once: tensor names, dtypes, symbolic dims, sample inputs.
+
+Export (dynamic axes), the engines manifest, the runtime backends and the tests all read these
+declarations. Dims are small expressions over a few symbols, evaluated either with integers (to
+make sample inputs) or with ``torch.export.Dim`` objects (to export):
+
+====== ==================================================================
+``B``  batch (1; 2 with classifier-free guidance)
+``F``  latent frames of a segment, without the reference slot; a segment has ``4F-3`` pixel frames
+``h2`` ``w2``  pixel height / 16 and width / 16 (the DiT's token grid); latents are ``2*h2`` × ``2*w2``
+``L``  text tokens (512 in the pipeline)
+``N``  face crops given to the motion encoder in one call
+====== ==================================================================
+
+The VAE runs streamed: a *first* graph for the first chunk and a *step* graph for every later chunk,
+with the causal convolutions' 2-frame feature caches as explicit inputs and outputs, so memory is
+bounded by one chunk at any clip length. The cache layout (channels and spatial scale of each slot)
+is read off the VAE at export time and recorded in the manifest.
+
+This module needs numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from wan_trt.presets import CLIP_IMAGE_SIZE, TEXT_TOKENS, Preset
+
+SYMBOLS = ("B", "F", "h2", "w2", "L", "N")
+CACHE_INPUT_PREFIX = "cache"
+CACHE_OUTPUT_PREFIX = "next_cache"
+
+# Ranges for dynamic dims at export time (inclusive). Exported graphs accept any value in range.
+SYMBOL_RANGES: dict[str, tuple[int, int]] = {
+    "B": (1, 8),
+    "F": (1, 64),
+    "h2": (2, 128),
+    "w2": (2, 128),
+    "L": (2, 4096),
+    "N": (1, 1024),
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of a graph. ``sample`` says how to draw a realistic random value."""
+
+    name: str
+    dtype: str
+    dims: tuple[int | str, ...]
+    sample: str = "normal"  # normal | pixels | timestep | tokens | mask
+
+    def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+        return tuple(evaluate_dim(d, sizes) for d in self.dims)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "dims": list(self.dims), "sample": self.sample}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "TensorSpec":
+        return TensorSpec(data["name"], data["dtype"], tuple(data["dims"]), data.get("sample", "normal"))
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One exported graph (one ONNX file / one engine)."""
+
+    name: str
+    component: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    doc: str = ""
+    vocab_size: int = 0  # for token inputs
+    cache_pairs: tuple[tuple[str, str], ...] = field(default=())  # (input cache, output cache) of streamed graphs
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def sample_inputs(self, sizes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
+        """Fresh random inputs of the declared names, dtypes and shapes for the given symbol sizes."""
+        rng = np.random.default_rng(seed)
+        return {t.name: _sample(t, t.shape(sizes), rng, self.vocab_size) for t in self.inputs}
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["inputs"] = [t.to_json() for t in self.inputs]
+        data["outputs"] = [t.to_json() for t in self.outputs]
+        data["cache_pairs"] = [list(p) for p in self.cache_pairs]
+        return data
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "GraphSpec":
+        return GraphSpec(
+            name=data["name"],
+            component=data["component"],
+            inputs=tuple(TensorSpec.from_json(t) for t in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(t) for t in data["outputs"]),
+            doc=data.get("doc", ""),
+            vocab_size=data.get("vocab_size", 0),
+            cache_pairs=tuple(tuple(p) for p in data.get("cache_pairs", ())),
+        )
+
+
+def evaluate_dim(dim: int | str, sizes: Mapping[str, Any]) -> Any:
+    """Evaluate a dim expression (``"4*F-3"``) with ints or with torch.export.Dim objects."""
+    if isinstance(dim, int):
+        return dim
+    return eval(dim, {"__builtins__": {}}, dict(sizes))  # noqa: S307 - expressions come from this module
+
+
+def symbols_of(spec: GraphSpec) -> list[str]:
+    """The dynamic symbols a graph's inputs use, in SYMBOLS order."""
+    used = {s for t in spec.inputs for d in t.dims if isinstance(d, str) for s in SYMBOLS if _mentions(d, s)}
+    return [s for s in SYMBOLS if s in used]
+
+
+def _mentions(expr: str, symbol: str) -> bool:
+    import re
+
+    return re.search(rf"\b{symbol}\b", expr) is not None
+
+
+def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, vocab: int) -> np.ndarray:
+    if t.sample == "tokens":
+        return rng.integers(3, max(vocab, 4), size=shape, dtype=np.int64)
+    if t.sample == "mask":
+        mask = np.zeros(shape, dtype=np.int64)
+        for row in mask.reshape(-1, shape[-1]):
+            row[: rng.integers(1, shape[-1] + 1)] = 1
+        return mask
+    if t.sample == "timestep":
+        return rng.uniform(1.0, 999.0, size=shape).astype(t.dtype)
+    if t.sample == "pixels":
+        return rng.uniform(-1.0, 1.0, size=shape).astype(t.dtype)
+    return rng.standard_normal(size=shape).astype(t.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The declarations
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CacheSlot:
+    """One causal-conv feature cache of the streamed VAE: channels and spatial size relative to ``h2``."""
+
+    channels: int
+    scale: int  # the slot's height is scale * h2 (width likewise)
+
+
+def vae_cache_specs(prefix: str, slots: Iterable[CacheSlot]) -> list[TensorSpec]:
+    return [
+        TensorSpec(f"{prefix}_{i:02d}", "float32", ("B", s.channels, 2, f"{s.scale}*h2", f"{s.scale}*w2"))
+        for i, s in enumerate(slots)
+    ]
+
+
+def graph_specs(
+    preset: Preset,
+    encoder_caches: list[CacheSlot],
+    decoder_caches: list[CacheSlot],
+    vocab_size: int,
+) -> dict[str, GraphSpec]:
+    """All graphs of a preset, keyed by graph name, in the order the pipeline first uses them."""
+    tr, te, ie = preset.transformer, preset.text_encoder, preset.image_encoder
+    z = preset.latent_channels
+    face = preset.face_size
+    motion_dim = int(tr["motion_encoder_dim"])
+    lat = ("2*h2", "2*w2")
+    pix = ("16*h2", "16*w2")
+
+    def streamed(name: str, component: str, first: bool, io_in: list[TensorSpec], io_out: list[TensorSpec],
+                 slots: list[CacheSlot], doc: str) -> GraphSpec:
+        cache_in = vae_cache_specs(CACHE_INPUT_PREFIX, slots)
+        cache_out = vae_cache_specs(CACHE_OUTPUT_PREFIX, slots)
+        return GraphSpec(
+            name=name,
+            component=component,
+            inputs=tuple(io_in if first else io_in + cache_in),
+            outputs=tuple(io_out + cache_out),
+            doc=doc,
+            cache_pairs=() if first else tuple((i.name, o.name) for i, o in zip(cache_in, cache_out)),
+        )
+
+    specs = [
+        GraphSpec(
+            name="text_encoder",
+            component="text_encoder",
+            inputs=(
+                TensorSpec("input_ids", "int64", ("B", "L"), "tokens"),
+                TensorSpec("attention_mask", "int64", ("B", "L"), "mask"),
+            ),
+            outputs=(TensorSpec("text_embeds", "float32", ("B", "L", int(te["d_model"]))),),
+            doc="umT5 encoder; padded positions are zeroed as the reference pipeline does",
+            vocab_size=vocab_size,
+        ),
+        GraphSpec(
+            name="image_encoder",
+            component="image_encoder",
+            inputs=(TensorSpec("clip_pixels", "float32", ("B", 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)),),
+            outputs=(TensorSpec("image_embeds", "float32", ("B", (CLIP_IMAGE_SIZE // int(ie["patch_size"])) ** 2 + 1,
+                                                             int(ie["hidden_size"]))),),
+            doc="CLIP vision tower, penultimate layer's hidden states (CLS + patches)",
+        ),
+        streamed(
+            "vae_encoder_first", "vae_encoder", True,
+            [TensorSpec("video", "float32", ("B", 3, 1, *pix), "pixels")],
+            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
+            encoder_caches,
+            "first chunk (1 frame) → its normalised latent and the caches",
+        ),
+        streamed(
+            "vae_encoder_step", "vae_encoder", False,
+            [TensorSpec("video", "float32", ("B", 3, 4, *pix), "pixels")],
+            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
+            encoder_caches,
+            "every later chunk (4 frames) → one normalised latent frame",
+        ),
+        streamed(
+            "vae_decoder_first", "vae_decoder", True,
+            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
+            [TensorSpec("video", "float32", ("B", 3, 1, *pix))],
+            decoder_caches,
+            "first latent frame → 1 pixel frame in [-1, 1] and the caches",
+        ),
+        streamed(
+            "vae_decoder_step", "vae_decoder", False,
+            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
+            [TensorSpec("video", "float32", ("B", 3, 4, *pix))],
+            decoder_caches,
+            "every later latent frame → 4 pixel frames in [-1, 1]",
+        ),
+        GraphSpec(
+            name="motion_encoder",
+            component="motion_encoder",
+            inputs=(TensorSpec("face_pixels", "float32", ("N", 3, face, face), "pixels"),),
+            outputs=(TensorSpec("motion_vectors", "float32", ("N", motion_dim)),),
+            doc="face crops → motion vectors (the QR of the motion basis is precomputed from the weights)",
+        ),
+        GraphSpec(
+            name="transformer",
+            component="transformer",
+            inputs=(
+                TensorSpec("latent_input", "float32", ("B", int(tr["in_channels"]), "F+1", *lat)),
+                TensorSpec("timestep", "float32", ("B",), "timestep"),
+                TensorSpec("text_embeds", "float32", ("B", TEXT_TOKENS, int(tr["text_dim"]))),
+                TensorSpec("image_embeds", "float32", ("B", (CLIP_IMAGE_SIZE // int(ie["patch_size"])) ** 2 + 1,
+                                                       int(tr["image_dim"]))),
+                TensorSpec("pose_latents", "float32", ("B", z, "F", *lat)),
+                TensorSpec("motion_vectors", "float32", ("B", "4*F-3", motion_dim)),
+            ),
+            outputs=(TensorSpec("velocity", "float32", ("B", int(tr["out_channels"]), "F+1", *lat)),),
+            doc="DiT with pose patch embedding, face encoder and face blocks → flow velocity",
+        ),
+    ]
+    return {s.name: s for s in specs}
+
+
+def segment_sizes(frames: int, height: int, width: int, batch: int = 1, face_frames: int | None = None) -> dict[str, int]:
+    """Symbol sizes for a segment of ``frames`` pixel frames (4n+1) at ``height`` × ``width`` pixels."""
+    return {
+        "B": batch,
+        "F": (frames - 1) // 4 + 1,
+        "h2": height // 16,
+        "w2": width // 16,
+        "L": TEXT_TOKENS,
+        "N": face_frames if face_frames is not None else frames,
+    }

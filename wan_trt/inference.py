@@ -1,0 +1,125 @@
+"""``wan-trt infer``: validate everything cheap first, then run the pipeline and stream the mp4."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
+from wan_trt.errors import BadInputError
+from wan_trt.media import VideoWriter
+from wan_trt.metrics import psnr
+from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
+from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_components
+from wan_trt.runtime.loading import open_pipeline, torch_engines
+from wan_trt.runtime.manifest import read_manifest
+from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceOptions:
+    engines_dir: Path
+    out_path: Path
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    seed: int = 0
+    steps: int | None = None
+    prompt: str | None = None
+    guide_frames: int = 1
+    segment_frames: int | None = None
+    compare: str | None = None
+    input_dir: str | None = None
+    ref: str | None = None
+    pose: str | None = None
+    face: str | None = None
+
+
+def run_inference(options: InferenceOptions) -> CompareReport | None:
+    """Generate the animation into ``options.out_path``; with ``compare``, also return the error report."""
+    _check_output_path(options.out_path)
+    manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
+    inputs = load_driving_inputs(options.input_dir, ref=options.ref, pose=options.pose, face=options.face)
+    preset = manifest.preset
+    segment_frames = options.segment_frames or preset.segment_frames
+    if segment_frames < 5 or (segment_frames - 1) % 4:
+        raise BadInputError(f"--segment-frames {segment_frames}: must be 4n+1 and at least 5 (e.g. 77)")
+    if options.guide_frames >= segment_frames:
+        raise BadInputError(f"--guide-frames {options.guide_frames} must be smaller than --segment-frames {segment_frames}")
+    _check_resolution(inputs, preset.transformer["rope_max_seq_len"])
+    if inputs.face.width != OFFICIAL_FACE_SIZE:
+        log.warning("face crops are %dx%d, the official format has %dx%d; resizing them to the model's %dx%d",
+                    inputs.face.width, inputs.face.height, OFFICIAL_FACE_SIZE, OFFICIAL_FACE_SIZE,
+                    preset.face_size, preset.face_size)
+    request = GenerationRequest(
+        ref_image=inputs.ref_image, pose_frames=inputs.pose.frames, face_frames=inputs.face.frames,
+        prompt=options.prompt if options.prompt is not None else DEFAULT_PROMPT, seed=options.seed,
+        steps=options.steps or preset.steps, segment_frames=segment_frames, guide_frames=options.guide_frames,
+    )
+
+    pipeline, _ = open_pipeline(options.engines_dir, options.backend, options.device)
+    recorders = None
+    if options.compare:
+        recorders = {name: RecordingEngine(engine) for name, engine in pipeline.engines.items()}
+        pipeline = AnimatePipeline(recorders, preset, pipeline.tokenize)
+    frames = _generate_to_file(pipeline, request, options.out_path, inputs.fps, f"{options.backend}")
+    if not options.compare:
+        return None
+
+    log.info("--compare torch: running the PyTorch reference on the same inputs")
+    reference = torch_engines(manifest, options.device)
+    report = CompareReport(backend=options.backend, rows=compare_components(recorders, reference))
+    reference_pipeline = AnimatePipeline(reference, preset, pipeline.tokenize)
+    reference_frames = np.concatenate([s.frames for s in _with_progress(reference_pipeline, request, "torch")])
+    report.video_psnr = psnr(frames, reference_frames)
+    return report
+
+
+def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out_path: Path, fps: float,
+                      label: str) -> np.ndarray:
+    """Run the pipeline, streaming each segment's frames into the mp4 (atomic); returns all frames."""
+    height, width = request.pose_frames.shape[1:3]
+    produced = []
+    with VideoWriter(out_path, width=width, height=height, fps=fps) as writer:
+        for segment in _with_progress(pipeline, request, label):
+            writer.write(segment.frames)
+            produced.append(segment.frames)
+    return np.concatenate(produced)
+
+
+def _with_progress(pipeline: AnimatePipeline, request: GenerationRequest, label: str):
+    bar = tqdm(desc=f"denoising ({label})", unit="step", leave=False, dynamic_ncols=True)
+
+    def on_step(segment: int, segments: int, step: int, steps: int) -> None:
+        bar.total = segments * steps
+        bar.set_postfix_str(f"segment {segment + 1}/{segments}")
+        bar.update(1)
+
+    try:
+        yield from pipeline.generate(replace(request, on_step=on_step))
+    finally:
+        bar.close()
+
+
+def _check_output_path(out_path: Path) -> None:
+    if out_path.suffix.lower() != ".mp4":
+        raise BadInputError(f"--out '{out_path}' must end in .mp4")
+    if out_path.is_dir():
+        raise BadInputError(f"--out '{out_path}' is a directory: give a file name ending in .mp4")
+    if not out_path.parent.exists():
+        raise BadInputError(f"--out '{out_path}': folder '{out_path.parent}' does not exist; create it first")
+
+
+def _check_resolution(inputs: DrivingInputs, max_positions: int) -> None:
+    """The DiT's RoPE tables cover ``max_positions`` tokens per axis (height/16, width/16)."""
+    limit = max_positions * 16
+    if inputs.height > limit or inputs.width > limit:
+        raise BadInputError(
+            f"pose video '{inputs.source}' is {inputs.width}x{inputs.height}: this model supports at most "
+            f"{limit} pixels per side; preprocess it to a smaller resolution"
+        )

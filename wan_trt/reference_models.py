@@ -1,0 +1,79 @@
+"""The PyTorch reference modules (diffusers / transformers) for a preset.
+
+Imported only by export and by the runtime's ``torch`` backend: the ORT and TensorRT paths never
+import diffusers or transformers. Every module is built in fp32 eval mode; random weights are drawn
+from a seed per component, so the same preset and seed give the same weights in any order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from wan_trt.errors import BadInputError
+from wan_trt.presets import Preset
+
+log = logging.getLogger(__name__)
+
+_COMPONENT_SEED_OFFSETS = {"text_encoder": 11, "image_encoder": 23, "vae": 37, "transformer": 53}
+
+
+@dataclass
+class ReferenceModels:
+    text_encoder: torch.nn.Module  # transformers.UMT5EncoderModel
+    image_encoder: torch.nn.Module  # transformers.CLIPVisionModel
+    vae: torch.nn.Module  # diffusers.AutoencoderKLWan
+    transformer: torch.nn.Module  # diffusers.WanAnimateTransformer3DModel
+
+    def weights_hash(self) -> str:
+        """A short content hash of all weights (to stamp manifests and calibration caches)."""
+        digest = hashlib.sha256()
+        for name in ("text_encoder", "image_encoder", "vae", "transformer"):
+            for key, value in sorted(getattr(self, name).state_dict().items()):
+                digest.update(f"{name}.{key}{tuple(value.shape)}".encode())
+                digest.update(value.detach().to(torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def build_reference_models(
+    preset: Preset, *, seed: int = 0, vocab_size: int, checkpoint: str | Path | None = None,
+    random_weights: bool = False,
+) -> ReferenceModels:
+    """Instantiate the four reference modules of ``preset``.
+
+    ``tiny`` always uses seeded random weights. A preset that needs a checkpoint takes ``checkpoint``
+    (loading real checkpoints is issue 5's work) or ``random_weights=True`` for speed/memory work.
+    """
+    if checkpoint is not None:
+        raise BadInputError(
+            f"--checkpoint {checkpoint}: loading real checkpoints is not implemented yet; "
+            f"use --random-weights for speed/memory work with preset '{preset.name}'"
+        )
+    if preset.needs_checkpoint and not random_weights:
+        raise BadInputError(
+            f"preset '{preset.name}' needs real weights: pass --checkpoint DIR, or --random-weights for speed/memory work"
+        )
+    from diffusers import AutoencoderKLWan, WanAnimateTransformer3DModel
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    def seeded(component: str) -> None:
+        torch.manual_seed(seed * 1000 + _COMPONENT_SEED_OFFSETS[component])
+
+    seeded("text_encoder")
+    text_encoder = UMT5EncoderModel(UMT5Config(**{"vocab_size": vocab_size, **preset.text_encoder}))
+    seeded("image_encoder")
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(**preset.image_encoder))
+    seeded("vae")
+    vae = AutoencoderKLWan(**preset.vae)
+    seeded("transformer")
+    tr_config = dict(preset.transformer)
+    tr_config["patch_size"] = tuple(tr_config["patch_size"])
+    transformer = WanAnimateTransformer3DModel(**tr_config)
+    models = ReferenceModels(text_encoder, image_encoder, vae, transformer)
+    for module in (text_encoder, image_encoder, vae, transformer):
+        module.eval().requires_grad_(False)
+    return models
