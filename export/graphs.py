@@ -248,46 +248,44 @@ class _StreamedVae(torch.nn.Module):
         return out
 
 
-class VaeEncoderFirst(_StreamedVae):
+class _VaeEncoderChunk(_StreamedVae):
     side = "encoder"
 
+    def encode(self, video: torch.Tensor, caches: Sequence[torch.Tensor]):
+        cache = self._cache_list(caches)
+        moments = self.vae.quant_conv(self.vae.encoder(video, feat_cache=cache, feat_idx=[0]))
+        latents = (moments[:, : self.vae.config.z_dim] - self.latents_mean) / self.latents_std  # the mean; no sampling
+        return (latents, *self._caches_out(cache, video, video.shape[3] // 16, video.shape[4] // 16))
+
+
+class VaeEncoderFirst(_VaeEncoderChunk):
     def forward(self, video: torch.Tensor):
-        cache = self._cache_list([])
-        moments = self.vae.quant_conv(self.vae.encoder(video, feat_cache=cache, feat_idx=[0]))
-        mean = moments[:, : self.vae.config.z_dim]
-        latents = (mean - self.latents_mean) / self.latents_std
-        return (latents, *self._caches_out(cache, video, video.shape[3] // 16, video.shape[4] // 16))
+        return self.encode(video, ())
 
 
-class VaeEncoderStep(_StreamedVae):
-    side = "encoder"
-
+class VaeEncoderStep(_VaeEncoderChunk):
     def forward(self, video: torch.Tensor, *caches: torch.Tensor):
-        cache = self._cache_list(caches)
-        moments = self.vae.quant_conv(self.vae.encoder(video, feat_cache=cache, feat_idx=[0]))
-        mean = moments[:, : self.vae.config.z_dim]
-        latents = (mean - self.latents_mean) / self.latents_std
-        return (latents, *self._caches_out(cache, video, video.shape[3] // 16, video.shape[4] // 16))
+        return self.encode(video, caches)
 
 
-class VaeDecoderFirst(_StreamedVae):
+class _VaeDecoderChunk(_StreamedVae):
     side = "decoder"
 
+    def decode(self, latents: torch.Tensor, caches: Sequence[torch.Tensor], first: bool):
+        cache = self._cache_list(caches)
+        z = self.vae.post_quant_conv(latents * self.latents_std + self.latents_mean)
+        video = self.vae.decoder(z, feat_cache=cache, feat_idx=[0], first_chunk=first).clamp(-1.0, 1.0)
+        return (video, *self._caches_out(cache, latents, latents.shape[3] // 2, latents.shape[4] // 2))
+
+
+class VaeDecoderFirst(_VaeDecoderChunk):
     def forward(self, latents: torch.Tensor):
-        cache = self._cache_list([])
-        z = self.vae.post_quant_conv(latents * self.latents_std + self.latents_mean)
-        video = self.vae.decoder(z, feat_cache=cache, feat_idx=[0], first_chunk=True).clamp(-1.0, 1.0)
-        return (video, *self._caches_out(cache, latents, latents.shape[3] // 2, latents.shape[4] // 2))
+        return self.decode(latents, (), first=True)
 
 
-class VaeDecoderStep(_StreamedVae):
-    side = "decoder"
-
+class VaeDecoderStep(_VaeDecoderChunk):
     def forward(self, latents: torch.Tensor, *caches: torch.Tensor):
-        cache = self._cache_list(caches)
-        z = self.vae.post_quant_conv(latents * self.latents_std + self.latents_mean)
-        video = self.vae.decoder(z, feat_cache=cache, feat_idx=[0]).clamp(-1.0, 1.0)
-        return (video, *self._caches_out(cache, latents, latents.shape[3] // 2, latents.shape[4] // 2))
+        return self.decode(latents, caches, first=False)
 
 
 def graph_modules(models: ReferenceModels) -> dict[str, torch.nn.Module]:

@@ -56,6 +56,8 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, sizes: Ma
     sample = spec.sample_inputs(sizes, seed=0)
     args = tuple(torch.from_numpy(sample[name]) for name in spec.input_names)
     start = time.monotonic()
+    # torch's exporter logs one warning per missing torchvision op; this project uses none of them
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

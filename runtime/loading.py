@@ -21,12 +21,16 @@ def load_engines(directory: Path, manifest: Manifest, backend: str, device: str 
         return {name: OrtEngine(directory / entry.file, entry.spec, ort_providers(device), optimization)
                 for name, entry in manifest.graphs.items()}
     if backend == "torch":
-        return torch_engines(manifest, device)
+        return torch_engines(manifest, device, directory)
     raise EngineError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
 
 
-def torch_engines(manifest: Manifest, device: str = "cpu") -> dict[str, Engine]:
-    """The PyTorch reference for the manifest's weights; refuses if they are not the weights it records."""
+def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | None = None) -> dict[str, Engine]:
+    """The PyTorch reference for the manifest's weights; refuses if they are not the weights it records.
+
+    For quantized engines the DiT is the fake-quant model built from the directory's calibration cache
+    and policy: it computes what the Q/DQ graph computes.
+    """
     from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
     from wan_trt.reference_models import build_reference_models
 
@@ -39,6 +43,12 @@ def torch_engines(manifest: Manifest, device: str = "cpu") -> dict[str, Engine]:
             f"engines' weights hash {manifest.weights_hash}: rebuild the engines with this wan-trt version"
         )
     modules = graph_modules(models)
+    if manifest.quantization:
+        from wan_trt.calibration.quantized import reference_for_manifest
+
+        if directory is None:
+            raise EngineError("quantized engines need their directory to rebuild the fake-quant PyTorch reference")
+        modules["transformer"] = reference_for_manifest(modules["transformer"], directory, manifest)
     return {name: TorchEngine(modules[name], entry.spec, "cuda" if device != "cpu" else "cpu")
             for name, entry in manifest.graphs.items()}
 

@@ -45,6 +45,7 @@ class Manifest:
     graphs: dict[str, GraphEntry]
     versions: dict[str, str] = field(default_factory=dict)
     checkpoint: str | None = None
+    quantization: dict[str, Any] | None = None  # precision, policy, calibration file, SmoothQuant alpha
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class Manifest:
             "precision": self.precision,
             "tokenizer_file": self.tokenizer_file,
             "versions": self.versions,
+            "quantization": self.quantization,
             "graphs": {name: entry.to_json() for name, entry in self.graphs.items()},
         }
 
@@ -111,6 +113,7 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
             graphs=graphs,
             versions=dict(data.get("versions", {})),
             checkpoint=data.get("checkpoint"),
+            quantization=data.get("quantization"),
         )
     except EngineError:
         raise

@@ -53,19 +53,34 @@ def main(verbose: bool) -> None:
 @click.option("--random-weights", is_flag=True, help="Random weights at full size (speed/memory work).")
 @click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
               help="Engines to build (TensorRT arrives with its own issue).")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp8", "int8"]), default="fp32", show_default=True,
+              help="fp8/int8: Q/DQ in the DiT's Linear layers per the policy (needs --calibration).")
+@click.option("--calibration", type=click.Path(), default=None, help="Calibration cache from wan-trt calibrate.")
+@click.option("--policy", type=click.Path(), default=None, help="Precision policy JSON [the shipped default].")
+@click.option("--smoothquant-alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+              help="INT8 SmoothQuant migration strength.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Engines directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
-def build(preset: str, checkpoint: str | None, random_weights: bool, backend: str, precision: str, seed: int,
-          out_dir: str, verify: bool) -> None:
+def build(preset: str, checkpoint: str | None, random_weights: bool, backend: str, precision: str,
+          calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
+          verify: bool) -> None:
     """Export every component to ONNX and write an engines directory with a manifest."""
+    from wan_trt.calibration.quantized import QuantizationRequest
     from wan_trt.export.build import build_engines
     from wan_trt.presets import get_preset
 
+    quantization = None
+    if precision != "fp32":
+        if calibration is None:
+            raise BadInputError(f"--precision {precision} needs --calibration CALIB (make one with wan-trt calibrate)")
+        quantization = QuantizationRequest(precision, Path(calibration), Path(policy) if policy else None,
+                                           smoothquant_alpha)
+    elif calibration or policy:
+        raise BadInputError("--calibration/--policy apply to --precision fp8 or int8 only")
     path = build_engines(get_preset(preset), out_dir, seed=seed, checkpoint=checkpoint,
-                         random_weights=random_weights, verify=verify)
+                         random_weights=random_weights, verify=verify, quantization=quantization)
     click.echo(str(path))
 
 
@@ -100,12 +115,35 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         compare=compare, input_dir=input_dir, ref=ref, pose=pose, face=face,
     )
     report = run_inference(options)
-    click.echo(str(out_path))
-    if report is not None:
-        click.echo(report.table())
-        if not report.passed:
-            click.echo(f"wan-trt: error: --compare torch: {report.failure_summary()}", err=True)
-            sys.exit(EXIT_COMPARE_FAILED)
+    _finish(out_path, report)
+
+
+@main.command()
+@click.option("--engines", "engines_dir", type=click.Path(), required=True,
+              help="fp32 engines directory (its manifest names the weights to calibrate).")
+@click.option("--data", type=click.Path(), multiple=True,
+              help="Preprocessed folder(s) to calibrate on; repeatable [synthetic demo samples].")
+@click.option("--out", "out_path", type=click.Path(), required=True, help="Calibration cache (JSON) to write.")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
+@click.option("--method", type=click.Choice(["max", "percentile"]), default="max", show_default=True)
+@click.option("--percentile", type=click.FloatRange(50.0, 100.0), default=99.99, show_default=True)
+@click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
+def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int | None, method: str,
+              percentile: float, segment_frames: int | None) -> None:
+    """Record the DiT's activation ranges over every denoising step of the calibration samples."""
+    import tempfile
+
+    from wan_trt.calibration.collect import run_calibration
+    from wan_trt.demo_media import make_demo_inputs
+
+    with tempfile.TemporaryDirectory(prefix="wan-trt-calib-") as scratch:
+        folders = [Path(d) for d in data]
+        if not folders:
+            log.info("no --data given: calibrating on 2 synthetic demo samples")
+            folders = [make_demo_inputs(Path(scratch) / f"sample{i}", seed=i, num_frames=21) for i in range(2)]
+        run_calibration(Path(engines_dir), folders, Path(out_path), steps=steps, method=method,
+                        percentile=percentile, segment_frames=segment_frames)
+    click.echo(out_path)
 
 
 @main.command()
@@ -136,6 +174,28 @@ def demo(out_dir: str, frames: int, width: int, height: int, steps: int, compare
     out_path = root / "animation.mp4"
     report = run_inference(InferenceOptions(engines_dir=engines, out_path=out_path, input_dir=str(inputs),
                                             steps=steps, compare=compare))
+    _finish(out_path, report)
+
+
+@main.command()
+@click.argument("engines_dir", type=click.Path())
+def inspect(engines_dir: str) -> None:
+    """Print each graph of an engines directory and the precision of every DiT Linear layer."""
+    from wan_trt.calibration.qdq import layer_precisions
+    from wan_trt.runtime.manifest import read_manifest
+
+    directory = Path(engines_dir)
+    manifest = read_manifest(directory)
+    click.echo(f"preset {manifest.preset.name}, precision {manifest.precision}, weights {manifest.weights_hash}")
+    for name, entry in manifest.graphs.items():
+        click.echo(f"  {name:<20} {entry.file:<24} {entry.size / 1e6:9.2f} MB")
+    click.echo("DiT Linear layers:")
+    for path, precision in layer_precisions(directory / manifest.graphs["transformer"].file).items():
+        click.echo(f"  {precision:<5} {path}")
+
+
+def _finish(out_path: Path, report) -> None:
+    """Print the output path and the --compare table; exit 4 if the comparison failed."""
     click.echo(str(out_path))
     if report is not None:
         click.echo(report.table())

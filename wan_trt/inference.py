@@ -14,7 +14,7 @@ from wan_trt.errors import BadInputError
 from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
-from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_components
+from wan_trt.runtime.compare import QDQ_TOLERANCE, CompareReport, RecordingEngine, compare_components
 from wan_trt.runtime.loading import open_pipeline, torch_engines
 from wan_trt.runtime.manifest import read_manifest
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
@@ -72,8 +72,9 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
         return None
 
     log.info("--compare torch: running the PyTorch reference on the same inputs")
-    reference = torch_engines(manifest, options.device)
-    report = CompareReport(backend=options.backend, rows=compare_components(recorders, reference))
+    reference = torch_engines(manifest, options.device, options.engines_dir)
+    tolerances = {"transformer": QDQ_TOLERANCE} if manifest.quantization else {}
+    report = CompareReport(backend=options.backend, rows=compare_components(recorders, reference, tolerances))
     reference_pipeline = AnimatePipeline(reference, preset, pipeline.tokenize)
     reference_frames = np.concatenate([s.frames for s in _with_progress(reference_pipeline, request, "torch")])
     report.video_psnr = psnr(frames, reference_frames)

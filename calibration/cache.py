@@ -1,0 +1,84 @@
+"""The calibration cache: per-layer activation ranges of the DiT, stamped with the weights they belong to.
+
+JSON, keyed by module path (``transformer.blocks.4.attn1.to_q``), each entry holding the per-tensor
+``amax`` (by the chosen method) and the per-input-channel ``channel_amax`` (for SmoothQuant), plus the
+ONNX tensor that feeds the layer in the fp32 graph where known. Stamped with the weights hash, the
+preset and the sample set; a cache for other weights is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wan_trt.errors import BadInputError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LayerStats:
+    amax: float
+    channel_amax: list[float]
+    calls: int = 0
+    onnx_tensor: str | None = None
+
+
+@dataclass
+class CalibrationCache:
+    weights_hash: str
+    preset: str
+    method: str
+    samples: list[str]
+    steps: int
+    layers: dict[str, LayerStats] = field(default_factory=dict)
+    percentile: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION, "weights_hash": self.weights_hash, "preset": self.preset,
+            "method": self.method, "percentile": self.percentile, "samples": self.samples, "steps": self.steps,
+            "layers": {k: vars(v) for k, v in self.layers.items()},
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file beside it, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.to_json(), handle, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def check_weights(self, weights_hash: str, path: str | Path) -> None:
+        if self.weights_hash != weights_hash:
+            raise BadInputError(
+                f"calibration cache '{path}' was made for weights {self.weights_hash}, these are {weights_hash}: "
+                "re-run wan-trt calibrate for these weights"
+            )
+
+
+def load_cache(path: str | Path) -> CalibrationCache:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {data.get('format_version')!r}, expected {FORMAT_VERSION}")
+        return CalibrationCache(
+            weights_hash=data["weights_hash"], preset=data["preset"], method=data["method"],
+            samples=list(data["samples"]), steps=int(data["steps"]), percentile=data.get("percentile"),
+            layers={k: LayerStats(**v) for k, v in data["layers"].items()},
+        )
+    except FileNotFoundError:
+        raise BadInputError(f"calibration cache '{path}' does not exist: make one with wan-trt calibrate --out {path}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise BadInputError(f"calibration cache '{path}' is not valid ({error}): re-run wan-trt calibrate") from None

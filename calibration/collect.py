@@ -1,0 +1,101 @@
+"""``wan-trt calibrate``: run the PyTorch pipeline over calibration samples and record activation ranges.
+
+Every denoising step of every segment of every sample is observed (the DiT sees very different
+activations at t≈999 and t≈1). For each Linear layer of the DiT the input's per-tensor range and
+per-input-channel maxima (for SmoothQuant) are recorded. Methods for the per-tensor range:
+
+* ``max``: the largest |x| seen;
+* ``percentile``: per call, the given percentile of |x|; the largest over calls (robust to outliers).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from wan_trt.calibration.cache import CalibrationCache, LayerStats
+from wan_trt.calibration.quantize import linear_layers
+from wan_trt.driving_inputs import DrivingInputs
+from wan_trt.errors import BadInputError
+from wan_trt.presets import DEFAULT_PROMPT
+from wan_trt.runtime.manifest import Manifest
+from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+
+log = logging.getLogger(__name__)
+
+METHODS = ("max", "percentile")
+_PERCENTILE_SAMPLE = 1 << 20  # |x| values kept per call for the percentile (a strided subsample)
+
+
+class _RangeObserver:
+    def __init__(self, method: str, percentile: float) -> None:
+        self.method, self.percentile = method, percentile
+        self.amax = 0.0
+        self.channel_amax: torch.Tensor | None = None
+        self.calls = 0
+
+    def __call__(self, module, args) -> None:
+        x = args[0].detach().to(torch.float32).abs()
+        flat = x.reshape(-1, x.shape[-1])
+        channel = flat.amax(dim=0)
+        self.channel_amax = channel if self.channel_amax is None else torch.maximum(self.channel_amax, channel)
+        if self.method == "max":
+            value = float(channel.max())
+        else:
+            values = flat.reshape(-1)
+            values = values[:: max(1, values.numel() // _PERCENTILE_SAMPLE)]
+            value = float(torch.quantile(values, self.percentile / 100.0))
+        self.amax = max(self.amax, value)
+        self.calls += 1
+
+
+def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, manifest: Manifest,
+              samples: list[tuple[str, DrivingInputs]], *, steps: int, method: str = "max",
+              percentile: float = 99.99, segment_frames: int | None = None) -> CalibrationCache:
+    """Observe the DiT's Linear inputs while ``pipeline`` (torch engines) generates every sample."""
+    if method not in METHODS:
+        raise BadInputError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    observers = {}
+    handles = []
+    for path, linear in linear_layers(transformer_module).items():
+        observers[path] = _RangeObserver(method, percentile)
+        handles.append(linear.register_forward_pre_hook(observers[path]))
+    try:
+        for name, inputs in samples:
+            log.info("calibrating on %s (%d frames, %d steps)", name, inputs.num_frames, steps)
+            request = GenerationRequest(ref_image=inputs.ref_image, pose_frames=inputs.pose.frames,
+                                        face_frames=inputs.face.frames, prompt=DEFAULT_PROMPT, steps=steps,
+                                        segment_frames=segment_frames or manifest.preset.segment_frames)
+            for _ in pipeline.generate(request):
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    layers = {path: LayerStats(amax=o.amax, channel_amax=o.channel_amax.tolist(), calls=o.calls)
+              for path, o in observers.items() if o.calls}
+    return CalibrationCache(weights_hash=manifest.weights_hash, preset=manifest.preset.name, method=method,
+                            percentile=percentile if method == "percentile" else None,
+                            samples=[name for name, _ in samples], steps=steps, layers=layers)
+
+
+def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: int | None, method: str,
+                    percentile: float, segment_frames: int | None) -> CalibrationCache:
+    """The CLI's entry: fp32 engines dir (for the weights) + preprocessed folders → cache file."""
+    from wan_trt.driving_inputs import load_driving_inputs
+    from wan_trt.runtime.loading import torch_engines
+    from wan_trt.runtime.manifest import read_manifest
+    from wan_trt.tokenizer import load_tokenizer, tokenize
+
+    manifest = read_manifest(engines_dir)
+    samples = [(str(folder), load_driving_inputs(str(folder))) for folder in data]
+    engines = torch_engines(manifest)
+    tokenizer = load_tokenizer(engines_dir / manifest.tokenizer_file)
+    pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt))
+    cache = calibrate(pipeline, engines["transformer"].module, manifest, samples,
+                      steps=steps or manifest.preset.steps, method=method, percentile=percentile,
+                      segment_frames=segment_frames)
+    cache.save(out)
+    log.info("calibration cache for %d layers written to %s", len(cache.layers), out)
+    return cache

@@ -1,0 +1,163 @@
+"""Write standard ONNX QuantizeLinear/DequantizeLinear into the exported fp32 DiT graph.
+
+Written by hand rather than with onnxruntime.quantization or ModelOpt's ONNX PTQ because this
+project needs (a) the exact per-layer selection of its precision policy, keyed by the module path
+the dynamo exporter records on every node (``pkg.torch.onnx.name_scopes``), (b) scales from its own
+calibration cache, shared bit for bit with the PyTorch fake-quant proof, and (c) no dependency pins:
+ModelOpt's ONNX extra pins onnx/onnxruntime-gpu versions that clobber the runtime's onnxruntime.
+
+Per quantized Linear (an ONNX MatMul with a constant weight, or a Gemm):
+activation → [Mul 1/s (INT8 SmoothQuant)] → QuantizeLinear → DequantizeLinear → MatMul;
+weight stored as an FP8 E4M3 / INT8 initializer → DequantizeLinear (per output channel) → MatMul.
+Opset 19 (FLOAT8E4M3FN needs it). TensorRT's strongly typed mode compiles exactly these dtypes.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from wan_trt.calibration.quantize import QMAX, QuantPlan
+
+log = logging.getLogger(__name__)
+
+_ONNX_TYPE = {"fp8": TensorProto.FLOAT8E4M3FN, "int8": TensorProto.INT8}
+_NUMPY_TYPE = {"fp8": ml_dtypes.float8_e4m3fn, "int8": np.int8}
+
+
+@dataclass
+class QdqSummary:
+    quantized: list[str]  # module paths
+    activation_tensors: dict[str, str]  # module path -> ONNX tensor feeding it
+
+
+def module_path(node: onnx.NodeProto) -> str | None:
+    """The module path the dynamo exporter recorded for a node (``transformer.blocks.3.attn1.to_q``)."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = ast.literal_eval(prop.value)
+            return scopes[-2] if len(scopes) >= 2 else None
+    return None
+
+
+def _quantize_array(values: np.ndarray, scale: np.ndarray, precision: str) -> np.ndarray:
+    scaled = values.astype(np.float32) / scale
+    if precision == "fp8":
+        return np.clip(scaled, -QMAX["fp8"], QMAX["fp8"]).astype(ml_dtypes.float8_e4m3fn)
+    return np.clip(np.rint(scaled), -128, 127).astype(np.int8)
+
+
+def write_qdq(src: Path, dst: Path, plan: QuantPlan) -> QdqSummary:
+    """Insert Q/DQ for every layer of ``plan`` into the graph at ``src``; save to ``dst``."""
+    model = onnx.load(str(src))
+    graph = model.graph
+    inits = {init.name: init for init in graph.initializer}
+    precision = plan.precision
+    zero_type = _ONNX_TYPE[precision]
+    new_inits: list[onnx.TensorProto] = []
+    done: dict[str, str] = {}
+    nodes_out: list[onnx.NodeProto] = []
+    for node in graph.node:
+        path = module_path(node) if node.op_type in ("MatMul", "Gemm") else None
+        layer = plan.layers.get(path) if path else None
+        if layer is None or path in done or node.input[1] not in inits:
+            nodes_out.append(node)
+            continue
+        tag = path.replace(".", "_")
+        weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        w_in_out = weight.T if trans_b else weight  # [in, out]
+        activation = node.input[0]
+        if layer.smooth is not None:
+            w_in_out = w_in_out * layer.smooth[:, None]
+            inv = numpy_helper.from_array((1.0 / layer.smooth).astype(np.float32), f"{tag}_inv_smooth")
+            new_inits.append(inv)
+            nodes_out.append(helper.make_node("Mul", [activation, inv.name], [f"{tag}_smoothed"], name=f"{tag}_smooth"))
+            activation = f"{tag}_smoothed"
+        # activation Q/DQ (per tensor)
+        a_scale = numpy_helper.from_array(np.array(layer.act_scale, dtype=np.float32), f"{tag}_act_scale")
+        a_zero = helper.make_tensor(f"{tag}_act_zero", zero_type, [], [0])
+        new_inits += [a_scale, a_zero]
+        nodes_out.append(helper.make_node("QuantizeLinear", [activation, a_scale.name, a_zero.name], [f"{tag}_act_q"],
+                                          name=f"{tag}_act_quantize"))
+        nodes_out.append(helper.make_node("DequantizeLinear", [f"{tag}_act_q", a_scale.name, a_zero.name],
+                                          [f"{tag}_act_dq"], name=f"{tag}_act_dequantize"))
+        # weight: quantized initializer + DQ per output channel
+        w_scale = layer.weight_scale.astype(np.float32)
+        stored = w_in_out.T if trans_b else w_in_out  # keep the node's layout
+        axis = 0 if trans_b else 1
+        scale_shape = (-1, 1) if trans_b else (1, -1)
+        q = _quantize_array(stored, w_scale.reshape(scale_shape), precision)
+        w_q = numpy_helper.from_array(q, f"{tag}_weight_q") if precision == "int8" else _fp8_tensor(q, f"{tag}_weight_q")
+        w_s = numpy_helper.from_array(w_scale, f"{tag}_weight_scale")
+        w_zero = helper.make_tensor(f"{tag}_weight_zero", zero_type, [len(w_scale)], [0] * len(w_scale))
+        new_inits += [w_q, w_s, w_zero]
+        nodes_out.append(helper.make_node("DequantizeLinear", [w_q.name, w_s.name, w_zero.name], [f"{tag}_weight_dq"],
+                                          name=f"{tag}_weight_dequantize", axis=axis))
+        rewired = onnx.NodeProto()
+        rewired.CopyFrom(node)
+        rewired.input[0] = f"{tag}_act_dq"
+        rewired.input[1] = f"{tag}_weight_dq"
+        nodes_out.append(rewired)
+        done[path] = node.input[0]
+    missing = sorted(set(plan.layers) - set(done))
+    if missing:
+        raise RuntimeError(f"Q/DQ writer found no MatMul/Gemm for {len(missing)} planned layers, e.g. {missing[0]}")
+    del graph.node[:]
+    graph.node.extend(nodes_out)
+    used = {name for n in graph.node for name in n.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    log.info("wrote %s Q/DQ for %d layers to %s", precision, len(done), dst)
+    return QdqSummary(quantized=list(done), activation_tensors=done)
+
+
+def _fp8_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:
+    """FLOAT8E4M3FN initializer from ml_dtypes' float8 array (one byte per value in raw_data)."""
+    tensor = onnx.TensorProto()
+    tensor.name = name
+    tensor.data_type = TensorProto.FLOAT8E4M3FN
+    tensor.dims.extend(values.shape)
+    tensor.raw_data = values.view(np.uint8).tobytes()
+    return tensor
+
+
+def count_qdq_by_block(path: Path) -> dict[int, int]:
+    """Number of QuantizeLinear nodes per DiT block (by the module path in their names)."""
+    model = onnx.load(str(path), load_external_data=False)
+    counts: dict[int, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.name.startswith("transformer_blocks_"):
+            block = int(node.name.split("_")[2])
+            counts[block] = counts.get(block, 0) + 1
+    return counts
+
+
+def layer_precisions(path: Path) -> dict[str, str]:
+    """Module path → precision of its weight (fp8, int8 or the float type) for every MatMul/Gemm with one."""
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+    names = {TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT8: "int8", TensorProto.FLOAT: "fp32",
+             TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
+    result = {}
+    for node in model.graph.node:
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        weight = node.input[1]
+        source = produced_by.get(weight)
+        if source is not None and source.op_type == "DequantizeLinear":
+            weight = source.input[0]
+        if weight in inits:
+            result[module_path(node) or node.name] = names.get(inits[weight].data_type, "other")
+    return result

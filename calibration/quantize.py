@@ -1,0 +1,117 @@
+"""The quantization plan of the DiT and its PyTorch simulation (fake-quant).
+
+One plan, computed once from the calibration cache, the precision policy and the weights, drives
+both the ONNX Q/DQ writer (``qdq.py``: what TensorRT will compute) and the fake-quant PyTorch
+module used to prove that graph. Per layer:
+
+* activations: per-tensor scale ``amax / qmax`` (static, from calibration);
+* weights: per-output-channel scale ``amax_c / qmax``, stored quantized (FP8 E4M3 or INT8);
+* INT8 only, SmoothQuant: per-input-channel factors ``s_j = amax_x_j^α / amax_w_j^(1-α)`` divide
+  the activation and multiply the weight before quantizing (the product is unchanged).
+
+FP8 E4M3: qmax 448, round to nearest even, saturating. INT8: symmetric, qmax 127, zero point 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wan_trt.calibration.cache import CalibrationCache
+from wan_trt.calibration.policy import PrecisionPolicy
+from wan_trt.errors import BadInputError
+
+QMAX = {"fp8": 448.0, "int8": 127.0}
+QUANTIZED_PRECISIONS = tuple(QMAX)
+_TINY = 1e-12
+
+
+@dataclass
+class LayerPlan:
+    path: str
+    act_scale: float  # per tensor
+    weight_scale: np.ndarray  # [out] float32
+    smooth: np.ndarray | None  # [in] float32: x is divided by it, W multiplied (INT8 SmoothQuant)
+
+
+@dataclass
+class QuantPlan:
+    precision: str
+    layers: dict[str, LayerPlan]
+    alpha: float | None = None
+
+
+def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, policy: PrecisionPolicy,
+              precision: str, num_blocks: int, alpha: float = 0.5) -> QuantPlan:
+    """Scales for every layer the policy quantizes, from calibrated activation ranges and the weights."""
+    if precision not in QMAX:
+        raise BadInputError(f"--precision {precision}: quantized precisions are {', '.join(QMAX)}")
+    qmax = QMAX[precision]
+    layers = {}
+    for path in policy.quantized_layers(num_blocks):
+        if path not in linears:
+            raise BadInputError(f"policy '{policy.source}' names layer {path}, which this model does not have")
+        stats = cache.layers.get(path)
+        if stats is None:
+            raise BadInputError(f"calibration cache has no statistics for {path}: re-run wan-trt calibrate")
+        weight = linears[path].weight.detach().to(torch.float32).numpy()  # [out, in]
+        smooth = None
+        act_amax = stats.amax
+        if precision == "int8":
+            channel = np.maximum(np.asarray(stats.channel_amax, dtype=np.float64), _TINY)
+            w_channel = np.maximum(np.abs(weight).max(axis=0).astype(np.float64), _TINY)
+            smooth = (channel**alpha / w_channel ** (1.0 - alpha)).astype(np.float32)
+            act_amax = float(np.max(channel / smooth))
+            weight = weight * smooth[None, :]
+        w_amax = np.maximum(np.abs(weight).max(axis=1), _TINY)
+        layers[path] = LayerPlan(path, float(max(act_amax, _TINY) / qmax), (w_amax / qmax).astype(np.float32), smooth)
+    return QuantPlan(precision, layers, alpha if precision == "int8" else None)
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, precision: str) -> torch.Tensor:
+    """Quantize-dequantize exactly as ONNX QuantizeLinear/DequantizeLinear do (saturating, ties to even)."""
+    scaled = x / scale
+    if precision == "fp8":
+        q = scaled.clamp(-QMAX["fp8"], QMAX["fp8"]).to(torch.float8_e4m3fn).to(torch.float32)
+    else:
+        q = torch.round(scaled).clamp(-128, 127)
+    return q * scale
+
+
+def quantized_weight(weight: torch.Tensor, layer: LayerPlan, precision: str) -> torch.Tensor:
+    """The dequantized weight [out, in] the engine computes with (smoothing folded in)."""
+    w = weight.detach().to(torch.float32)
+    if layer.smooth is not None:
+        w = w * torch.from_numpy(layer.smooth)[None, :]
+    return fake_quant(w, torch.from_numpy(layer.weight_scale)[:, None], precision)
+
+
+class FakeQuantLinear(torch.nn.Module):
+    """A Linear that computes what its Q/DQ ONNX counterpart computes."""
+
+    def __init__(self, linear: torch.nn.Linear, layer: LayerPlan, precision: str) -> None:
+        super().__init__()
+        self.precision, self.act_scale = precision, layer.act_scale
+        self.register_buffer("weight", quantized_weight(linear.weight, layer, precision))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+        self.register_buffer("inv_smooth", None if layer.smooth is None else torch.from_numpy(1.0 / layer.smooth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inv_smooth is not None:
+            x = x * self.inv_smooth
+        return torch.nn.functional.linear(fake_quant(x, self.act_scale, self.precision), self.weight, self.bias)
+
+
+def apply_fake_quant(module: torch.nn.Module, plan: QuantPlan) -> torch.nn.Module:
+    """Replace the planned Linear layers of ``module`` (in place) by FakeQuantLinear; returns it."""
+    for path, layer in plan.layers.items():
+        parent_path, _, name = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        setattr(parent, name, FakeQuantLinear(getattr(parent, name), layer, plan.precision))
+    return module
+
+
+def linear_layers(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -1,0 +1,166 @@
+"""FP8 / INT8 Q/DQ DiT graphs: calibration, policy, the ONNX itself, its numerics in ONNX Runtime
+(BASIC optimisation, as TensorRT will see the Q/DQ) against fake-quant PyTorch, and end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import as_torch
+from wan_trt.calibration.cache import load_cache
+from wan_trt.calibration.collect import run_calibration
+from wan_trt.calibration.policy import load_policy
+from wan_trt.calibration.qdq import count_qdq_by_block
+from wan_trt.calibration.quantized import QuantizationRequest
+from wan_trt.components import segment_sizes
+from wan_trt.demo_media import make_demo_inputs
+from wan_trt.errors import BadInputError
+from wan_trt.export.build import build_engines
+from wan_trt.metrics import psnr, relative_l2
+from wan_trt.runtime.loading import open_pipeline
+from wan_trt.runtime.pipeline import GenerationRequest
+
+SEGMENT, STEPS = 9, 4
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_engines, tmp_path_factory) -> Path:
+    scratch = tmp_path_factory.mktemp("calib")
+    samples = [make_demo_inputs(scratch / f"s{i}", width=64, height=48, num_frames=SEGMENT, seed=i) for i in range(2)]
+    out = scratch / "calib.json"
+    run_calibration(tiny_engines, samples, out, steps=STEPS, method="max", percentile=99.99, segment_frames=SEGMENT)
+    return out
+
+
+@pytest.fixture(scope="module", params=["fp8", "int8"])
+def quantized_engines(request, calibration, preset, tmp_path_factory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp(f"engines_{request.param}") / "e"
+    build_engines(preset, out, quantization=QuantizationRequest(request.param, calibration))
+    return request.param, out
+
+
+def test_calibration_cache_round_trips_and_covers_every_dit_linear(calibration, manifest):
+    cache = load_cache(calibration)
+    assert cache.weights_hash == manifest.weights_hash and cache.steps == STEPS and len(cache.samples) == 2
+    blocks = manifest.preset.transformer["num_layers"]
+    for path in load_policy().quantized_layers(blocks):
+        stats = cache.layers[path]
+        assert stats.amax > 0 and stats.calls == 2 * STEPS  # every denoising step of every sample observed
+        assert len(stats.channel_amax) > 0
+    copy = calibration.with_name("again.json")
+    cache.save(copy)
+    assert load_cache(copy).to_json() == cache.to_json()
+
+
+def test_cache_for_other_weights_is_refused(calibration, preset, tmp_path):
+    with pytest.raises(BadInputError, match="re-run wan-trt calibrate"):
+        build_engines(preset, tmp_path / "e", seed=1, quantization=QuantizationRequest("fp8", calibration))
+    assert not (tmp_path / "e").exists()
+
+
+def test_qdq_graph_is_valid_and_follows_the_policy(quantized_engines, preset):
+    precision, engines = quantized_engines
+    path = engines / "transformer.onnx"
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.opset_import[0].version >= 19
+    policy = load_policy()
+    blocks = preset.transformer["num_layers"]
+    counts = count_qdq_by_block(path)
+    expected = {b: len(policy.block_layers) for b in policy.quantized_blocks(blocks)}
+    assert counts == expected  # kept blocks (first and last 3) have none
+    weight_type = onnx.TensorProto.FLOAT8E4M3FN if precision == "fp8" else onnx.TensorProto.INT8
+    quantized_weights = [i for i in model.graph.initializer if i.name.endswith("_weight_q")]
+    assert len(quantized_weights) == sum(expected.values())
+    assert all(i.data_type == weight_type for i in quantized_weights)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["precision"] == precision and manifest["quantization"]["quantized_layers"] == sum(expected.values())
+
+
+def test_qdq_in_ort_equals_fake_quant_pytorch(quantized_engines):
+    precision, engines = quantized_engines
+    ort_pipeline, _ = open_pipeline(engines, "onnxruntime")
+    torch_pipeline, _ = open_pipeline(engines, "torch")
+    spec = ort_pipeline.engines["transformer"].spec
+    for index, sizes in enumerate([segment_sizes(9, 32, 48), segment_sizes(21, 48, 32, batch=2)]):
+        feed = as_torch(spec.sample_inputs(sizes, seed=40 + index))
+        got = ort_pipeline.engines["transformer"].run(feed)["velocity"]
+        want = torch_pipeline.engines["transformer"].run(feed)["velocity"]
+        error = relative_l2(got, want)
+        print(f"{precision} Q/DQ (ORT, BASIC) vs fake-quant PyTorch at {sizes}: rel-L2 {error:.2e}")
+        assert error <= 1e-3, f"{precision} Q/DQ vs fake-quant at {sizes}: {error:.2e}"
+
+
+def test_accuracy_report_is_written(quantized_engines):
+    precision, engines = quantized_engines
+    report = json.loads((engines / "accuracy.json").read_text())
+    assert report["precision"] == precision
+    assert set(report["denoiser_rel_l2_vs_fp32"]) == {"999", "500", "1"}
+    assert all(0 < v < 0.5 for v in report["denoiser_rel_l2_vs_fp32"].values())
+
+
+@pytest.fixture(scope="module")
+def fp32_video(tiny_engines, tmp_path_factory):
+    inputs = make_demo_inputs(tmp_path_factory.mktemp("e2e") / "in", width=64, height=48, num_frames=17, seed=5)
+    from wan_trt.driving_inputs import load_driving_inputs
+
+    driving = load_driving_inputs(str(inputs))
+    request = GenerationRequest(ref_image=driving.ref_image, pose_frames=driving.pose.frames,
+                                face_frames=driving.face.frames, seed=3, steps=8, segment_frames=17)
+    pipeline, _ = open_pipeline(tiny_engines, "onnxruntime")
+    return request, np.concatenate([s.frames for s in pipeline.generate(request)])
+
+
+def test_quantized_video_psnr_vs_fp32(quantized_engines, fp32_video):
+    precision, engines = quantized_engines
+    request, reference = fp32_video
+    pipeline, _ = open_pipeline(engines, "onnxruntime")
+    frames = np.concatenate([s.frames for s in pipeline.generate(request)])
+    value = psnr(frames, reference)
+    print(f"{precision} video PSNR vs fp32 (tiny preset, seed 3): {value:.2f} dB")
+    assert value >= {"fp8": 30.0, "int8": 25.0}[precision]
+
+
+def test_bad_policy_and_missing_cache_are_clear(preset, tmp_path):
+    bad = tmp_path / "policy.json"
+    bad.write_text('{"keep_first_blocks": 1}')
+    with pytest.raises(BadInputError, match="policy"):
+        load_policy(bad)
+    with pytest.raises(BadInputError, match="does not exist"):
+        build_engines(preset, tmp_path / "e", quantization=QuantizationRequest("fp8", tmp_path / "none.json"))
+
+
+def test_calibrate_and_inspect_from_the_command_line(tiny_engines, quantized_engines, tmp_path):
+    from click.testing import CliRunner
+
+    from wan_trt.cli import main
+
+    sample = make_demo_inputs(tmp_path / "s", width=48, height=32, num_frames=5)
+    out = tmp_path / "c.json"
+    result = CliRunner().invoke(main, ["calibrate", "--engines", str(tiny_engines), "--data", str(sample),
+                                       "--out", str(out), "--steps", "2", "--segment-frames", "5",
+                                       "--method", "percentile"])
+    assert result.exit_code == 0, result.output
+    assert load_cache(out).method == "percentile"
+
+    precision, engines = quantized_engines
+    result = CliRunner().invoke(main, ["inspect", str(engines)])
+    assert result.exit_code == 0, result.output
+    assert f"precision {precision}" in result.stdout
+    assert f"{precision:<5} transformer.blocks.3.attn1.to_q" in result.stdout
+    assert "fp32  transformer.blocks.2.attn1.to_q" in result.stdout  # first 3 blocks kept
+    assert "fp32  transformer.face_adapter.0.to_q" in result.stdout
+
+
+def test_build_cli_needs_calibration_for_fp8(tmp_path):
+    from click.testing import CliRunner
+
+    from wan_trt.cli import main
+
+    result = CliRunner().invoke(main, ["build", "--precision", "fp8", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--calibration" in result.stderr
