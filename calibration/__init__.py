@@ -1,4 +1,6 @@
-"""Stage 2: calibration and FP8/INT8 Q/DQ graphs (``wan_trt.calibration``).
+"""Stage 2: calibration and FP8/INT8 Q/DQ graphs of the DiT (``wan_trt.calibration``).
 
-Empty until the calibration issue lands: ``wan-trt build`` offers ``--precision fp32`` only, and says so.
+``collect`` records activation ranges (``wan-trt calibrate``) into a ``cache``; ``policy`` says which
+layers are quantized; ``quantize`` turns both into a plan and simulates it in PyTorch; ``qdq`` writes
+the plan into the ONNX graph; ``quantized`` ties them together for ``wan-trt build``.
 """
