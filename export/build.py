@@ -17,11 +17,12 @@ import torch
 
 from wan_trt import __version__
 from wan_trt.components import GraphSpec, graph_specs
-from wan_trt.errors import BadInputError
+from wan_trt.errors import BadInputError, EngineError
 from wan_trt.metrics import relative_l2
 from wan_trt.calibration.quantized import ACCURACY_FILE, QDQ_TOLERANCE, QuantizationRequest, QuantizedTransformer
 from wan_trt.export.graphs import cache_layouts, graph_modules
 from wan_trt.export.onnx_export import EXPORT_SIZES, export_graph
+from wan_trt.export.tensorrt import TrtOptions, build_tensorrt_engines, current_environment
 from wan_trt.presets import Preset
 from wan_trt.reference_models import build_reference_models
 from wan_trt.runtime.engines import OrtEngine, TorchEngine
@@ -46,16 +47,24 @@ def tool_versions() -> dict[str, str]:
 
 def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
                   random_weights: bool = False, verify: bool = True,
-                  quantization: QuantizationRequest | None = None) -> Path:
+                  quantization: QuantizationRequest | None = None, tensorrt: TrtOptions | None = None,
+                  trt_builder=None) -> Path:
     """Export all graphs of ``preset`` into ``out_dir`` (atomically). Returns the directory.
 
     With ``quantization`` the DiT graph gets FP8/INT8 Q/DQ nodes per the policy (other graphs stay
     fp32), checked in ONNX Runtime against the PyTorch fake-quant model, and ``accuracy.json``
     records the quantized denoiser's error against fp32 at t = 999, 500 and 1.
+
+    With ``tensorrt`` a TensorRT engine is built from each verified ONNX file per shape bucket;
+    engines of an existing directory at ``out_dir`` whose inputs are unchanged are reused.
+    ``trt_builder`` (tests) stands in for TensorRT: an object with ``environment()`` and ``build(...)``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
         raise BadInputError(f"--out '{out_dir}' exists and is not an engines directory: choose a new or empty path")
+    trt_env = None
+    if tensorrt is not None:  # before any slow work: is TensorRT here at all?
+        trt_env = trt_builder.environment() if trt_builder else current_environment()
     tokenizer = build_tiny_tokenizer()
     vocab_size = int(preset.text_encoder.get("vocab_size", tokenizer.get_vocab_size()))
     log.info("building reference modules for preset '%s' (seed %d)", preset.name, seed)
@@ -94,6 +103,9 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                             precision=quant.precision if quant else "fp32", tokenizer_file=TOKENIZER_FILE,
                             graphs=graphs, versions=tool_versions(), checkpoint=checkpoint,
                             quantization=quant.manifest_entry() if quant else None)
+        if tensorrt is not None:
+            manifest.tensorrt = build_tensorrt_engines(staging, manifest, tensorrt, trt_env, _previous_trt(out_dir),
+                                                       build=trt_builder.build if trt_builder else None)
         write_manifest(staging, manifest)
         _replace_dir(staging, out_dir)
     except BaseException:
@@ -101,6 +113,19 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
         raise
     log.info("engines written to %s", out_dir)
     return out_dir
+
+
+def _previous_trt(out_dir: Path):
+    """An existing engines directory's TensorRT section, for reusing unchanged engines."""
+    from wan_trt.runtime.manifest import read_manifest
+
+    if not (out_dir / "manifest.json").is_file():
+        return None
+    try:
+        old = read_manifest(out_dir, check_files=False)
+    except EngineError:
+        return None
+    return (out_dir, old.tensorrt) if old.tensorrt else None
 
 
 def verify_graph(spec: GraphSpec, path: Path, module: torch.nn.Module, optimization: str = "all",

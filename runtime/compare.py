@@ -101,3 +101,94 @@ def compare_components(recorded: Mapping[str, RecordingEngine], reference: Mappi
             rows.append(ComponentError(name, "caches (worst)", relative_l2(got, want[worst]), max_abs(got, want[worst]), tol))
     return rows
 
+
+
+# ----------------------------------------------------------------------------------------------------
+# wan-trt compare: every graph on several backends at fixed inputs, through Polygraphy's Comparator
+# ----------------------------------------------------------------------------------------------------
+
+def _runner(engine: Engine, label: str):
+    """Polygraphy runner over one of our engines (numpy in, numpy out)."""
+    import time
+    from collections import OrderedDict
+
+    import numpy as np
+    from polygraphy.backend.base import BaseRunner
+    from polygraphy.common import TensorMetadata
+
+    class EngineRunner(BaseRunner):
+        def __init__(self) -> None:
+            super().__init__(name=label, prefix="wan-trt")
+
+        def activate_impl(self) -> None:
+            pass
+
+        def deactivate_impl(self) -> None:
+            pass
+
+        def get_input_metadata_impl(self):
+            meta = TensorMetadata()
+            for t in engine.spec.inputs:
+                meta.add(t.name, np.dtype(t.dtype), [-1] * len(t.dims))
+            return meta
+
+        def infer_impl(self, feed_dict):
+            start = time.perf_counter()
+            outputs = engine.run({k: torch.from_numpy(np.asarray(v)) for k, v in feed_dict.items()})
+            self.inference_time = time.perf_counter() - start
+            return OrderedDict((k, np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in outputs.items())
+
+    return EngineRunner()
+
+
+@dataclass
+class BackendRow:
+    graph: str
+    backend: str
+    output: str
+    rel_l2: float
+    median_abs: float
+    p99_abs: float
+    max_abs: float
+    polygraphy_passed: bool
+
+
+def compare_backends(backends: Mapping[str, Mapping[str, Engine]], sizes: Mapping[str, int], *, seed: int = 0,
+                     atol: float = 1e-4, rtol: float = 1e-3) -> list[BackendRow]:
+    """Run every graph on every backend at the same inputs; the first backend is the reference."""
+    import numpy as np
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.ERROR  # its per-output report goes to stdout; ours is the table
+    names = list(backends)
+    reference = names[0]
+    rows = []
+    for graph, engine in backends[reference].items():
+        feed = engine.spec.sample_inputs(sizes, seed=seed)
+        runners = [_runner(backends[name][graph], f"{name}:{graph}") for name in names]
+        results = Comparator.run(runners, data_loader=[feed])
+        accuracy = Comparator.compare_accuracy(
+            results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol, check_error_stat="median"))
+        passed = bool(accuracy)
+        pairs = list(results.items())  # (runner name, [one IterationResult per feed])
+        want = pairs[0][1][0]
+        for name, (_, iterations) in zip(names[1:], pairs[1:]):
+            got = iterations[0]
+            for output in engine.spec.output_names:
+                diff = np.abs(np.asarray(got[output], np.float64) - np.asarray(want[output], np.float64))
+                rows.append(BackendRow(graph, name, output, relative_l2(got[output], want[output]),
+                                       float(np.median(diff)), float(np.quantile(diff, 0.99)), float(diff.max()),
+                                       passed))
+    return rows
+
+
+def backend_table(rows: list[BackendRow], reference: str) -> str:
+    lines = [f"reference: {reference}",
+             f"{'graph':<20} {'backend':<12} {'output':<16} {'rel-L2':>9} {'median':>9} {'p99':>9} {'max':>9}  polygraphy"]
+    for r in rows:
+        if r.output.startswith(CACHE_OUTPUT_PREFIX) and r.rel_l2 <= COMPONENT_TOLERANCE:
+            continue  # caches print only when they are off
+        lines.append(f"{r.graph:<20} {r.backend:<12} {r.output:<16} {r.rel_l2:>9.2e} {r.median_abs:>9.2e} "
+                     f"{r.p99_abs:>9.2e} {r.max_abs:>9.2e}  {'PASSED' if r.polygraphy_passed else 'FAILED'}")
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from wan_trt.errors import EngineError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 class Engine(Protocol):

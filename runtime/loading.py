@@ -22,6 +22,10 @@ def load_engines(directory: Path, manifest: Manifest, backend: str, device: str 
                 for name, entry in manifest.graphs.items()}
     if backend == "torch":
         return torch_engines(manifest, device, directory)
+    if backend == "tensorrt":
+        from wan_trt.runtime.tensorrt_engine import tensorrt_engines
+
+        return tensorrt_engines(directory, manifest)
     raise EngineError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
 
 

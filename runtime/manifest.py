@@ -46,6 +46,7 @@ class Manifest:
     versions: dict[str, str] = field(default_factory=dict)
     checkpoint: str | None = None
     quantization: dict[str, Any] | None = None  # precision, policy, calibration file, SmoothQuant alpha
+    tensorrt: dict[str, Any] | None = None  # environment, options, engines (graph, bucket, file, hashes, profile)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class Manifest:
             "tokenizer_file": self.tokenizer_file,
             "versions": self.versions,
             "quantization": self.quantization,
+            "tensorrt": self.tensorrt,
             "graphs": {name: entry.to_json() for name, entry in self.graphs.items()},
         }
 
@@ -114,6 +116,7 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
             versions=dict(data.get("versions", {})),
             checkpoint=data.get("checkpoint"),
             quantization=data.get("quantization"),
+            tensorrt=data.get("tensorrt"),
         )
     except EngineError:
         raise
@@ -130,12 +133,14 @@ def check_manifest_files(directory: Path, manifest: Manifest) -> None:
     tokenizer = directory / manifest.tokenizer_file
     if not tokenizer.is_file():
         raise EngineError(f"tokenizer '{tokenizer}' listed in the manifest is missing: {rebuild}")
-    for name, entry in manifest.graphs.items():
-        file = directory / entry.file
+    listed = [(name, entry.file, entry.size, entry.sha256) for name, entry in manifest.graphs.items()]
+    listed += [(e["graph"], e["file"], None, e["sha256"]) for e in (manifest.tensorrt or {}).get("engines", [])]
+    for name, relative, expected_size, sha256 in listed:
+        file = directory / relative
         if not file.is_file():
             raise EngineError(f"engine file '{file}' ({name}) listed in the manifest is missing: {rebuild}")
         size = file.stat().st_size
-        if size != entry.size:
-            raise EngineError(f"engine file '{file}' has {size} bytes, the manifest says {entry.size}: {rebuild}")
-        if size <= HASH_CHECK_LIMIT and file_sha256(file) != entry.sha256:
+        if expected_size is not None and size != expected_size:
+            raise EngineError(f"engine file '{file}' has {size} bytes, the manifest says {expected_size}: {rebuild}")
+        if size <= HASH_CHECK_LIMIT and file_sha256(file) != sha256:
             raise EngineError(f"engine file '{file}' does not match its SHA-256 in the manifest: {rebuild}")

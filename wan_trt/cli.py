@@ -15,6 +15,7 @@ import click
 
 from wan_trt import __version__
 from wan_trt.errors import BadInputError, WanTrtError
+from wan_trt.runtime.compare import COMPONENT_TOLERANCE, QDQ_TOLERANCE
 
 log = logging.getLogger("wan_trt")
 
@@ -51,8 +52,16 @@ def main(verbose: bool) -> None:
 @click.option("--preset", default="tiny", show_default=True, help="Model configuration: tiny or animate-14b.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Directory of real weights (animate-14b).")
 @click.option("--random-weights", is_flag=True, help="Random weights at full size (speed/memory work).")
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True,
-              help="Engines to build (TensorRT arrives with its own issue).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "all"]), default="onnxruntime",
+              show_default=True, help="onnxruntime: the verified ONNX files; tensorrt/all: plus TensorRT engines.")
+@click.option("--bucket", "buckets", multiple=True,
+              help="TensorRT shape bucket WIDTHxHEIGHTxFRAMES, repeatable [the preset's: 832x480, 1280x720, both "
+                   "orientations, x77].")
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level.")
+@click.option("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--refittable", is_flag=True, help="Refittable TensorRT engines (for LoRA weight swaps).")
+@click.option("--weight-streaming", is_flag=True, help="TensorRT weight streaming (weights larger than the GPU).")
 @click.option("--precision", type=click.Choice(["fp32", "fp8", "int8"]), default="fp32", show_default=True,
               help="fp8/int8: Q/DQ in the DiT's Linear layers per the policy (needs --calibration).")
 @click.option("--calibration", type=click.Path(), default=None, help="Calibration cache from wan-trt calibrate.")
@@ -63,13 +72,24 @@ def main(verbose: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Engines directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
-def build(preset: str, checkpoint: str | None, random_weights: bool, backend: str, precision: str,
+def build(preset: str, checkpoint: str | None, random_weights: bool, backend: str, buckets: tuple[str, ...],
+          opt_level: int, workspace: float | None, refittable: bool, weight_streaming: bool, precision: str,
           calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
           verify: bool) -> None:
     """Export every component to ONNX and write an engines directory with a manifest."""
+    from wan_trt.buckets import Bucket, default_buckets
     from wan_trt.calibration.quantized import QuantizationRequest
     from wan_trt.export.build import build_engines
+    from wan_trt.export.tensorrt import TrtOptions
     from wan_trt.presets import get_preset
+
+    model = get_preset(preset)
+    tensorrt = None
+    if backend in ("tensorrt", "all"):
+        chosen = [Bucket.parse(b) for b in buckets] or default_buckets(model.buckets, model.segment_frames)
+        tensorrt = TrtOptions(tuple(chosen), opt_level, workspace, refittable, weight_streaming)
+    elif buckets or refittable or weight_streaming or workspace:
+        raise BadInputError("--bucket/--refittable/--weight-streaming/--workspace apply to --backend tensorrt or all")
 
     quantization = None
     if precision != "fp32":
@@ -79,8 +99,8 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, backend: st
                                            smoothquant_alpha)
     elif calibration or policy:
         raise BadInputError("--calibration/--policy apply to --precision fp8 or int8 only")
-    path = build_engines(get_preset(preset), out_dir, seed=seed, checkpoint=checkpoint,
-                         random_weights=random_weights, verify=verify, quantization=quantization)
+    path = build_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
+                         verify=verify, quantization=quantization, tensorrt=tensorrt)
     click.echo(str(path))
 
 
@@ -92,7 +112,8 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, backend: st
 @click.option("--pose", type=click.Path(), default=None, help="Skeleton video (instead of --input).")
 @click.option("--face", type=click.Path(), default=None, help="Face-crop video (instead of --input).")
 @click.option("--out", "out_path", type=click.Path(), required=True, help="Output .mp4 (H.264).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--backend", type=click.Choice(["onnxruntime", "torch", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="tensorrt runs on the GPU (implies --device cuda).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="cpu; cuda/tensorrt use onnxruntime-gpu's execution providers (or CUDA for --backend torch).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -175,6 +196,38 @@ def demo(out_dir: str, frames: int, width: int, height: int, steps: int, compare
     report = run_inference(InferenceOptions(engines_dir=engines, out_path=out_path, input_dir=str(inputs),
                                             steps=steps, compare=compare))
     _finish(out_path, report)
+
+
+@main.command()
+@click.option("--engines", "engines_dir", type=click.Path(), required=True)
+@click.option("--backends", default="torch,onnxruntime", show_default=True,
+              help="Comma-separated; the first is the reference (torch, onnxruntime, tensorrt).")
+@click.option("--size", default=None, help="WIDTHxHEIGHTxFRAMES of the inputs [the smallest bucket].")
+@click.option("--seed", type=int, default=0, show_default=True)
+def compare(engines_dir: str, backends: str, size: str | None, seed: int) -> None:
+    """Every graph on several backends at the same fixed inputs (Polygraphy Comparator + error stats)."""
+    from wan_trt.buckets import Bucket
+    from wan_trt.components import segment_sizes
+    from wan_trt.runtime.compare import backend_table, compare_backends
+    from wan_trt.runtime.loading import load_engines
+    from wan_trt.runtime.manifest import read_manifest
+
+    directory = Path(engines_dir)
+    manifest = read_manifest(directory)
+    names = [b.strip() for b in backends.split(",") if b.strip()]
+    if len(names) < 2:
+        raise BadInputError(f"--backends '{backends}': name at least two, e.g. torch,onnxruntime")
+    bucket = Bucket.parse(size) if size else min(Bucket(w, h, manifest.preset.segment_frames)
+                                                  for w, h in manifest.preset.buckets)
+    engines = {name: load_engines(directory, manifest, name, "cuda" if name == "tensorrt" else "cpu") for name in names}
+    rows = compare_backends(engines, segment_sizes(bucket.frames, bucket.height, bucket.width), seed=seed)
+    click.echo(backend_table(rows, names[0]))
+    tolerance = QDQ_TOLERANCE if manifest.quantization else COMPONENT_TOLERANCE
+    bad = [r for r in rows if r.rel_l2 > tolerance]
+    if bad:
+        click.echo(f"wan-trt: error: {len(bad)} outputs past rel-L2 {tolerance:g}, e.g. {bad[0].graph}.{bad[0].output} "
+                   f"on {bad[0].backend}: {bad[0].rel_l2:.2e}", err=True)
+        sys.exit(EXIT_COMPARE_FAILED)
 
 
 @main.command()

@@ -116,6 +116,20 @@ def evaluate_dim(dim: int | str, sizes: Mapping[str, Any]) -> Any:
     return eval(dim, {"__builtins__": {}}, dict(sizes))  # noqa: S307 - expressions come from this module
 
 
+def infer_sizes(spec: GraphSpec, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+    """Recover symbol sizes from concrete input shapes (every dim expression is affine in one symbol)."""
+    sizes: dict[str, int] = {}
+    for tensor in spec.inputs:
+        for dim, value in zip(tensor.dims, shapes[tensor.name]):
+            if not isinstance(dim, str):
+                continue
+            symbol = next(s for s in SYMBOLS if _mentions(dim, s))
+            offset = evaluate_dim(dim, {symbol: 0})
+            slope = evaluate_dim(dim, {symbol: 1}) - offset
+            sizes.setdefault(symbol, (int(value) - offset) // slope)
+    return sizes
+
+
 def symbols_of(spec: GraphSpec) -> list[str]:
     """The dynamic symbols a graph's inputs use, in SYMBOLS order."""
     used = {s for t in spec.inputs for d in t.dims if isinstance(d, str) for s in SYMBOLS if _mentions(d, s)}

@@ -62,7 +62,8 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
         steps=options.steps or preset.steps, segment_frames=segment_frames, guide_frames=options.guide_frames,
     )
 
-    pipeline, _ = open_pipeline(options.engines_dir, options.backend, options.device)
+    device = "cuda" if options.backend == "tensorrt" else options.device
+    pipeline, _ = open_pipeline(options.engines_dir, options.backend, device)
     recorders = None
     if options.compare:
         recorders = {name: RecordingEngine(engine) for name, engine in pipeline.engines.items()}

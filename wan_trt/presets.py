@@ -12,7 +12,7 @@ This module imports neither torch nor diffusers: the runtime reads presets too.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from wan_trt.errors import BadInputError
@@ -39,7 +39,7 @@ class Preset:
     segment_frames: int = 77
     steps: int = 20
     shift: float = 5.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    buckets: tuple[tuple[int, int], ...] = ((832, 480), (480, 832), (1280, 720), (720, 1280))  # (width, height)
 
     @property
     def face_size(self) -> int:
@@ -68,6 +68,7 @@ class Preset:
             "segment_frames": self.segment_frames,
             "steps": self.steps,
             "shift": self.shift,
+            "buckets": [list(b) for b in self.buckets],
         }
 
 
@@ -85,6 +86,7 @@ _TINY = Preset(
     name="tiny",
     description="full Wan-Animate architecture at tiny widths, seeded random weights (CPU tests and the demo)",
     needs_checkpoint=False,
+    buckets=((128, 96), (96, 128), (64, 48)),
     transformer=dict(
         patch_size=[1, 2, 2],
         num_attention_heads=2,
@@ -224,4 +226,5 @@ def preset_from_json(data: dict[str, Any]) -> Preset:
         segment_frames=data.get("segment_frames", base.segment_frames),
         steps=data.get("steps", base.steps),
         shift=data.get("shift", base.shift),
+        buckets=tuple(tuple(b) for b in data.get("buckets", base.buckets)),
     )

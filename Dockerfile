@@ -1,0 +1,23 @@
+# wan-trt with TensorRT and onnxruntime-gpu. Build: docker build -t wan-trt .
+# Run:  docker run --gpus all -v "$PWD:/work" wan-trt build --backend all --out /work/engines
+#       docker run --gpus all -v "$PWD:/work" wan-trt infer --engines /work/engines --backend tensorrt \
+#              --input /work/preprocessed --out /work/animation.mp4
+FROM nvcr.io/nvidia/tensorrt:25.10-py3
+
+WORKDIR /opt/wan-trt
+COPY pyproject.toml README.md ./
+COPY wan_trt ./wan_trt
+COPY export ./export
+COPY calibration ./calibration
+COPY runtime ./runtime
+
+# The README's install with the [trt,gpu] extras. onnxruntime (a base dependency) and
+# onnxruntime-gpu ship the same import package, so the CPU one is removed and the GPU one reinstalled.
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir ".[trt,gpu]" \
+    && pip uninstall -y onnxruntime onnxruntime-gpu \
+    && pip install --no-cache-dir "onnxruntime-gpu>=1.22"
+
+WORKDIR /work
+ENTRYPOINT ["wan-trt"]
+CMD ["--help"]

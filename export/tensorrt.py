@@ -1,0 +1,185 @@
+"""TensorRT engines from the ONNX files ONNX Runtime has already proven, through Polygraphy's loaders.
+
+Thin on purpose: TensorRT cannot be installed on the machines this project is built and tested on,
+so everything that can be decided without it (profiles, which engines to (re)build, the manifest,
+compatibility) is plain code with tests, and the TensorRT calls are the few lines of ``build_plan``.
+Networks are parsed strongly typed: the precision of every tensor is what the ONNX (Q/DQ nodes,
+tensor dtypes) says. On TensorRT <= 10 the matching builder precision flags are passed as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from wan_trt.buckets import Bucket, is_bucketed, profile
+from wan_trt.errors import EngineError
+from wan_trt.runtime.manifest import Manifest, file_sha256
+
+log = logging.getLogger(__name__)
+
+TRT_DIR = "tensorrt"
+TIMING_CACHE = "timing.cache"
+INSTALL_HINT = "TensorRT is not installed here: pip install '.[trt]' on a machine with an NVIDIA GPU, or use the Dockerfile"
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    buckets: tuple[Bucket, ...]
+    opt_level: int = 3
+    workspace_gb: float | None = None
+    refittable: bool = False
+    weight_streaming: bool = False
+
+    def key_fields(self) -> dict[str, Any]:
+        """What changes an engine (the bucket list does not: each engine has its own bucket)."""
+        return {"opt_level": self.opt_level, "workspace_gb": self.workspace_gb, "refittable": self.refittable,
+                "weight_streaming": self.weight_streaming}
+
+
+@dataclass(frozen=True)
+class TrtEnvironment:
+    """What an engine is tied to: TensorRT version and GPU architecture."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+
+
+@dataclass
+class PlanEntry:
+    graph: str
+    bucket: str | None
+    file: str
+    sha256: str
+    onnx_sha256: str
+    key: str
+    profile: dict[str, list[list[int]]] = field(default_factory=dict)
+
+
+def current_environment() -> TrtEnvironment:
+    """The TensorRT version and GPU of this machine; EngineError when either is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise EngineError(INSTALL_HINT) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EngineError("TensorRT needs an NVIDIA GPU and none is visible (torch.cuda.is_available() is False)")
+    major, minor = torch.cuda.get_device_capability()
+    return TrtEnvironment(trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}")
+
+
+def engine_key(onnx_sha256: str, bucket: Bucket | None, options: TrtOptions, env: TrtEnvironment) -> str:
+    """Identity of one engine: same key, same engine (so an unchanged build is skipped)."""
+    data = {"onnx": onnx_sha256, "bucket": bucket.name if bucket else None, "options": options.key_fields(),
+            "env": asdict(env)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def plan_jobs(manifest: Manifest, options: TrtOptions) -> list[tuple[str, Bucket | None]]:
+    """(graph, bucket) for every engine to build: one per bucket for video-shaped graphs, else one."""
+    jobs = []
+    for name, entry in manifest.graphs.items():
+        buckets = options.buckets if is_bucketed(entry.spec) else (None,)
+        jobs += [(name, bucket) for bucket in buckets]
+    return jobs
+
+
+def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOptions, env: TrtEnvironment,
+                           previous: tuple[Path, dict[str, Any]] | None = None,
+                           build: Callable[..., bytes] | None = None) -> dict[str, Any]:
+    """Build (or reuse) every engine into ``directory/tensorrt``; return the manifest's ``tensorrt`` section.
+
+    ``previous`` is an existing engines directory and its ``tensorrt`` section: engines whose key is
+    unchanged are copied from there instead of rebuilt. Every ONNX file is checked against the hash
+    ORT's tests and the build recorded before TensorRT sees it.
+    """
+    build = build or build_plan
+    out = directory / TRT_DIR
+    out.mkdir(exist_ok=True)
+    reusable = {}
+    if previous is not None:
+        old_dir, old_section = previous
+        reusable = {e["key"]: old_dir / e["file"] for e in old_section.get("engines", [])}
+    entries = []
+    jobs = plan_jobs(manifest, options)
+    for number, (name, bucket) in enumerate(jobs, start=1):
+        graph = manifest.graphs[name]
+        onnx_path = directory / graph.file
+        onnx_sha = file_sha256(onnx_path)
+        if onnx_sha != graph.sha256:
+            raise EngineError(f"'{onnx_path}' changed after it was verified (hash mismatch): rebuild the engines")
+        key = engine_key(onnx_sha, bucket, options, env)
+        file = f"{TRT_DIR}/{name}{'.' + bucket.name if bucket else ''}.plan"
+        shapes = profile(graph.spec, bucket)
+        old = reusable.get(key)
+        if old is not None and old.is_file():
+            if old.resolve() != (directory / file).resolve():
+                shutil.copy2(old, directory / file)
+            log.info("[%d/%d] %s %s: unchanged, reused", number, len(jobs), name, bucket.name if bucket else "")
+        else:
+            log.info("[%d/%d] building TensorRT engine %s %s", number, len(jobs), name, bucket.name if bucket else "")
+            data = build(onnx_path, shapes, options, manifest.precision, directory / TRT_DIR / TIMING_CACHE)
+            _write_atomic(directory / file, data)
+        entries.append(PlanEntry(name, bucket.name if bucket else None, file, file_sha256(directory / file),
+                                 onnx_sha, key, {k: [list(s) for s in v] for k, v in shapes.items()}))
+    return {"environment": asdict(env), "options": {**options.key_fields(),
+                                                    "buckets": [b.name for b in options.buckets]},
+            "timing_cache": f"{TRT_DIR}/{TIMING_CACHE}", "engines": [asdict(e) for e in entries]}
+
+
+def build_plan(onnx_path: Path, shapes: dict[str, tuple], options: TrtOptions, precision: str,
+               timing_cache: Path) -> bytes:
+    """One serialized engine, strongly typed, with one optimization profile (Polygraphy's Python API)."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath, Profile
+
+    prof = Profile()
+    for name, (low, opt, high) in shapes.items():
+        prof.add(name, min=low, opt=opt, max=high)
+    config_args: dict[str, Any] = {
+        "profiles": [prof],
+        "builder_optimization_level": options.opt_level,
+        "load_timing_cache": str(timing_cache) if timing_cache.is_file() else None,
+        "refittable": options.refittable,
+        "weight_streaming": options.weight_streaming,
+    }
+    if options.workspace_gb:
+        config_args["memory_pool_limits"] = {trt.MemoryPoolType.WORKSPACE: int(options.workspace_gb * 1024**3)}
+    if int(trt.__version__.split(".")[0]) <= 10:  # weakly typed builders still want the precision flags
+        config_args.update({"fp8": precision == "fp8", "int8": precision == "int8", "bf16": True, "fp16": True})
+    network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
+    return EngineBytesFromNetwork(network, CreateConfig(**config_args), save_timing_cache=str(timing_cache))()
+
+
+def check_compatible(section: dict[str, Any], env: TrtEnvironment, directory: Path) -> None:
+    """Refuse engines built for another TensorRT version or GPU architecture, naming the mismatch."""
+    built = section["environment"]
+    rebuild = f"wan-trt build --backend tensorrt --out {directory}"
+    if built["tensorrt_version"] != env.tensorrt_version:
+        raise EngineError(f"engines in '{directory}' were built with TensorRT {built['tensorrt_version']}, this is "
+                          f"TensorRT {env.tensorrt_version}: rebuild with: {rebuild}")
+    if built["compute_capability"] != env.compute_capability:
+        raise EngineError(f"engines in '{directory}' were built for compute capability {built['compute_capability']} "
+                          f"({built['gpu_name']}), this GPU is {env.compute_capability} ({env.gpu_name}): "
+                          f"rebuild with: {rebuild}")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

