@@ -27,11 +27,14 @@ from wan_trt.presets import Preset
 from wan_trt.reference_models import build_reference_models
 from wan_trt.runtime.engines import OrtEngine, TorchEngine
 from wan_trt.runtime.manifest import GraphEntry, Manifest, file_sha256, write_manifest
-from wan_trt.tokenizer import build_tiny_tokenizer
+from wan_trt.presets import DEFAULT_PROMPT
+from wan_trt.tokenizer import build_tiny_tokenizer, clean_prompt, tokenize
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
+PROMPT_CACHE_FILE = "prompt_embeds.npz"
+CACHED_PROMPTS = (DEFAULT_PROMPT, "")  # the default prompt and the default (empty) negative prompt
 BUILD_TOLERANCE = 1e-4  # rel-L2 of each ONNX graph in ORT vs its PyTorch module, checked at build time
 
 
@@ -96,13 +99,15 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                 log.info("[%d/%d] %s: ORT vs PyTorch rel-L2 %.2e (%.1f s)", number, len(specs), name, error,
                          time.monotonic() - start)
             graphs[name] = GraphEntry(spec, path.name, path.stat().st_size, file_sha256(path))
+        _write_prompt_cache(staging / PROMPT_CACHE_FILE, tokenizer, modules["text_encoder"])
         if quant is not None:
             quant.write_accuracy(staging / ACCURACY_FILE, staging / graphs["transformer"].file,
                                  specs["transformer"], modules["transformer"])
         manifest = Manifest(preset=preset, seed=seed, weights_hash=weights_hash,
                             precision=quant.precision if quant else "fp32", tokenizer_file=TOKENIZER_FILE,
                             graphs=graphs, versions=tool_versions(), checkpoint=checkpoint,
-                            quantization=quant.manifest_entry() if quant else None)
+                            quantization=quant.manifest_entry() if quant else None,
+                            prompt_cache_file=PROMPT_CACHE_FILE)
         if tensorrt is not None:
             manifest.tensorrt = build_tensorrt_engines(staging, manifest, tensorrt, trt_env, _previous_trt(out_dir),
                                                        build=trt_builder.build if trt_builder else None)
@@ -113,6 +118,18 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
         raise
     log.info("engines written to %s", out_dir)
     return out_dir
+
+
+def _write_prompt_cache(path: Path, tokenizer, text_encoder: torch.nn.Module) -> None:
+    """Text embeddings of the default prompts, so the umT5 engine runs only for a custom prompt."""
+    import numpy as np
+
+    embeds = {}
+    for prompt in CACHED_PROMPTS:
+        ids, mask = tokenize(tokenizer, prompt)
+        with torch.no_grad():
+            embeds[f"prompt_{len(embeds)}"] = text_encoder(torch.from_numpy(ids), torch.from_numpy(mask))[0].numpy()
+    np.savez(path, prompts=np.array([clean_prompt(p) for p in CACHED_PROMPTS]), **embeds)
 
 
 def _previous_trt(out_dir: Path):

@@ -79,11 +79,12 @@ def pack_mask(pixel_mask: torch.Tensor) -> torch.Tensor:
     return mask.view(batch, frames4 // TEMPORAL_STRIDE, TEMPORAL_STRIDE, height, width).transpose(1, 2)
 
 
-def guide_mask(latent_frames: int, height: int, width: int, guide_frames: int) -> torch.Tensor:
-    """Latent mask ``[1, 4, F, h, w]`` with ones on the first ``guide_frames`` pixel frames."""
-    pixel = torch.zeros(1, 1, (latent_frames - 1) * TEMPORAL_STRIDE + 1, height, width)
-    pixel[:, :, :guide_frames] = 1.0
-    return pack_mask(pixel)
+def replacement_mask(person: np.ndarray, height: int, width: int) -> torch.Tensor:
+    """Replacement mode: person mask ``[T, H, W]`` in [0, 1] → keep-mask ``1 - mask`` ``[1, 1, T, h, w]``,
+    nearest-downsampled to the latent grid (1 = keep the background, 0 = generate)."""
+    keep = 1.0 - torch.from_numpy(np.asarray(person, dtype=np.float32))[:, None]
+    keep = F.interpolate(keep, size=(height, width), mode="nearest")
+    return keep.transpose(0, 1).unsqueeze(0)
 
 
 def ping_pong(num_frames: int, target: int) -> list[int]:

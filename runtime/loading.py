@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from wan_trt.errors import EngineError
 from wan_trt.runtime.engines import BACKENDS, Engine, OrtEngine, TorchEngine, ort_providers
 from wan_trt.runtime.manifest import Manifest, read_manifest
@@ -63,4 +66,15 @@ def open_pipeline(directory: str | Path, backend: str = "onnxruntime", device: s
     tokenizer = load_tokenizer(directory / manifest.tokenizer_file)
     engines = load_engines(directory, manifest, backend, device)
     log.info("opened %s engines for preset '%s' on %s (%s)", manifest.precision, manifest.preset.name, backend, device)
-    return AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt)), manifest
+    pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt),
+                               load_prompt_cache(directory, manifest))
+    return pipeline, manifest
+
+
+def load_prompt_cache(directory: Path, manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The build's text embeddings of the default prompts (empty for engines built without them)."""
+    if not manifest.prompt_cache_file:
+        return {}
+    with np.load(directory / manifest.prompt_cache_file) as data:
+        prompts = [str(p) for p in data["prompts"]]
+        return {p: torch.from_numpy(data[f"prompt_{i}"]) for i, p in enumerate(prompts)}

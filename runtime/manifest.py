@@ -47,6 +47,7 @@ class Manifest:
     checkpoint: str | None = None
     quantization: dict[str, Any] | None = None  # precision, policy, calibration file, SmoothQuant alpha
     tensorrt: dict[str, Any] | None = None  # environment, options, engines (graph, bucket, file, hashes, profile)
+    prompt_cache_file: str | None = None  # text embeddings of the default prompts (npz)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +61,7 @@ class Manifest:
             "versions": self.versions,
             "quantization": self.quantization,
             "tensorrt": self.tensorrt,
+            "prompt_cache_file": self.prompt_cache_file,
             "graphs": {name: entry.to_json() for name, entry in self.graphs.items()},
         }
 
@@ -117,6 +119,7 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
             checkpoint=data.get("checkpoint"),
             quantization=data.get("quantization"),
             tensorrt=data.get("tensorrt"),
+            prompt_cache_file=data.get("prompt_cache_file"),
         )
     except EngineError:
         raise
@@ -130,9 +133,9 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
 def check_manifest_files(directory: Path, manifest: Manifest) -> None:
     """Every listed file exists with the recorded size (and hash, for files small enough to hash quickly)."""
     rebuild = f"rebuild with: wan-trt build --out {directory}"
-    tokenizer = directory / manifest.tokenizer_file
-    if not tokenizer.is_file():
-        raise EngineError(f"tokenizer '{tokenizer}' listed in the manifest is missing: {rebuild}")
+    for extra in (manifest.tokenizer_file, manifest.prompt_cache_file):
+        if extra and not (directory / extra).is_file():
+            raise EngineError(f"'{directory / extra}' listed in the manifest is missing: {rebuild}")
     listed = [(name, entry.file, entry.size, entry.sha256) for name, entry in manifest.graphs.items()]
     listed += [(e["graph"], e["file"], None, e["sha256"]) for e in (manifest.tensorrt or {}).get("engines", [])]
     for name, relative, expected_size, sha256 in listed:

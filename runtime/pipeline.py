@@ -21,6 +21,7 @@ from wan_trt.presets import DEFAULT_PROMPT, Preset
 from wan_trt.runtime import conditioning as cond
 from wan_trt.runtime.engines import Engine
 from wan_trt.runtime.scheduler import FlowUniPCScheduler
+from wan_trt.tokenizer import clean_prompt
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,11 @@ MOTION_BATCH = 8  # face crops per motion-encoder call (the reference's default;
 
 @dataclass
 class Segment:
-    """One finished segment: its new frames (uint8) and the final latents (for checks)."""
+    """One finished segment: its new frames (uint8), the same as floats, and the final latents (for checks)."""
 
     index: int
     frames: np.ndarray  # [T, H, W, 3] uint8, overlap already dropped
+    pixels: torch.Tensor  # [1, 3, T, H, W] in [-1, 1], the same frames before rounding
     latents: torch.Tensor  # [1, 16, F+1, h, w] after the last step
 
 
@@ -42,6 +44,10 @@ class GenerationRequest:
     pose_frames: np.ndarray  # [T, H, W, 3] uint8; its size is the output size
     face_frames: np.ndarray  # [T, S, S, 3] uint8
     prompt: str = DEFAULT_PROMPT
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0  # > 1: classifier-free guidance on text and face expression
+    background_frames: np.ndarray | None = None  # replacement mode: [T, H, W, 3] uint8 (src_bg.mp4)
+    mask_frames: np.ndarray | None = None  # replacement mode: [T, H, W] float in [0, 1], 1 = the person
     seed: int = 0
     steps: int = 20
     segment_frames: int = 77
@@ -52,11 +58,16 @@ class GenerationRequest:
 class AnimatePipeline:
     """Runs declared graphs through any backend's engines."""
 
-    def __init__(self, engines: Mapping[str, Engine], preset: Preset, tokenize: Callable[[str], tuple]) -> None:
+    def __init__(self, engines: Mapping[str, Engine], preset: Preset, tokenize: Callable[[str], tuple],
+                 prompt_cache: Mapping[str, torch.Tensor] | None = None) -> None:
         self.engines, self.preset, self.tokenize = engines, preset, tokenize
+        self.prompt_cache = dict(prompt_cache or {})  # cleaned prompt -> text embeddings, made at build time
 
     # ---- components -------------------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> torch.Tensor:
+        cached = self.prompt_cache.get(clean_prompt(prompt))
+        if cached is not None:
+            return cached
         input_ids, mask = self.tokenize(prompt)
         out = self.engines["text_encoder"].run(
             {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)})
@@ -105,12 +116,16 @@ class AnimatePipeline:
     def generate(self, request: GenerationRequest) -> Iterator[Segment]:
         """Yield finished segments in order; together they hold exactly ``len(pose_frames)`` frames."""
         num_frames, height, width = request.pose_frames.shape[:3]
+        replace = request.background_frames is not None
         face_frames = cond.resize_faces(request.face_frames, self.preset.face_size)
         padded, num_segments = cond.segment_plan(num_frames, request.segment_frames, request.guide_frames)
         order = cond.ping_pong(num_frames, padded)
         stride = request.segment_frames - request.guide_frames
+        guidance = request.guidance_scale > 1.0
 
         text_embeds = self.encode_prompt(request.prompt)
+        if guidance:  # one DiT call of batch 2: [conditional, unconditional]
+            text_embeds = torch.cat([text_embeds, self.encode_prompt(request.negative_prompt)])
         ref_pixels = cond.to_unit_range(cond.letterbox(request.ref_image, height, width))
         image_embeds = self.encode_image(ref_pixels)
         latent_h, latent_w = height // 8, width // 8
@@ -129,20 +144,31 @@ class AnimatePipeline:
 
             pose_latents = self.vae_encode(cond.to_unit_range(request.pose_frames[window]))
             motion = self.motion_vectors(face_frames[window])
-            guide = torch.zeros(1, 3, request.segment_frames, height, width)
-            guides = 0
+            if guidance:  # the unconditional branch sees a blank face (all -1)
+                motion = torch.cat([motion, self.motion_vectors(np.zeros_like(face_frames[window]))])
+            guides = request.guide_frames if previous is not None else 0
+            if replace:
+                guide = cond.to_unit_range(request.background_frames[window])
+                pixel_mask = cond.replacement_mask(request.mask_frames[window], latent_h, latent_w)
+            else:
+                guide = torch.zeros(1, 3, request.segment_frames, height, width)
+                pixel_mask = torch.zeros(1, 1, request.segment_frames, latent_h, latent_w)
             if previous is not None:
-                guides = request.guide_frames
                 guide[:, :, :guides] = previous
+            pixel_mask[:, :, :guides] = 1.0
             conditioning = torch.cat(
-                [ref_latents, torch.cat([cond.guide_mask(latent_frames, latent_h, latent_w, guides),
-                                         self.vae_encode(guide)], dim=1)], dim=2)
+                [ref_latents, torch.cat([cond.pack_mask(pixel_mask), self.vae_encode(guide)], dim=1)], dim=2)
 
             timesteps = scheduler.set_timesteps(request.steps)
+            batch = 2 if guidance else 1
             for step, t in enumerate(timesteps):
-                latent_input = torch.cat([latents, conditioning], dim=1)
-                velocity = self.velocity(latent_input, t.to(torch.float32).reshape(1), text_embeds, image_embeds,
-                                         pose_latents, motion)
+                latent_input = torch.cat([latents, conditioning], dim=1).expand(batch, -1, -1, -1, -1)
+                velocity = self.velocity(latent_input, t.to(torch.float32).expand(batch), text_embeds,
+                                         image_embeds.expand(batch, -1, -1), pose_latents.expand(batch, -1, -1, -1, -1),
+                                         motion)
+                if guidance:
+                    conditional, unconditional = velocity.chunk(2)
+                    velocity = unconditional + request.guidance_scale * (conditional - unconditional)
                 latents = scheduler.step(velocity, t, latents)
                 if request.on_step:
                     request.on_step(index, num_segments, step + 1, len(timesteps))
@@ -152,7 +178,7 @@ class AnimatePipeline:
             new = video if index == 0 else video[:, :, request.guide_frames:]
             new = new[:, :, : num_frames - emitted]
             emitted += new.shape[2]
-            yield Segment(index, cond.to_uint8(new), latents)
+            yield Segment(index, cond.to_uint8(new), new, latents)
 
 
 def _as_inputs(engine: Engine, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -119,6 +119,13 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, backend: st
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
 @click.option("--prompt", default=None, help="Text prompt [the official default].")
+@click.option("--negative-prompt", default="", help="Prompt of the unconditional branch (with --guidance-scale > 1).")
+@click.option("--guidance-scale", type=click.FloatRange(1.0, 50.0), default=1.0, show_default=True,
+              help="> 1: classifier-free guidance on text and facial expression (batch 2 per DiT call).")
+@click.option("--mode", type=click.Choice(["animate", "replace"]), default="animate", show_default=True,
+              help="replace: put the character into the driving video's scene (needs src_bg.mp4, src_mask.mp4).")
+@click.option("--background", type=click.Path(), default=None, help="Background video [src_bg.mp4 beside the pose].")
+@click.option("--mask", type=click.Path(), default=None, help="Person mask video [src_mask.mp4 beside the pose].")
 @click.option("--guide-frames", type=click.Choice(["1", "5"]), default="1", show_default=True,
               help="Frames of temporal guidance between segments.")
 @click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
@@ -126,14 +133,16 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, backend: st
               help="Also run the PyTorch reference and print per-component errors; exit 4 past tolerance.")
 def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
           out_path: str, backend: str, device: str, seed: int, steps: int | None, prompt: str | None,
+          negative_prompt: str, guidance_scale: float, mode: str, background: str | None, mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
 
     options = InferenceOptions(
         engines_dir=Path(engines_dir), out_path=Path(out_path), backend=backend, device=device, seed=seed,
-        steps=steps, prompt=prompt, guide_frames=int(guide_frames), segment_frames=segment_frames,
-        compare=compare, input_dir=input_dir, ref=ref, pose=pose, face=face,
+        steps=steps, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, mode=mode,
+        guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, input_dir=input_dir,
+        ref=ref, pose=pose, face=face, background=background, mask=mask,
     )
     report = run_inference(options)
     _finish(out_path, report)

@@ -74,6 +74,8 @@ class DrivingInputs:
     pose: Video
     face: Video
     source: str  # the folder, or the three files, for messages
+    background: Video | None = None  # replacement mode: src_bg.mp4
+    mask: np.ndarray | None = None  # replacement mode: [T, H, W] float32 in [0, 1] (channel 0 / 255; 1 = person)
 
     @property
     def num_frames(self) -> int:
@@ -132,9 +134,6 @@ def _resolve_paths(
                 f"driving inputs folder {_q(d)} is a file, not a folder: pass the folder written by the "
                 f"Wan-Animate preprocessing (it contains {files}), or give ref, pose and face one by one"
             )
-        for extra in (BG_FILE, MASK_FILE):
-            if (d / extra).exists():
-                log.info("%s has %s (replacement mode); it is not used in animation mode", _q(d), extra)
         return d / REF_FILE, d / POSE_FILE, d / FACE_FILE, os.fspath(d), True
     if not given:
         raise BadInputError(
@@ -195,6 +194,9 @@ def load_driving_inputs(
     ref: str | os.PathLike[str] | None = None,
     pose: str | os.PathLike[str] | None = None,
     face: str | os.PathLike[str] | None = None,
+    mode: str = "animate",
+    background: str | os.PathLike[str] | None = None,
+    mask: str | os.PathLike[str] | None = None,
 ) -> DrivingInputs:
     """Load and validate the driving inputs: a preprocessed ``folder``, or ``ref``, ``pose`` and ``face``.
 
@@ -231,4 +233,26 @@ def load_driving_inputs(
         source, pose_v.num_frames, pose_v.width, pose_v.height, pose_v.fps,
         face_v.width, face_v.height, ref_image.shape[1], ref_image.shape[0],
     )
-    return DrivingInputs(ref_image=ref_image, pose=pose_v, face=face_v, source=source)
+    inputs = DrivingInputs(ref_image=ref_image, pose=pose_v, face=face_v, source=source)
+    if mode == "replace":
+        bg_p = Path(os.fspath(background)) if background is not None else pose_p.with_name(BG_FILE)
+        mask_p = Path(os.fspath(mask)) if mask is not None else pose_p.with_name(MASK_FILE)
+        _require_file(bg_p, "background video", BG_FILE, in_folder)
+        _require_file(mask_p, "mask video", MASK_FILE, in_folder)
+        bg_v = read_video(bg_p, what="background video")
+        mask_v = read_video(mask_p, what="mask video")
+        for video, path in ((bg_v, bg_p), (mask_v, mask_p)):
+            if (video.num_frames, video.height, video.width) != (pose_v.num_frames, pose_v.height, pose_v.width):
+                raise BadInputError(
+                    f"{_q(path)} is {video.width}x{video.height} with {video.num_frames} frames but the pose video "
+                    f"is {pose_v.width}x{pose_v.height} with {pose_v.num_frames}: they must match; {_PREPROCESS_HINT}"
+                )
+        inputs.background = bg_v
+        inputs.mask = mask_v.frames[..., 0].astype(np.float32) / 255.0  # channel 0, as the official code reads it
+    elif mode != "animate":
+        raise BadInputError(f"--mode {mode}: choose animate or replace")
+    elif in_folder:
+        for extra in (BG_FILE, MASK_FILE):
+            if (pose_p.parent / extra).exists():
+                log.info("%s has %s (replacement mode); it is not used in animation mode", source, extra)
+    return inputs

@@ -31,6 +31,9 @@ class InferenceOptions:
     seed: int = 0
     steps: int | None = None
     prompt: str | None = None
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0
+    mode: str = "animate"
     guide_frames: int = 1
     segment_frames: int | None = None
     compare: str | None = None
@@ -38,13 +41,16 @@ class InferenceOptions:
     ref: str | None = None
     pose: str | None = None
     face: str | None = None
+    background: str | None = None
+    mask: str | None = None
 
 
 def run_inference(options: InferenceOptions) -> CompareReport | None:
     """Generate the animation into ``options.out_path``; with ``compare``, also return the error report."""
     _check_output_path(options.out_path)
     manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
-    inputs = load_driving_inputs(options.input_dir, ref=options.ref, pose=options.pose, face=options.face)
+    inputs = load_driving_inputs(options.input_dir, ref=options.ref, pose=options.pose, face=options.face,
+                                 mode=options.mode, background=options.background, mask=options.mask)
     preset = manifest.preset
     segment_frames = options.segment_frames or preset.segment_frames
     if segment_frames < 5 or (segment_frames - 1) % 4:
@@ -59,6 +65,9 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     request = GenerationRequest(
         ref_image=inputs.ref_image, pose_frames=inputs.pose.frames, face_frames=inputs.face.frames,
         prompt=options.prompt if options.prompt is not None else DEFAULT_PROMPT, seed=options.seed,
+        negative_prompt=options.negative_prompt, guidance_scale=options.guidance_scale,
+        background_frames=inputs.background.frames if inputs.background is not None else None,
+        mask_frames=inputs.mask,
         steps=options.steps or preset.steps, segment_frames=segment_frames, guide_frames=options.guide_frames,
     )
 
@@ -67,8 +76,9 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     recorders = None
     if options.compare:
         recorders = {name: RecordingEngine(engine) for name, engine in pipeline.engines.items()}
-        pipeline = AnimatePipeline(recorders, preset, pipeline.tokenize)
-    frames = _generate_to_file(pipeline, request, options.out_path, inputs.fps, f"{options.backend}")
+        pipeline = AnimatePipeline(recorders, preset, pipeline.tokenize, pipeline.prompt_cache)
+    frames = _generate_to_file(pipeline, request, options.out_path, inputs.fps, options.backend,
+                               keep=bool(options.compare))
     if not options.compare:
         return None
 
@@ -76,22 +86,30 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     reference = torch_engines(manifest, options.device, options.engines_dir)
     tolerances = {"transformer": QDQ_TOLERANCE} if manifest.quantization else {}
     report = CompareReport(backend=options.backend, rows=compare_components(recorders, reference, tolerances))
-    reference_pipeline = AnimatePipeline(reference, preset, pipeline.tokenize)
+    reference_pipeline = AnimatePipeline(reference, preset, pipeline.tokenize, pipeline.prompt_cache)
     reference_frames = np.concatenate([s.frames for s in _with_progress(reference_pipeline, request, "torch")])
     report.video_psnr = psnr(frames, reference_frames)
     return report
 
 
+# x264's macroblock tree makes the bitstream depend on thread timing; off, the same frames give the same bytes
+DETERMINISTIC_X264 = {"x264-params": "mbtree=0"}
+
+
 def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out_path: Path, fps: float,
-                      label: str) -> np.ndarray:
-    """Run the pipeline, streaming each segment's frames into the mp4 (atomic); returns all frames."""
+                      label: str, keep: bool) -> np.ndarray | None:
+    """Run the pipeline, streaming each segment's frames into the mp4 (atomic) as it finishes.
+
+    Memory does not grow with the video's length unless ``keep`` (for ``--compare``) holds all frames.
+    """
     height, width = request.pose_frames.shape[1:3]
     produced = []
-    with VideoWriter(out_path, width=width, height=height, fps=fps) as writer:
+    with VideoWriter(out_path, width=width, height=height, fps=fps, options=DETERMINISTIC_X264) as writer:
         for segment in _with_progress(pipeline, request, label):
             writer.write(segment.frames)
-            produced.append(segment.frames)
-    return np.concatenate(produced)
+            if keep:
+                produced.append(segment.frames)
+    return np.concatenate(produced) if keep else None
 
 
 def _with_progress(pipeline: AnimatePipeline, request: GenerationRequest, label: str):
