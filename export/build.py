@@ -49,7 +49,8 @@ def tool_versions() -> dict[str, str]:
 
 
 def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
-                  random_weights: bool = False, verify: bool = True,
+                  random_weights: bool = False, lora: str | None = None, lora_scale: float = 1.0,
+                  verify: bool = True,
                   quantization: QuantizationRequest | None = None, tensorrt: TrtOptions | None = None,
                   trt_builder=None) -> Path:
     """Export all graphs of ``preset`` into ``out_dir`` (atomically). Returns the directory.
@@ -68,11 +69,12 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
     trt_env = None
     if tensorrt is not None:  # before any slow work: is TensorRT here at all?
         trt_env = trt_builder.environment() if trt_builder else current_environment()
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint else build_tiny_tokenizer()
     vocab_size = int(preset.text_encoder.get("vocab_size", tokenizer.get_vocab_size()))
-    log.info("building reference modules for preset '%s' (seed %d)", preset.name, seed)
+    log.info("building reference modules for preset '%s' (%s)", preset.name,
+             f"checkpoint {checkpoint}" if checkpoint else f"seed {seed}")
     models = build_reference_models(preset, seed=seed, vocab_size=vocab_size, checkpoint=checkpoint,
-                                    random_weights=random_weights)
+                                    random_weights=random_weights, lora=lora, lora_scale=lora_scale)
     encoder_caches, decoder_caches = cache_layouts(models)
     specs = graph_specs(preset, encoder_caches, decoder_caches, vocab_size)
     modules = graph_modules(models)
@@ -105,8 +107,10 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                                  specs["transformer"], modules["transformer"])
         manifest = Manifest(preset=preset, seed=seed, weights_hash=weights_hash,
                             precision=quant.precision if quant else "fp32", tokenizer_file=TOKENIZER_FILE,
-                            graphs=graphs, versions=tool_versions(), checkpoint=checkpoint,
+                            graphs=graphs, versions=tool_versions(),
+                            checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
                             quantization=quant.manifest_entry() if quant else None,
+                            lora={"file": str(Path(lora).resolve()), "scale": lora_scale} if lora else None,
                             prompt_cache_file=PROMPT_CACHE_FILE)
         if tensorrt is not None:
             manifest.tensorrt = build_tensorrt_engines(staging, manifest, tensorrt, trt_env, _previous_trt(out_dir),
@@ -118,6 +122,19 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
         raise
     log.info("engines written to %s", out_dir)
     return out_dir
+
+
+def checkpoint_tokenizer(checkpoint: str):
+    """The umT5 tokenizer shipped with a checkpoint (its ``tokenizer.json``)."""
+    from tokenizers import Tokenizer
+
+    from wan_trt.checkpoints import detect_layout
+
+    layout = detect_layout(checkpoint)
+    if layout.tokenizer_file is None:
+        raise BadInputError(f"checkpoint '{checkpoint}' has no {layout.tokenizer_dir / 'tokenizer.json'}: "
+                            "use a download that includes the umT5 tokenizer's tokenizer.json")
+    return Tokenizer.from_file(str(layout.tokenizer_file))
 
 
 def _write_prompt_cache(path: Path, tokenizer, text_encoder: torch.nn.Module) -> None:

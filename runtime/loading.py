@@ -42,8 +42,10 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
     from wan_trt.reference_models import build_reference_models
 
     vocab = manifest.graphs["text_encoder"].spec.vocab_size
+    lora = manifest.lora or {}
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
-                                    checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint)
+                                    checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint,
+                                    lora=lora.get("file"), lora_scale=lora.get("scale", 1.0))
     if models.weights_hash() != manifest.weights_hash:
         raise EngineError(
             f"the PyTorch weights rebuilt for preset '{manifest.preset.name}' (seed {manifest.seed}) do not match the "

@@ -48,6 +48,7 @@ class Manifest:
     quantization: dict[str, Any] | None = None  # precision, policy, calibration file, SmoothQuant alpha
     tensorrt: dict[str, Any] | None = None  # environment, options, engines (graph, bucket, file, hashes, profile)
     prompt_cache_file: str | None = None  # text embeddings of the default prompts (npz)
+    lora: dict[str, Any] | None = None  # a LoRA merged into the DiT before export: file, scale
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -62,6 +63,7 @@ class Manifest:
             "quantization": self.quantization,
             "tensorrt": self.tensorrt,
             "prompt_cache_file": self.prompt_cache_file,
+            "lora": self.lora,
             "graphs": {name: entry.to_json() for name, entry in self.graphs.items()},
         }
 
@@ -120,6 +122,7 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
             quantization=data.get("quantization"),
             tensorrt=data.get("tensorrt"),
             prompt_cache_file=data.get("prompt_cache_file"),
+            lora=data.get("lora"),
         )
     except EngineError:
         raise

@@ -52,6 +52,8 @@ def main(verbose: bool) -> None:
 @click.option("--preset", default="tiny", show_default=True, help="Model configuration: tiny or animate-14b.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Directory of real weights (animate-14b).")
 @click.option("--random-weights", is_flag=True, help="Random weights at full size (speed/memory work).")
+@click.option("--lora", default=None, metavar="PATH[:SCALE]",
+              help="Merge a LoRA (e.g. relighting_lora.ckpt) into the DiT before export; its own engine variant.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "all"]), default="onnxruntime",
               show_default=True, help="onnxruntime: the verified ONNX files; tensorrt/all: plus TensorRT engines.")
 @click.option("--bucket", "buckets", multiple=True,
@@ -72,7 +74,8 @@ def main(verbose: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Engines directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
-def build(preset: str, checkpoint: str | None, random_weights: bool, backend: str, buckets: tuple[str, ...],
+def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str | None, backend: str,
+          buckets: tuple[str, ...],
           opt_level: int, workspace: float | None, refittable: bool, weight_streaming: bool, precision: str,
           calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
           verify: bool) -> None:
@@ -99,8 +102,14 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, backend: st
                                            smoothquant_alpha)
     elif calibration or policy:
         raise BadInputError("--calibration/--policy apply to --precision fp8 or int8 only")
+    lora_path, lora_scale = (None, 1.0)
+    if lora:
+        from wan_trt.checkpoints import parse_lora_arg
+
+        lora_path, lora_scale = parse_lora_arg(lora)
     path = build_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
-                         verify=verify, quantization=quantization, tensorrt=tensorrt)
+                         lora=lora_path, lora_scale=lora_scale, verify=verify, quantization=quantization,
+                         tensorrt=tensorrt)
     click.echo(str(path))
 
 

@@ -41,22 +41,39 @@ class ReferenceModels:
 
 def build_reference_models(
     preset: Preset, *, seed: int = 0, vocab_size: int, checkpoint: str | Path | None = None,
-    random_weights: bool = False,
+    random_weights: bool = False, lora: str | Path | None = None, lora_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> ReferenceModels:
     """Instantiate the four reference modules of ``preset``.
 
-    ``tiny`` always uses seeded random weights. A preset that needs a checkpoint takes ``checkpoint``
-    (loading real checkpoints is issue 5's work) or ``random_weights=True`` for speed/memory work.
+    With ``checkpoint`` (a Diffusers-layout or original Wan-AI folder, detected automatically) the
+    weights are loaded strictly from it (``wan_trt.checkpoints``), in ``dtype``. Without it, ``tiny``
+    uses seeded random weights; a preset that needs a checkpoint takes ``random_weights=True`` for
+    speed/memory work. ``lora`` (a LoRA file, e.g. ``relighting_lora.ckpt``) is merged into the
+    transformer's weights with ``lora_scale`` after loading.
     """
     if checkpoint is not None:
-        raise BadInputError(
-            f"--checkpoint {checkpoint}: loading real checkpoints is not implemented yet; "
-            f"use --random-weights for speed/memory work with preset '{preset.name}'"
-        )
-    if preset.needs_checkpoint and not random_weights:
+        from wan_trt.checkpoints import load_checkpoint
+
+        models = ReferenceModels(**load_checkpoint(preset, checkpoint, vocab_size=vocab_size, dtype=dtype))
+    elif preset.needs_checkpoint and not random_weights:
         raise BadInputError(
             f"preset '{preset.name}' needs real weights: pass --checkpoint DIR, or --random-weights for speed/memory work"
         )
+    else:
+        models = _random_models(preset, seed=seed, vocab_size=vocab_size)
+        if dtype != torch.float32:
+            for name in ("text_encoder", "image_encoder", "vae", "transformer"):
+                getattr(models, name).to(dtype)
+    if lora is not None:
+        from wan_trt.checkpoints import merge_lora
+
+        merge_lora(models.transformer, lora, lora_scale)
+    return models
+
+
+def _random_models(preset: Preset, *, seed: int, vocab_size: int) -> ReferenceModels:
+    """The preset's modules with random weights drawn from ``seed`` (one stream per component)."""
     from diffusers import AutoencoderKLWan, WanAnimateTransformer3DModel
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
