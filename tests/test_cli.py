@@ -217,3 +217,10 @@ def test_animate_14b_needs_weights(tmp_path):
     result = CliRunner().invoke(main, ["build", "--preset", "animate-14b", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "--checkpoint" in result.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_relight_needs_engines_with_the_lora(tiny_engines, inputs, tmp_path):
+    out = tmp_path / "r.mp4"
+    result = CliRunner().invoke(main, ["infer", "--engines", str(tiny_engines), "--input", str(inputs),
+                                       "--out", str(out), "--relight"])
+    assert result.exit_code == 3 and "--lora relighting_lora.ckpt" in result.stderr and not out.exists()

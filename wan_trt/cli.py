@@ -133,6 +133,8 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               help="> 1: classifier-free guidance on text and facial expression (batch 2 per DiT call).")
 @click.option("--mode", type=click.Choice(["animate", "replace"]), default="animate", show_default=True,
               help="replace: put the character into the driving video's scene (needs src_bg.mp4, src_mask.mp4).")
+@click.option("--relight", is_flag=True,
+              help="Use the relighting LoRA (replacement mode): the engines must be built with --lora.")
 @click.option("--background", type=click.Path(), default=None, help="Background video [src_bg.mp4 beside the pose].")
 @click.option("--mask", type=click.Path(), default=None, help="Person mask video [src_mask.mp4 beside the pose].")
 @click.option("--guide-frames", type=click.Choice(["1", "5"]), default="1", show_default=True,
@@ -142,7 +144,8 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               help="Also run the PyTorch reference and print per-component errors; exit 4 past tolerance.")
 def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
           out_path: str, backend: str, device: str, seed: int, steps: int | None, prompt: str | None,
-          negative_prompt: str, guidance_scale: float, mode: str, background: str | None, mask: str | None,
+          negative_prompt: str, guidance_scale: float, mode: str, relight: bool, background: str | None,
+          mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
@@ -150,6 +153,7 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
     options = InferenceOptions(
         engines_dir=Path(engines_dir), out_path=Path(out_path), backend=backend, device=device, seed=seed,
         steps=steps, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, mode=mode,
+        relight=relight,
         guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, input_dir=input_dir,
         ref=ref, pose=pose, face=face, background=background, mask=mask,
     )

@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
-from wan_trt.errors import BadInputError
+from wan_trt.errors import BadInputError, EngineError
 from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
@@ -34,6 +34,7 @@ class InferenceOptions:
     negative_prompt: str = ""
     guidance_scale: float = 1.0
     mode: str = "animate"
+    relight: bool = False  # the engines must carry a merged LoRA (wan-trt build --lora relighting_lora.ckpt)
     guide_frames: int = 1
     segment_frames: int | None = None
     compare: str | None = None
@@ -49,6 +50,11 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     """Generate the animation into ``options.out_path``; with ``compare``, also return the error report."""
     _check_output_path(options.out_path)
     manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
+    if options.relight and not manifest.lora:
+        raise EngineError(f"--relight: the engines in '{options.engines_dir}' have no LoRA merged; build the relighting "
+                          f"variant with: wan-trt build --lora relighting_lora.ckpt --out ENGINES_RELIGHT")
+    if manifest.lora and not options.relight:
+        log.info("these engines carry the LoRA %s (scale %g)", manifest.lora["file"], manifest.lora["scale"])
     inputs = load_driving_inputs(options.input_dir, ref=options.ref, pose=options.pose, face=options.face,
                                  mode=options.mode, background=options.background, mask=options.mask)
     preset = manifest.preset
