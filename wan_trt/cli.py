@@ -142,11 +142,13 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
 @click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
 @click.option("--compare", type=click.Choice(["torch"]), default=None,
               help="Also run the PyTorch reference and print per-component errors; exit 4 past tolerance.")
+@click.option("--fallback", type=click.Choice(["torch"]), default=None,
+              help="Re-run an engine call that produced NaN/Inf on the PyTorch reference instead of failing.")
 def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
           out_path: str, backend: str, device: str, seed: int, steps: int | None, prompt: str | None,
           negative_prompt: str, guidance_scale: float, mode: str, relight: bool, background: str | None,
           mask: str | None,
-          guide_frames: str, segment_frames: int | None, compare: str | None) -> None:
+          guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
 
@@ -154,7 +156,8 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         engines_dir=Path(engines_dir), out_path=Path(out_path), backend=backend, device=device, seed=seed,
         steps=steps, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, mode=mode,
         relight=relight,
-        guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, input_dir=input_dir,
+        guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, fallback=fallback,
+        input_dir=input_dir,
         ref=ref, pose=pose, face=face, background=background, mask=mask,
     )
     report = run_inference(options)

@@ -15,6 +15,7 @@ from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
 from wan_trt.runtime.compare import QDQ_TOLERANCE, CompareReport, RecordingEngine, compare_components
+from wan_trt.runtime.guard import guard_engines
 from wan_trt.runtime.loading import open_pipeline, torch_engines
 from wan_trt.runtime.manifest import read_manifest
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
@@ -38,6 +39,7 @@ class InferenceOptions:
     guide_frames: int = 1
     segment_frames: int | None = None
     compare: str | None = None
+    fallback: str | None = None  # "torch": re-run a call that produced NaN/Inf on the PyTorch reference
     input_dir: str | None = None
     ref: str | None = None
     pose: str | None = None
@@ -79,6 +81,8 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
 
     device = "cuda" if options.backend == "tensorrt" else options.device
     pipeline, _ = open_pipeline(options.engines_dir, options.backend, device)
+    fallback = (lambda: torch_engines(manifest, device, options.engines_dir)) if options.fallback == "torch" else None
+    pipeline.engines = guard_engines(pipeline.engines, fallback)
     recorders = None
     if options.compare:
         recorders = {name: RecordingEngine(engine) for name, engine in pipeline.engines.items()}
