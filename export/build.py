@@ -8,6 +8,7 @@ until the new one replaces it.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -84,7 +85,8 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
         quant = QuantizedTransformer.prepare(quantization, weights_hash, modules["transformer"], preset)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    _remove_stale_staging(out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-{os.getpid()}-", dir=out_dir.parent))
     try:
         tokenizer.save(str(staging / TOKENIZER_FILE))
         graphs: dict[str, GraphEntry] = {}
@@ -172,6 +174,19 @@ def verify_graph(spec: GraphSpec, path: Path, module: torch.nn.Module, optimizat
     if not error <= tolerance:
         raise RuntimeError(f"{spec.name}: the exported ONNX differs from PyTorch (rel-L2 {error:.2e} > {tolerance})")
     return error
+
+
+def _remove_stale_staging(out_dir: Path) -> None:
+    """Delete staging directories left by builds that were killed (their process no longer exists)."""
+    for stale in out_dir.parent.glob(f".{out_dir.name}.building-*"):
+        try:
+            pid = int(stale.name.split("-")[-2])
+            os.kill(pid, 0)  # raises if there is no such process
+        except (ValueError, IndexError, ProcessLookupError):
+            log.info("removing %s, left by an interrupted build", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def _replace_dir(staging: Path, target: Path) -> None:

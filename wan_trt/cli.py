@@ -22,6 +22,16 @@ log = logging.getLogger("wan_trt")
 EXIT_COMPARE_FAILED = 4
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so temporary files and staging directories are cleaned up."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname).1s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -46,6 +56,7 @@ class _Group(click.Group):
 def main(verbose: bool) -> None:
     """Deploy Wan 2.2 Animate: build engines from PyTorch, run them end to end."""
     _setup_logging(verbose)
+    _exit_on_sigterm()
 
 
 @main.command()
