@@ -3,7 +3,6 @@ and the export-friendly modules equal the untouched diffusers/transformers refer
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -3,7 +3,6 @@ media readers survive thousands of mutated files with nothing but clean validati
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from hypothesis import strategies as st
 from wan_trt.cli import main
 from wan_trt.demo_media import make_demo_inputs
 from wan_trt.errors import BadInputError
-from wan_trt.media import probe_video, read_image, read_video, write_image, write_video
+from wan_trt.media import probe_video, read_image, read_video, write_image
 from wan_trt.runtime.manifest import read_manifest
 
 

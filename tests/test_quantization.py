@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from conftest import as_torch
 from wan_trt.calibration.cache import load_cache
