@@ -131,6 +131,11 @@ class AnimatePipeline:
         latent_h, latent_w = height // 8, width // 8
         ref_latents = torch.cat([torch.ones(1, 4, 1, latent_h, latent_w), self.vae_encode(ref_pixels)], dim=1)
 
+        blank_motion = None
+        if guidance:  # the unconditional branch sees a blank face (all -1): the same for every segment
+            blank_face = np.zeros((request.segment_frames, *face_frames.shape[1:]), dtype=np.uint8)
+            blank_motion = self.motion_vectors(blank_face)
+
         scheduler = FlowUniPCScheduler(shift=self.preset.shift)
         generator = torch.Generator().manual_seed(request.seed)
         latent_frames = (request.segment_frames - 1) // cond.TEMPORAL_STRIDE + 1
@@ -144,8 +149,8 @@ class AnimatePipeline:
 
             pose_latents = self.vae_encode(cond.to_unit_range(request.pose_frames[window]))
             motion = self.motion_vectors(face_frames[window])
-            if guidance:  # the unconditional branch sees a blank face (all -1)
-                motion = torch.cat([motion, self.motion_vectors(np.zeros_like(face_frames[window]))])
+            if guidance:
+                motion = torch.cat([motion, blank_motion])
             guides = request.guide_frames if previous is not None else 0
             if replace:
                 guide = cond.to_unit_range(request.background_frames[window])
