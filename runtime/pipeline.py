@@ -5,14 +5,15 @@ CLIP features. Per segment: pose latents, the temporal-guidance conditioning lat
 vectors of the face crops, ``steps`` DiT calls with UniPC updates, and a streamed VAE decode.
 Segments follow the reference pipeline: the driving inputs are padded ping-pong to whole segments,
 each later segment is conditioned on the last ``guide_frames`` decoded frames of the previous one,
-the overlap is dropped and the result is cut to the input length.
+the overlap is dropped and the result is cut to the input length. The driving frames are asked for
+one segment at a time (``frames[indices]``), so a lazy reader keeps memory bounded at any length.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -38,16 +39,26 @@ class Segment:
     latents: torch.Tensor  # [1, 16, F+1, h, w] after the last step
 
 
+class Frames(Protocol):
+    """A frame sequence indexed by a list of frame indices: a numpy array, or a lazy reader
+    (:class:`wan_trt.media.VideoReader`, :class:`wan_trt.driving_inputs.MaskFrames`)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, indices: Sequence[int]) -> np.ndarray: ...
+
+
 @dataclass
 class GenerationRequest:
     ref_image: np.ndarray  # HxWx3 uint8, any size (letter-boxed to the pose size)
-    pose_frames: np.ndarray  # [T, H, W, 3] uint8; its size is the output size
-    face_frames: np.ndarray  # [T, S, S, 3] uint8
+    pose_frames: Frames  # [T, H, W, 3] uint8; its size is the output size
+    face_frames: Frames  # [T, S, S, 3] uint8
     prompt: str = DEFAULT_PROMPT
     negative_prompt: str = ""
     guidance_scale: float = 1.0  # > 1: classifier-free guidance on text and face expression
-    background_frames: np.ndarray | None = None  # replacement mode: [T, H, W, 3] uint8 (src_bg.mp4)
-    mask_frames: np.ndarray | None = None  # replacement mode: [T, H, W] float in [0, 1], 1 = the person
+    background_frames: Frames | None = None  # replacement mode: [T, H, W, 3] uint8 (src_bg.mp4)
+    mask_frames: Frames | None = None  # replacement mode: [T, H, W] float in [0, 1], 1 = the person
     seed: int = 0
     steps: int = 20
     segment_frames: int = 77
@@ -114,10 +125,13 @@ class AnimatePipeline:
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, request: GenerationRequest) -> Iterator[Segment]:
-        """Yield finished segments in order; together they hold exactly ``len(pose_frames)`` frames."""
+        """Yield finished segments in order; together they hold exactly ``len(pose_frames)`` frames.
+
+        Each segment reads only its own window of the (ping-pong padded) driving frames.
+        """
         num_frames, height, width = request.pose_frames.shape[:3]
         replace = request.background_frames is not None
-        face_frames = cond.resize_faces(request.face_frames, self.preset.face_size)
+        face_size = self.preset.face_size
         padded, num_segments = cond.segment_plan(num_frames, request.segment_frames, request.guide_frames)
         order = cond.ping_pong(num_frames, padded)
         stride = request.segment_frames - request.guide_frames
@@ -133,7 +147,7 @@ class AnimatePipeline:
 
         blank_motion = None
         if guidance:  # the unconditional branch sees a blank face (all -1): the same for every segment
-            blank_face = np.zeros((request.segment_frames, *face_frames.shape[1:]), dtype=np.uint8)
+            blank_face = np.zeros((request.segment_frames, face_size, face_size, 3), dtype=np.uint8)
             blank_motion = self.motion_vectors(blank_face)
 
         scheduler = FlowUniPCScheduler(shift=self.preset.shift)
@@ -148,7 +162,7 @@ class AnimatePipeline:
             latents = torch.randn(noise_shape, generator=generator, dtype=torch.float32)
 
             pose_latents = self.vae_encode(cond.to_unit_range(request.pose_frames[window]))
-            motion = self.motion_vectors(face_frames[window])
+            motion = self.motion_vectors(cond.resize_faces(request.face_frames[window], face_size))
             if guidance:
                 motion = torch.cat([motion, blank_motion])
             guides = request.guide_frames if previous is not None else 0

@@ -18,9 +18,11 @@ Animation mode needs the first three; ``src_bg.mp4`` and ``src_mask.mp4`` are no
 yet and are ignored when present.
 
 :func:`load_driving_inputs` takes either that folder or the three files given one by
-one, checks sizes and frame counts cheaply (:func:`~wan_trt.media.probe_video`) before
-decoding anything in full, and raises :class:`~wan_trt.errors.BadInputError` with one
-line naming the file and the fix for every problem it finds.
+one, checks sizes and frame counts cheaply (:func:`~wan_trt.media.open_video` decodes every
+frame once without keeping any) and raises :class:`~wan_trt.errors.BadInputError` with one
+line naming the file and the fix for every problem it finds. The videos are not held in
+memory: each is a :class:`~wan_trt.media.VideoReader` that decodes the frames a segment asks
+for, so memory does not grow with the video's length.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from wan_trt.errors import BadInputError
-from wan_trt.media import Video, VideoInfo, probe_video, read_image, read_video
+from wan_trt.media import VideoInfo, VideoReader, open_video, read_image
 
 __all__ = [
     "DrivingInputs",
     "FACE_FILE",
     "FACE_SIZE",
+    "MaskFrames",
     "POSE_FILE",
     "REF_FILE",
     "SIZE_MULTIPLE",
@@ -62,20 +65,40 @@ FACE_SIZE = 512
 _PREPROCESS_HINT = "re-run the Wan-Animate preprocessing (preprocess_data.py)"
 
 
+class MaskFrames:
+    """The replacement mask, decoded on demand: ``mask[indices]`` → ``[N, H, W]`` float32 in [0, 1].
+
+    Channel 0 of ``src_mask.mp4`` / 255, as the official code reads it (1 = the person).
+    """
+
+    def __init__(self, video: VideoReader) -> None:
+        self.video = video
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.video.shape[:3]
+
+    def __len__(self) -> int:
+        return len(self.video)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return self.video[key][..., 0].astype(np.float32) / 255.0
+
+
 @dataclass(eq=False)
 class DrivingInputs:
-    """Decoded, validated driving inputs.
+    """Validated driving inputs; the videos are readers that decode the frames asked for.
 
     ``pose`` fixes the generation size (``height`` x ``width``) and the output length
     (``num_frames``); ``face`` has exactly as many frames, square.
     """
 
     ref_image: np.ndarray  # [H, W, 3] uint8 RGB, original size
-    pose: Video
-    face: Video
+    pose: VideoReader
+    face: VideoReader
     source: str  # the folder, or the three files, for messages
-    background: Video | None = None  # replacement mode: src_bg.mp4
-    mask: np.ndarray | None = None  # replacement mode: [T, H, W] float32 in [0, 1] (channel 0 / 255; 1 = person)
+    background: VideoReader | None = None  # replacement mode: src_bg.mp4
+    mask: MaskFrames | None = None  # replacement mode: [T, H, W] float32 in [0, 1] (channel 0 / 255; 1 = person)
 
     @property
     def num_frames(self) -> int:
@@ -202,26 +225,26 @@ def load_driving_inputs(
 
     Checks, each a :class:`BadInputError` naming the file and the fix: the folder or
     paths (not both, none missing), every file present and decodable, the pose size a
-    multiple of 16, the face crops square, and pose and face frame counts equal. Sizes
-    and counts are probed before any video is decoded in full.
+    multiple of 16, the face crops square, and pose and face frame counts equal. Every
+    video is decoded once here (no frame kept); the frames themselves are decoded segment
+    by segment when the pipeline asks for them.
     """
     ref_p, pose_p, face_p, source, in_folder = _resolve_paths(folder, ref, pose, face)
     _require_file(ref_p, "reference image", REF_FILE, in_folder)
     _require_file(pose_p, "pose video", POSE_FILE, in_folder)
     _require_file(face_p, "face video", FACE_FILE, in_folder)
 
-    # Cheap checks first: probing decodes without converting or keeping frames.
-    pose_info = probe_video(pose_p, what="pose video")
-    _check_pose(pose_info, pose_p)
-    face_info = probe_video(face_p, what="face video")
-    _check_face(face_info, face_p)
-    _check_counts(pose_info.num_frames, pose_p, face_info.num_frames, face_p)
+    # Decodes every frame without keeping any; a frame that does not convert to RGB is
+    # reported after the size and count checks (in check()), as reading in full used to.
+    pose_v = open_video(pose_p, what="pose video", defer=True)
+    _check_pose(pose_v.info, pose_p)
+    face_v = open_video(face_p, what="face video", defer=True)
+    _check_face(face_v.info, face_p)
+    _check_counts(pose_v.num_frames, pose_p, face_v.num_frames, face_p)
 
     ref_image = read_image(ref_p, what="reference image")
-    pose_v = read_video(pose_p, what="pose video")
-    face_v = read_video(face_p, what="face video")
-    # A file that changed between probe and read (or a decoder that disagrees with itself).
-    _check_counts(pose_v.num_frames, pose_p, face_v.num_frames, face_p)
+    pose_v.check()
+    face_v.check()
 
     if pose_v.fps > 0 and face_v.fps > 0 and abs(pose_v.fps - face_v.fps) > 1e-3:
         log.warning(
@@ -239,8 +262,8 @@ def load_driving_inputs(
         mask_p = Path(os.fspath(mask)) if mask is not None else pose_p.with_name(MASK_FILE)
         _require_file(bg_p, "background video", BG_FILE, in_folder)
         _require_file(mask_p, "mask video", MASK_FILE, in_folder)
-        bg_v = read_video(bg_p, what="background video")
-        mask_v = read_video(mask_p, what="mask video")
+        bg_v = open_video(bg_p, what="background video")
+        mask_v = open_video(mask_p, what="mask video")
         for video, path in ((bg_v, bg_p), (mask_v, mask_p)):
             if (video.num_frames, video.height, video.width) != (pose_v.num_frames, pose_v.height, pose_v.width):
                 raise BadInputError(
@@ -248,7 +271,7 @@ def load_driving_inputs(
                     f"is {pose_v.width}x{pose_v.height} with {pose_v.num_frames}: they must match; {_PREPROCESS_HINT}"
                 )
         inputs.background = bg_v
-        inputs.mask = mask_v.frames[..., 0].astype(np.float32) / 255.0  # channel 0, as the official code reads it
+        inputs.mask = MaskFrames(mask_v)
     elif mode != "animate":
         raise BadInputError(f"--mode {mode}: choose animate or replace")
     elif in_folder:

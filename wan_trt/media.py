@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Mapping, NamedTuple, Union
+from typing import Iterator, Mapping, NamedTuple, Self, Sequence, Union
 
 import av
 import numpy as np
@@ -33,8 +33,10 @@ from wan_trt.errors import BadInputError
 __all__ = [
     "Video",
     "VideoInfo",
+    "VideoReader",
     "VideoSizeError",
     "VideoWriter",
+    "open_video",
     "probe_video",
     "read_image",
     "read_video",
@@ -286,19 +288,46 @@ def _frame_size(frame) -> tuple[int, int]:
     return int(frame.height), int(frame.width)
 
 
-def probe_video(path: PathLike, *, what: str = "video") -> VideoInfo:
-    """Frame count, size and rate, found by decoding every frame without converting or keeping it.
+def _to_rgb(frame, p: Path, what: str) -> np.ndarray:
+    try:
+        return frame.to_ndarray(format="rgb24")
+    except (av.FFmpegError, ValueError, TypeError) as exc:
+        raise _bad(
+            what, p, f"uses pixel format {frame.format.name}, which does not convert to RGB",
+            "re-encode it as yuv420p H.264",
+        ) from exc
 
-    Decoding (rather than trusting container metadata) makes the count agree with
-    :func:`read_video` and proves the file is decodable; it costs no RGB conversion and
-    no memory.
+
+def _size_change(n: int, old: tuple[int, int], new: tuple[int, int], p: Path, what: str) -> BadInputError:
+    """``old`` and ``new`` are ``(height, width)``."""
+    return _bad(what, p, f"changes size at frame {n} from {old[1]}x{old[0]} to {new[1]}x{new[0]}",
+                "re-encode it at one fixed size")
+
+
+def _scan(path: PathLike, what: str, *, check: bool) -> tuple[Path, VideoInfo, BadInputError | None]:
+    """Decode every frame without keeping it: the info, and (``check``) the first frame :func:`read_video` refuses.
+
+    With ``check``, every pixel format met is converted to RGB once and frame sizes are compared,
+    so a video that passes is one :func:`read_video` reads; the refusal is returned, not raised
+    (corruption is raised at once, as :func:`probe_video` does).
     """
     p, container, stream = _open_video(path, what)
     n = 0
     size: tuple[int, int] | None = None
     first = last = None
+    converts: str | None = None  # the last pixel format proven to convert to RGB
+    problem: BadInputError | None = None
     with container:
         for frame in _decoded_frames(container, stream, p, what):
+            if check and problem is None:
+                try:
+                    if frame.format.name != converts:
+                        _to_rgb(frame, p, what)
+                        converts = frame.format.name
+                    if size is not None and _frame_size(frame) != size:
+                        raise _size_change(n, size, _frame_size(frame), p, what)
+                except BadInputError as exc:
+                    problem = exc
             if size is None:
                 size = _frame_size(frame)
                 first = frame.time
@@ -309,7 +338,17 @@ def probe_video(path: PathLike, *, what: str = "video") -> VideoInfo:
     assert size is not None
     info = VideoInfo(num_frames=n, height=size[0], width=size[1], fps=fps)
     log.debug("probed %s %s: %d frames %dx%d @ %.3f fps", what, _q(p), n, size[1], size[0], fps)
-    return info
+    return p, info, problem
+
+
+def probe_video(path: PathLike, *, what: str = "video") -> VideoInfo:
+    """Frame count, size and rate, found by decoding every frame without converting or keeping it.
+
+    Decoding (rather than trusting container metadata) makes the count agree with
+    :func:`read_video` and proves the file is decodable; it costs no RGB conversion and
+    no memory.
+    """
+    return _scan(path, what, check=False)[1]
 
 
 def read_video(path: PathLike, *, what: str = "video", max_frames: int | None = None) -> Video:
@@ -323,13 +362,7 @@ def read_video(path: PathLike, *, what: str = "video", max_frames: int | None = 
     with container:
         hint = int(stream.frames or 0)
         for frame in _decoded_frames(container, stream, p, what):
-            try:
-                rgb = frame.to_ndarray(format="rgb24")
-            except (av.FFmpegError, ValueError, TypeError) as exc:
-                raise _bad(
-                    what, p, f"uses pixel format {frame.format.name}, which does not convert to RGB",
-                    "re-encode it as yuv420p H.264",
-                ) from exc
+            rgb = _to_rgb(frame, p, what)
             if buf is None:
                 # Preallocate from the container's frame count (usually exact for mp4), but
                 # never more than ~4 GiB on its word alone; growing covers any undercount.
@@ -339,11 +372,7 @@ def read_video(path: PathLike, *, what: str = "video", max_frames: int | None = 
                 buf = np.empty((cap,) + rgb.shape, dtype=np.uint8)
                 first = frame.time
             elif rgb.shape != buf.shape[1:]:
-                raise _bad(
-                    what, p,
-                    f"changes size at frame {n} from {buf.shape[2]}x{buf.shape[1]} to {rgb.shape[1]}x{rgb.shape[0]}",
-                    "re-encode it at one fixed size",
-                )
+                raise _size_change(n, buf.shape[1:3], rgb.shape[:2], p, what)
             if n == buf.shape[0]:  # metadata undercounted: grow geometrically
                 grow = max(16, n // 2)
                 if max_frames is not None:
@@ -360,6 +389,152 @@ def read_video(path: PathLike, *, what: str = "video", max_frames: int | None = 
     frames = buf if n == buf.shape[0] else buf[:n].copy()
     log.debug("read %s %s: %d frames %dx%d @ %.3f fps", what, _q(p), n, frames.shape[2], frames.shape[1], fps)
     return Video(frames=frames, fps=fps)
+
+
+# --------------------------------------------------------------------------- lazy reading
+
+
+class VideoReader:
+    """A checked video whose frames are decoded on demand: ``reader[indices]`` → ``[N, H, W, 3]`` uint8.
+
+    Made by :func:`open_video`, which decodes the whole file once (without keeping frames) to
+    learn its size, count and rate and to prove every frame converts to RGB. Afterwards
+    ``reader[[i, j, ...]]`` (also an int, a slice or a ``range``) decodes forward from where the
+    last request stopped and returns a read-only array; the frames of the last request stay
+    available, and an index before both re-opens the file and decodes again from the start. Memory is thus bounded by the
+    frames of one request, whatever the video's length, and the pixels are exactly those of
+    :func:`read_video` (the same decoder, frame by frame in the same order).
+    ``frames`` decodes the whole video (for short clips and callers that want an array).
+    """
+
+    def __init__(self, path: Path, info: VideoInfo, what: str, problem: BadInputError | None = None) -> None:
+        self.path, self.info, self.what = path, info, what
+        self.problem = problem  # a frame read_video would refuse; raised by check()
+        self._container = None
+        self._decoded: Iterator | None = None
+        self._next = 0  # index of the frame the decoder yields next
+        self._kept: dict[int, np.ndarray] = {}  # the frames of the last request
+
+    # -- what Video offers
+    @property
+    def num_frames(self) -> int:
+        return self.info.num_frames
+
+    @property
+    def height(self) -> int:
+        return self.info.height
+
+    @property
+    def width(self) -> int:
+        return self.info.width
+
+    @property
+    def fps(self) -> float:
+        return self.info.fps
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.num_frames, self.height, self.width, 3)
+
+    @property
+    def frames(self) -> np.ndarray:
+        """Every frame, ``[T, H, W, 3]`` uint8, a new writable array (memory grows with the length: prefer indexing)."""
+        return self._take(list(range(self.num_frames)), keep=False)
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def check(self) -> None:
+        """Raise the refusal :func:`read_video` would raise for this file, if any."""
+        if self.problem is not None:
+            raise self.problem
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[[int(key)]][0]
+        indices = range(self.num_frames)[key] if isinstance(key, slice) else [int(i) for i in np.asarray(key).ravel()]
+        n = self.num_frames
+        for i in indices:
+            if not -n <= i < n:
+                raise IndexError(f"frame {i} is out of range for {self.what} {_q(self.path)} with {n} frames")
+        return self._take([i % n for i in indices])
+
+    def _take(self, indices: list[int], keep: bool = True) -> np.ndarray:
+        at: dict[int, list[int]] = {}  # frame index -> its positions in the result
+        for k, i in enumerate(indices):
+            at.setdefault(i, []).append(k)
+        # Copy what the last request already has, then let go of its array before allocating this one.
+        reused = {i: f.copy() for i, f in self._kept.items() if i in at} if keep else {}
+        self._kept = {}
+        out = np.empty((len(indices), self.height, self.width, 3), dtype=np.uint8)
+        for i, frame in reused.items():
+            out[at[i]] = frame
+        missing = sorted(at.keys() - reused.keys())
+        del reused
+        if missing:
+            if self._decoded is None or missing[0] < self._next:
+                self._restart()
+            todo, last = set(missing), missing[-1]
+            while self._next <= last:
+                frame = next(self._decoded, None)
+                if frame is None:
+                    raise self._changed(f"it now ends after {self._next} frames")
+                index = self._next
+                self._next += 1
+                if index in todo:
+                    rgb = _to_rgb(frame, self.path, self.what)
+                    if rgb.shape != (self.height, self.width, 3):
+                        raise self._changed(f"frame {index} is now {rgb.shape[1]}x{rgb.shape[0]}")
+                    out[at[index]] = rgb
+        if keep:  # views, so nothing beyond the returned array is held; read-only, so they stay the file's pixels
+            out.flags.writeable = False
+            self._kept = {i: out[ks[0]] for i, ks in at.items()}
+        return out
+
+    def _restart(self) -> None:
+        self.close()
+        self.path, self._container, stream = _open_video(self.path, self.what)
+        self._decoded = _decoded_frames(self._container, stream, self.path, self.what)
+        self._next = 0
+
+    def _changed(self, how: str) -> BadInputError:
+        return _bad(self.what, self.path, f"changed while it was being read ({how}; it had {self.num_frames} "
+                    f"frames of {self.width}x{self.height})", "do not modify the inputs during a run")
+
+    def close(self) -> None:
+        """Close the decoder (a later request re-opens the file)."""
+        if self._decoded is not None:
+            self._decoded.close()
+            self._decoded = None
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+        self._next = 0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_video(path: PathLike, *, what: str = "video", defer: bool = False) -> VideoReader:
+    """Check a video in full (every frame decoded, none kept) and return a :class:`VideoReader` on it.
+
+    Every refusal :func:`read_video` would make is made here, before any frame is kept; with
+    ``defer`` the one :func:`probe_video` would not make (a pixel format that does not convert
+    to RGB, a size change) waits in the reader until :meth:`VideoReader.check`, so callers can
+    keep the order of their checks.
+    """
+    p, info, problem = _scan(path, what, check=True)
+    reader = VideoReader(p, info, what, problem)
+    if not defer:
+        reader.check()
+    return reader
 
 
 # --------------------------------------------------------------------------- writing

@@ -18,6 +18,17 @@ from typing import Any
 from wan_trt.errors import BadInputError
 
 DEFAULT_PROMPT = "视频中的人在做动作"  # the official default: "the person in the video is doing actions"
+#: The official Wan 2.x negative prompt (``sample_neg_prompt`` in Wan2.2's ``wan/configs/shared_config.py``):
+#: garish colours, overexposure, static or blurry frames, subtitles, grey cast, worst/low quality, JPEG
+#: artefacts, ugly or incomplete bodies, extra or fused fingers, badly drawn hands and faces, deformed
+#: limbs, messy backgrounds, three legs, crowds in the background, walking backwards. The official
+#: ``wan/animate.py`` uses it when no negative prompt is given; wan-trt's default stays "" (as diffusers'
+#: ``WanAnimatePipeline``). It only matters with classifier-free guidance (``--guidance-scale`` > 1).
+OFFICIAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
 TEXT_TOKENS = 512  # umT5 context, zero-padded; the DiT splits image from text context at len - 512
 CLIP_IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
