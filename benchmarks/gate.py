@@ -1,0 +1,59 @@
+"""Latency regression gate: a run against a committed baseline of the same device kind, by ratios.
+
+A gate spec names metrics inside the results JSON (dotted paths) that are *ratios* (machine speed
+cancels out: overhead per bare-engine time, fast/baseline forward time). A metric fails when
+``run / baseline > 1 + tolerance``. Absolute seconds are never compared across machines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+CPU_OVERHEAD_METRICS = ("overhead_ratio",)
+CPU_TOLERANCE = 0.75  # fail past 1.75× the baseline ratio: a 2× slowdown of the runtime overhead fails
+GPU_TOLERANCE = 0.10
+GPU_METRICS = ("dit.sizes.1280x720.fast_fp8.ratio_to_baseline", "dit.sizes.832x480.fast_fp8.ratio_to_baseline")
+
+
+@dataclass
+class GateRow:
+    metric: str
+    baseline: float
+    run: float
+    limit: float
+
+    @property
+    def ratio(self) -> float:
+        return self.run / self.baseline
+
+    @property
+    def ok(self) -> bool:
+        return self.ratio <= self.limit
+
+
+def lookup(data: dict[str, Any], path: str) -> float:
+    value: Any = data
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise KeyError(f"metric '{path}' is missing ('{part}' not found)")
+        value = value[part]
+    return float(value)
+
+
+def check(run: dict[str, Any], baseline: dict[str, Any], metrics: tuple[str, ...], tolerance: float,
+          device_key: str | None = None) -> list[GateRow]:
+    """One row per metric; raises ValueError when the two results come from different device kinds."""
+    if device_key is not None:
+        got, want = run.get("env", {}).get(device_key), baseline.get("env", {}).get(device_key)
+        if got != want:
+            raise ValueError(f"baseline is for {device_key}={want!r}, this run is {got!r}: compare like with like")
+    return [GateRow(m, lookup(baseline, m), lookup(run, m), 1.0 + tolerance) for m in metrics]
+
+
+def report(rows: list[GateRow]) -> str:
+    lines = [f"{'metric':<58} {'baseline':>10} {'run':>10} {'ratio':>7} {'limit':>6}  result"]
+    for r in rows:
+        lines.append(f"{r.metric:<58} {r.baseline:>10.4g} {r.run:>10.4g} {r.ratio:>7.3f} {r.limit:>6.2f}  "
+                     f"{'ok' if r.ok else 'FAIL'}")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""The latency regression gate (benchmarks/gate.py) and the CPU runtime-overhead measurement.
+
+The gate compares ratios (runtime overhead per step / bare engine time per step), never absolute
+seconds. Proven here: it passes a measurement against itself and FAILS the same measurement with
+the runtime overhead made 2× slower; the real tiny-preset measurement passes against the committed
+CPU baseline (generous tolerance, medians over many steps).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gate
+from benchmarks.cpu_overhead import measure_overhead, slowed, summarize_overhead
+
+BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "cpu_overhead_baseline.json"
+
+
+def _synthetic(overhead: float = 0.5, engine: float = 20.0, n: int = 24) -> dict:
+    samples = [overhead * (1 + 0.01 * (i % 5)) for i in range(n)]
+    return summarize_overhead(samples, [engine] * n, {"synthetic": True})
+
+
+def test_gate_passes_same_and_fails_2x_slowdown():
+    base = _synthetic()
+    assert all(r.ok for r in gate.check(base, base, gate.CPU_OVERHEAD_METRICS, gate.CPU_TOLERANCE))
+    rows = gate.check(slowed(base, 2.0), base, gate.CPU_OVERHEAD_METRICS, gate.CPU_TOLERANCE)
+    assert not any(r.ok for r in rows) and rows[0].ratio == pytest.approx(2.0)
+    assert "FAIL" in gate.report(rows)
+
+
+def test_gate_is_speed_independent():
+    """A machine twice as slow overall (engine and overhead) gives the same ratio: the gate passes."""
+    base = _synthetic()
+    slower_machine = summarize_overhead([x * 2 for x in base["overhead_samples_ms"]],
+                                        [x * 2 for x in base["engine_samples_ms"]], base["config"])
+    assert all(r.ok for r in gate.check(slower_machine, base, gate.CPU_OVERHEAD_METRICS, gate.CPU_TOLERANCE))
+
+
+def test_gate_refuses_other_device_kind_and_missing_metric():
+    a = {"env": {"gpu": "NVIDIA H100 80GB HBM3"}, "x": {"y": 1.0}}
+    b = {"env": {"gpu": "NVIDIA H200"}, "x": {"y": 1.0}}
+    with pytest.raises(ValueError, match="like with like"):
+        gate.check(a, b, ("x.y",), 0.1, device_key="gpu")
+    with pytest.raises(KeyError, match="missing"):
+        gate.check(a, a, ("x.z",), 0.1)
+
+
+def test_committed_gpu_results_pass_their_gate():
+    """The committed H100 run gates against itself; its FP8 ratio 2× worse would fail."""
+    path = BASELINE.parent / "gpu_h100.json"
+    if not path.is_file():
+        pytest.skip("no committed GPU results yet (benchmarks/results/gpu_h100.json)")
+    data = json.loads(path.read_text())
+    metrics = tuple(m for m in gate.GPU_METRICS if _has(data, m))
+    assert metrics, "the committed GPU results hold none of the gated metrics"
+    assert all(r.ok for r in gate.check(data, data, metrics, gate.GPU_TOLERANCE, device_key="gpu"))
+    worse = json.loads(json.dumps(data))
+    for m in metrics:
+        _scale(worse, m, 2.0)
+    assert not any(r.ok for r in gate.check(worse, data, metrics, gate.GPU_TOLERANCE, device_key="gpu"))
+
+
+def _has(data: dict, path: str) -> bool:
+    try:
+        gate.lookup(data, path)
+        return True
+    except KeyError:
+        return False
+
+
+def _scale(data: dict, path: str, factor: float) -> None:
+    *parents, last = path.split(".")
+    for p in parents:
+        data = data[p]
+    data[last] *= factor
+
+
+@pytest.mark.slow
+def test_cpu_overhead_gate_on_real_timings():
+    """Measured now (tiny preset, torch engines, 12 steps × 3 runs + a warm-up run) against the committed
+    baseline: passes; the same measurement with its overhead doubled fails."""
+    baseline = json.loads(BASELINE.read_text())
+    run = measure_overhead(steps=12, runs=3)
+    assert run["samples"] >= 30
+    rows = gate.check(run, baseline, gate.CPU_OVERHEAD_METRICS, gate.CPU_TOLERANCE)
+    assert all(r.ok for r in rows), gate.report(rows)
+    assert not any(r.ok for r in gate.check(slowed(run, 2.0), run, gate.CPU_OVERHEAD_METRICS, gate.CPU_TOLERANCE))

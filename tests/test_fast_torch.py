@@ -1,0 +1,247 @@
+"""The fast PyTorch path (runtime/fast_torch.py) on the CPU: its math against the references.
+
+What needs a GPU (cuDNN FP8 attention, torch.compile'd glue, the speed) is measured by
+``python -m benchmarks.run gpu`` on the H100 (results in benchmarks/results/). Here, in fp32 so that
+only the quantization differs: the FP8 ``_scaled_mm`` Linear = the fake-quant Linear the Q/DQ graph
+is proven against, the fast DiT = ``TransformerGraph`` (bf16 Linears) and = the fake-quant DiT (FP8).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import fresh_reference_models
+from wan_trt.calibration.cache import CalibrationCache, LayerStats
+from wan_trt.calibration.policy import PrecisionPolicy, load_policy
+from wan_trt.calibration.quantize import (
+    FakeQuantLinear,
+    apply_fake_quant,
+    linear_layers,
+    make_plan,
+)
+from wan_trt.runtime import fast_torch as ft
+
+from wan_trt.components import segment_sizes
+from wan_trt.errors import BadInputError, EngineError
+from wan_trt.metrics import relative_l2
+
+SCALED_MM_ON_CPU = True
+try:
+    torch._scaled_mm(torch.zeros(16, 16).to(ft.FP8), torch.zeros(16, 16).to(ft.FP8).t(), torch.ones(16, 1),
+                     torch.ones(1, 16), out_dtype=torch.float32)
+except (RuntimeError, NotImplementedError):
+    SCALED_MM_ON_CPU = False
+needs_scaled_mm = pytest.mark.skipif(not SCALED_MM_ON_CPU, reason="this torch has no CPU torch._scaled_mm")
+# the tiny DiT has 10 blocks: keep 1 first and 1 last in high precision so that 8 blocks are quantized
+TINY_POLICY = PrecisionPolicy(1, 1, load_policy().block_layers, "test")
+
+
+def _graph(seed: int = 0):
+    from wan_trt.export.graphs import TransformerGraph
+
+    return TransformerGraph(fresh_reference_models(seed).transformer).eval()
+
+
+def _feed(graph, seed: int = 0, batch: int = 1) -> tuple[torch.Tensor, ...]:
+    rng = np.random.default_rng(seed)
+    tr = graph.transformer.config
+    sizes = segment_sizes(9, 32, 48, batch=batch)
+    f, h, w = sizes["F"], 2 * sizes["h2"], 2 * sizes["w2"]
+    return (torch.from_numpy(rng.standard_normal((batch, tr.in_channels, f + 1, h, w), dtype=np.float32)),
+            torch.full((batch,), 700.0),
+            torch.from_numpy(rng.standard_normal((batch, 512, tr.text_dim), dtype=np.float32)),
+            torch.from_numpy(rng.standard_normal((batch, 257, tr.image_dim), dtype=np.float32)),
+            torch.from_numpy(rng.standard_normal((batch, 16, f, h, w), dtype=np.float32)),
+            torch.from_numpy(rng.standard_normal((batch, 4 * f - 3, tr.motion_encoder_dim), dtype=np.float32)))
+
+
+def _calibrated_plan(graph, feed):
+    quantized = {p: m for p, m in linear_layers(graph).items() if p in set(TINY_POLICY.quantized_layers(10))}
+    observer = ft.AmaxObserver(quantized)
+    with torch.no_grad():
+        graph(*feed)
+    amax = observer.remove()
+    return amax, ft.fp8_plan(linear_layers(graph), amax, TINY_POLICY, 10)
+
+
+@needs_scaled_mm
+def test_fp8_linear_equals_fake_quant_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 80)
+    x = torch.randn(3, 50, 96) * 2.5
+    layer = ft.fp8_plan({"l": linear}, {"l": float(x.abs().max())}, _OnePolicy("l"), 1).layers["l"]
+    fast = ft.Fp8Linear.from_linears([linear], [layer], out_dtype=torch.float32)
+    want = FakeQuantLinear(linear, layer, "fp8")(x)
+    got = fast(x)
+    assert got.shape == want.shape
+    assert relative_l2(got.detach(), want.detach()) <= 1e-6
+    # and the quantization is real: FP8 differs from the plain fp32 Linear by about E4M3's precision
+    assert 1e-3 < relative_l2(got.detach(), linear(x).detach()) < 0.1
+
+
+class _OnePolicy:
+    source = "test"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def quantized_layers(self, num_blocks: int) -> list[str]:
+        return [self.path]
+
+
+def test_fp8_plan_equals_make_plan():
+    graph = _graph()
+    linears = linear_layers(graph)
+    rng = np.random.default_rng(3)
+    paths = TINY_POLICY.quantized_layers(10)
+    cache = CalibrationCache("w", "tiny", "max", ["s"], 1,
+                             {p: LayerStats(float(rng.uniform(0.5, 9.0)), []) for p in paths})
+    want = make_plan(linears, cache, TINY_POLICY, "fp8", 10)
+    got = ft.fp8_plan(linears, {p: s.amax for p, s in cache.layers.items()}, TINY_POLICY, 10)
+    assert set(got.layers) == set(want.layers) and len(got.layers) == 8 * 12
+    for path, layer in want.layers.items():
+        assert got.layers[path].act_scale == layer.act_scale
+        np.testing.assert_array_equal(got.layers[path].weight_scale, layer.weight_scale)
+
+
+def test_fast_dit_bf16_linears_equals_transformer_graph():
+    """No plan: the fast block math (fused glue functions, SDPA) = the exported graph module, in fp32."""
+    graph = _graph()
+    feed = _feed(graph, seed=1, batch=2)
+    with torch.no_grad():
+        want = graph(*feed)[0]
+    fast = ft.FastTransformer(graph, None, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    got = fast(*feed)[0]
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert relative_l2(got, want) <= 1e-5
+
+
+@needs_scaled_mm
+def test_fast_dit_fp8_equals_fake_quant_dit():
+    """FP8 plan: the fast DiT (_scaled_mm, fused q|k|v, quantization fused into the glue) = the fake-quant DiT."""
+    graph = _graph()
+    feed = _feed(graph, seed=2)
+    _, plan = _calibrated_plan(graph, feed)
+    reference = apply_fake_quant(copy.deepcopy(graph), plan)
+    with torch.no_grad():
+        want = reference(*feed)[0]
+        fp32 = graph(*feed)[0]
+    fast = ft.FastTransformer(graph, plan, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    assert sum(ops.qkv is not None for ops in fast.block_ops) == 8
+    got = fast(*feed)[0]
+    assert relative_l2(got, want) <= 1e-4
+    assert relative_l2(got, fp32) > 1e-4  # FP8 changed something: the comparison above is not vacuous
+
+
+@needs_scaled_mm
+def test_release_bf16_keeps_the_function_and_drops_the_weights():
+    graph = _graph()
+    feed = _feed(graph, seed=4)
+    _, plan = _calibrated_plan(graph, feed)
+    options = ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32)
+    want = ft.FastTransformer(copy.deepcopy(graph), plan, options)(*feed)[0]
+    fast = ft.FastTransformer(graph, plan, options, release_bf16=True)
+    assert isinstance(graph.transformer.blocks[4].ffn.net[2], torch.nn.Identity)
+    assert isinstance(graph.transformer.blocks[0].ffn.net[2], torch.nn.Linear)  # kept block
+    assert torch.equal(fast(*feed)[0], want)
+
+
+def test_quant_dynamic_round_trip():
+    x = torch.randn(2, 40, 3, 16) * 7
+    q, descale = ft.quant_dynamic(x)
+    assert q.dtype == ft.FP8 and descale.shape == (1, 1, 1, 1)
+    assert float(q.float().abs().max()) == ft.FP8_MAX  # the amax lands on the top of the range
+    assert relative_l2(q.float() * descale, x) < 2 ** -4
+
+
+def test_to_inference_dtype_keeps_named_modules_fp32():
+    model = fresh_reference_models().transformer
+    ft.to_inference_dtype(model, torch.bfloat16, tuple(model._keep_in_fp32_modules))
+    assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert model.blocks[0].scale_shift_table.dtype == torch.float32
+    assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
+    assert model.motion_encoder.motion_synthesis_weight.dtype == torch.float32
+
+
+def test_fast_refuses_other_backends_and_cpu():
+    from wan_trt.runtime.loading import load_engines
+
+    with pytest.raises(BadInputError, match="--backend torch"):
+        load_engines(None, None, "onnxruntime", fast=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match="CUDA GPU"):
+            ft.fast_torch_engines(None, "cpu", None)
+
+
+def test_fast_refuses_int8_plans():
+    graph = _graph()
+    plan = ft.fp8_plan(linear_layers(graph), {p: 1.0 for p in TINY_POLICY.quantized_layers(10)}, TINY_POLICY, 10)
+    plan.precision = "int8"
+    with pytest.raises(EngineError, match="FP8 plans only"):
+        ft.FastTransformer(graph, plan, ft.FastOptions(compile=False))
+
+
+def test_meta_built_transformer_runs():
+    """benchmarks/models.py: meta construction + on-device init gives a complete, finite model (tiny, CPU)."""
+    from wan_trt.export.graphs import TransformerGraph
+
+    from benchmarks.models import build_transformer
+    from wan_trt.presets import get_preset
+
+    model = build_transformer(get_preset("tiny"), device="cpu", dtype=torch.float32)
+    assert not any(p.is_meta for p in model.parameters())
+    graph = TransformerGraph(model)
+    with torch.no_grad():
+        out = graph(*_feed(graph, seed=5))[0]
+    assert torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def test_qk_norm_rope_fp8_equals_quantized_qk_norm_rope():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 30, 24) for _ in range(3))
+    wq, wk = torch.rand(24) + 0.5, torch.rand(24) + 0.5
+    cos, sin = torch.randn(1, 30, 1, 12), torch.randn(1, 30, 1, 12)
+    inv = torch.tensor([40.0, 60.0, 100.0])
+    q8, k8, v8 = ft.qk_norm_rope_fp8(q, k, v, wq, wk, 1e-6, 2, cos, sin, inv)
+    qr, kr = ft.qk_norm_rope(q, k, wq, wk, 1e-6, 2, cos, sin)
+    assert torch.equal(q8.view(torch.uint8), ft.quantize_fp8(qr, 1 / 40.0).view(torch.uint8))
+    assert torch.equal(k8.view(torch.uint8), ft.quantize_fp8(kr, 1 / 60.0).view(torch.uint8))
+    assert torch.equal(v8.view(torch.uint8), ft.quantize_fp8(v.unflatten(-1, (2, -1)), 1 / 100.0).view(torch.uint8))
+
+
+def test_decode_streamed_equals_decoder_graphs():
+    """The in-place-cache decode (fast path's VAE) = the vae_decoder_first/step graphs over 3 latent frames."""
+    from wan_trt.export.graphs import VaeDecoderFirst, VaeDecoderStep
+
+    vae = fresh_reference_models().vae
+    first, step = VaeDecoderFirst(vae).eval(), VaeDecoderStep(vae).eval()
+    latents = torch.randn(1, 16, 3, 6, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        outs = first(latents[:, :, :1])
+        chunks, caches = [outs[0]], outs[1:]
+        for i in range(1, 3):
+            outs = step(latents[:, :, i:i + 1], *caches)
+            chunks.append(outs[0])
+            caches = outs[1:]
+    want = torch.cat(chunks, dim=2)
+    got = torch.cat(list(ft.decode_streamed(vae, latents)), dim=2)
+    assert got.shape == want.shape == (1, 3, 9, 48, 64)
+    assert relative_l2(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("extra", [["--backend", "onnxruntime", "--device", "cuda"], ["--backend", "torch"]])
+def test_infer_fast_needs_torch_backend_on_cuda(tmp_path, extra):
+    """`infer --fast` with another backend or on the CPU: one line naming the fix, exit 2, nothing written."""
+    from click.testing import CliRunner
+
+    from wan_trt.cli import main
+
+    out = tmp_path / "out.mp4"
+    result = CliRunner().invoke(main, ["infer", "--engines", str(tmp_path / "engines"), "--input", str(tmp_path),
+                                       "--out", str(out), "--fast", *extra])
+    assert result.exit_code == 2, result.output
+    assert "--fast runs on --backend torch --device cuda" in result.output
+    assert not out.exists()
