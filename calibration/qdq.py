@@ -10,6 +10,8 @@ Per quantized Linear (an ONNX MatMul with a constant weight, or a Gemm):
 activation → [Mul 1/s (INT8 SmoothQuant)] → QuantizeLinear → DequantizeLinear → MatMul;
 weight stored as an FP8 E4M3 / INT8 initializer → DequantizeLinear (per output channel) → MatMul.
 Opset 19 (FLOAT8E4M3FN needs it). TensorRT's strongly typed mode compiles exactly these dtypes.
+In an fp16/bf16 graph the scales (and the SmoothQuant factors) are tensors of the graph's type, so
+activations are quantized from and weights dequantized to that type (the plan holds rounded values).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def module_path(node: onnx.NodeProto) -> str | None:
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             scopes = ast.literal_eval(prop.value)
-            return scopes[-2] if len(scopes) >= 2 else None
+            if len(scopes) < 2:
+                return None
+            path = scopes[-2]
+            return path.removeprefix("inner.")  # a half-precision wrapper's graph (export.precision)
     return None
 
 
@@ -71,18 +76,19 @@ def write_qdq(src: Path, dst: Path, plan: QuantPlan) -> QdqSummary:
             nodes_out.append(node)
             continue
         tag = path.replace(".", "_")
+        float_type = inits[node.input[1]].data_type  # FLOAT, FLOAT16 or BFLOAT16: the scales' type
         weight = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
         trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
         w_in_out = weight.T if trans_b else weight  # [in, out]
         activation = node.input[0]
         if layer.smooth is not None:
             w_in_out = w_in_out * layer.smooth[:, None]
-            inv = numpy_helper.from_array((1.0 / layer.smooth).astype(np.float32), f"{tag}_inv_smooth")
+            inv = _float_tensor(layer.inv_smooth, float_type, f"{tag}_inv_smooth")
             new_inits.append(inv)
             nodes_out.append(helper.make_node("Mul", [activation, inv.name], [f"{tag}_smoothed"], name=f"{tag}_smooth"))
             activation = f"{tag}_smoothed"
         # activation Q/DQ (per tensor)
-        a_scale = numpy_helper.from_array(np.array(layer.act_scale, dtype=np.float32), f"{tag}_act_scale")
+        a_scale = _float_tensor(np.array(layer.act_scale, dtype=np.float32), float_type, f"{tag}_act_scale")
         a_zero = helper.make_tensor(f"{tag}_act_zero", zero_type, [], [0])
         new_inits += [a_scale, a_zero]
         nodes_out.append(helper.make_node("QuantizeLinear", [activation, a_scale.name, a_zero.name], [f"{tag}_act_q"],
@@ -96,7 +102,7 @@ def write_qdq(src: Path, dst: Path, plan: QuantPlan) -> QdqSummary:
         scale_shape = (-1, 1) if trans_b else (1, -1)
         q = _quantize_array(stored, w_scale.reshape(scale_shape), precision)
         w_q = numpy_helper.from_array(q, f"{tag}_weight_q") if precision == "int8" else _fp8_tensor(q, f"{tag}_weight_q")
-        w_s = numpy_helper.from_array(w_scale, f"{tag}_weight_scale")
+        w_s = _float_tensor(w_scale, float_type, f"{tag}_weight_scale")
         w_zero = helper.make_tensor(f"{tag}_weight_zero", zero_type, [len(w_scale)], [0] * len(w_scale))
         new_inits += [w_q, w_s, w_zero]
         nodes_out.append(helper.make_node("DequantizeLinear", [w_q.name, w_s.name, w_zero.name], [f"{tag}_weight_dq"],
@@ -120,6 +126,15 @@ def write_qdq(src: Path, dst: Path, plan: QuantPlan) -> QdqSummary:
     onnx.save(model, str(dst))
     log.info("wrote %s Q/DQ for %d layers to %s", precision, len(done), dst)
     return QdqSummary(quantized=list(done), activation_tensors=done)
+
+
+def _float_tensor(values: np.ndarray, data_type: int, name: str) -> onnx.TensorProto:
+    """An initializer of ``data_type`` (FLOAT/FLOAT16/BFLOAT16) holding float32 ``values`` (already rounded)."""
+    values = np.asarray(values, dtype=np.float32)
+    if data_type == TensorProto.FLOAT:
+        return numpy_helper.from_array(values, name)
+    numpy_type = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}[data_type]
+    return numpy_helper.from_array(values.astype(numpy_type), name)
 
 
 def _fp8_tensor(values: np.ndarray, name: str) -> onnx.TensorProto:

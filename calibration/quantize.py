@@ -10,6 +10,9 @@ module used to prove that graph. Per layer:
   the activation and multiply the weight before quantizing (the product is unchanged).
 
 FP8 E4M3: qmax 448, round to nearest even, saturating. INT8: symmetric, qmax 127, zero point 0.
+
+In a graph whose high-precision part is fp16/bf16 the scales are tensors of that type, so the plan
+rounds them to it (``scale_dtype``) and the fake-quant uses exactly the rounded values.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class LayerPlan:
     path: str
     act_scale: float  # per tensor
     weight_scale: np.ndarray  # [out] float32
-    smooth: np.ndarray | None  # [in] float32: x is divided by it, W multiplied (INT8 SmoothQuant)
+    smooth: np.ndarray | None  # [in] float32: W is multiplied by it (INT8 SmoothQuant) ...
+    inv_smooth: np.ndarray | None = None  # [in] ... and x by this, its inverse as the graph holds it
 
 
 @dataclass
@@ -41,10 +45,17 @@ class QuantPlan:
     precision: str
     layers: dict[str, LayerPlan]
     alpha: float | None = None
+    scale_dtype: str = "fp32"  # the float type of the scales in the graph (its high-precision type)
+
+
+def _round_to(values: np.ndarray | float, dtype: str) -> np.ndarray:
+    """Round float32 values to ``dtype`` (fp32/fp16/bf16) and back: what a scale initializer holds."""
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    return torch.as_tensor(np.asarray(values, dtype=np.float32)).to(torch_dtype).to(torch.float32).numpy()
 
 
 def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, policy: PrecisionPolicy,
-              precision: str, num_blocks: int, alpha: float = 0.5) -> QuantPlan:
+              precision: str, num_blocks: int, alpha: float = 0.5, scale_dtype: str = "fp32") -> QuantPlan:
     """Scales for every layer the policy quantizes, from calibrated activation ranges and the weights."""
     if precision not in QMAX:
         raise BadInputError(f"--precision {precision}: quantized precisions are {', '.join(QMAX)}")
@@ -57,17 +68,20 @@ def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, poli
         if stats is None:
             raise BadInputError(f"calibration cache has no statistics for {path}: re-run wan-trt calibrate")
         weight = linears[path].weight.detach().to(torch.float32).numpy()  # [out, in]
-        smooth = None
+        smooth = inverse = None
         act_amax = stats.amax
         if precision == "int8":
             channel = np.maximum(np.asarray(stats.channel_amax, dtype=np.float64), _TINY)
             w_channel = np.maximum(np.abs(weight).max(axis=0).astype(np.float64), _TINY)
-            smooth = (channel**alpha / w_channel ** (1.0 - alpha)).astype(np.float32)
-            act_amax = float(np.max(channel / smooth))
+            # the graph multiplies x by 1/s held in scale_dtype: make s the exact inverse of that value
+            inverse = _round_to((w_channel ** (1.0 - alpha) / channel**alpha).astype(np.float32), scale_dtype)
+            smooth = (1.0 / inverse.astype(np.float64)).astype(np.float32)
+            act_amax = float(np.max(channel * inverse))
             weight = weight * smooth[None, :]
         w_amax = np.maximum(np.abs(weight).max(axis=1), _TINY)
-        layers[path] = LayerPlan(path, float(max(act_amax, _TINY) / qmax), (w_amax / qmax).astype(np.float32), smooth)
-    return QuantPlan(precision, layers, alpha if precision == "int8" else None)
+        act_scale = float(_round_to(max(act_amax, _TINY) / qmax, scale_dtype))
+        layers[path] = LayerPlan(path, act_scale, _round_to(w_amax / qmax, scale_dtype), smooth, inverse)
+    return QuantPlan(precision, layers, alpha if precision == "int8" else None, scale_dtype)
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, precision: str) -> torch.Tensor:
@@ -96,12 +110,14 @@ class FakeQuantLinear(torch.nn.Module):
         self.precision, self.act_scale = precision, layer.act_scale
         self.register_buffer("weight", quantized_weight(linear.weight, layer, precision))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self.register_buffer("inv_smooth", None if layer.smooth is None else torch.from_numpy(1.0 / layer.smooth))
+        self.register_buffer("inv_smooth", None if layer.inv_smooth is None else torch.from_numpy(layer.inv_smooth))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, x = x.dtype, x.to(torch.float32)  # quantized math in fp32; the result in the graph's dtype
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
-        return torch.nn.functional.linear(fake_quant(x, self.act_scale, self.precision), self.weight, self.bias)
+        bias = None if self.bias is None else self.bias.to(torch.float32)
+        return torch.nn.functional.linear(fake_quant(x, self.act_scale, self.precision), self.weight, bias).to(dtype)
 
 
 def apply_fake_quant(module: torch.nn.Module, plan: QuantPlan) -> torch.nn.Module:

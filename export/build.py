@@ -20,9 +20,12 @@ from wan_trt import __version__
 from wan_trt.components import GraphSpec, graph_specs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.metrics import relative_l2
-from wan_trt.calibration.quantized import ACCURACY_FILE, QDQ_TOLERANCE, QuantizationRequest, QuantizedTransformer
+from wan_trt.calibration.quantized import QDQ_TOLERANCE, QuantizationRequest, QuantizedTransformer
+from wan_trt.export.accuracy import ACCURACY_FILE, Fp32Reference, write_accuracy
 from wan_trt.export.graphs import cache_layouts, graph_modules
 from wan_trt.export.onnx_export import EXPORT_SIZES, export_graph
+from wan_trt.export.precision import (FLOAT_PRECISIONS, HALF_QDQ_TOLERANCE, HALF_TOLERANCE, HalfPrecisionGraph,
+                                      as_fp32_graph, graph_dtypes, onnx_float_types)
 from wan_trt.export.tensorrt import TrtOptions, build_tensorrt_engines, current_environment
 from wan_trt.presets import Preset
 from wan_trt.reference_models import build_reference_models
@@ -37,6 +40,7 @@ TOKENIZER_FILE = "tokenizer.json"
 PROMPT_CACHE_FILE = "prompt_embeds.npz"
 CACHED_PROMPTS = (DEFAULT_PROMPT, "")  # the default prompt and the default (empty) negative prompt
 BUILD_TOLERANCE = 1e-4  # rel-L2 of each ONNX graph in ORT vs its PyTorch module, checked at build time
+FP16_RUN_TOLERANCE = 2e-2  # an fp16 graph in ORT (fp16 kernels) vs the module in PyTorch fp16: two roundings
 
 
 def tool_versions() -> dict[str, str]:
@@ -51,14 +55,16 @@ def tool_versions() -> dict[str, str]:
 
 def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
                   random_weights: bool = False, lora: str | None = None, lora_scale: float = 1.0,
-                  verify: bool = True,
+                  verify: bool = True, precision: str = "fp32",
                   quantization: QuantizationRequest | None = None, tensorrt: TrtOptions | None = None,
-                  trt_builder=None) -> Path:
+                  trt_builder=None, accuracy_video: bool | None = None) -> Path:
     """Export all graphs of ``preset`` into ``out_dir`` (atomically). Returns the directory.
 
-    With ``quantization`` the DiT graph gets FP8/INT8 Q/DQ nodes per the policy (other graphs stay
-    fp32), checked in ONNX Runtime against the PyTorch fake-quant model, and ``accuracy.json``
-    records the quantized denoiser's error against fp32 at t = 999, 500 and 1.
+    ``precision`` fp16/bf16 exports the graphs ``export.precision.graph_dtypes`` names in that type
+    (I/O stays float32). With ``quantization`` the DiT graph gets FP8/INT8 Q/DQ nodes per the policy
+    over a graph whose other layers are in ``quantization.high_precision``, checked in ONNX Runtime
+    against the PyTorch fake-quant model. Any build but fp32 writes ``accuracy.json`` (denoiser error
+    vs fp32 at t = 999, 500, 1; video PSNR vs fp32 when ``accuracy_video``, default: small presets).
 
     With ``tensorrt`` a TensorRT engine is built from each verified ONNX file per shape bucket;
     engines of an existing directory at ``out_dir`` whose inputs are unchanged are reused.
@@ -80,8 +86,23 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
     specs = graph_specs(preset, encoder_caches, decoder_caches, vocab_size)
     modules = graph_modules(models)
     weights_hash = models.weights_hash()
+    if precision not in FLOAT_PRECISIONS:
+        raise BadInputError(f"--precision {precision}: float precisions are {', '.join(FLOAT_PRECISIONS)} "
+                            "(fp8/int8 come with a calibration cache)")
+    float_precision = quantization.high_precision if quantization is not None else precision
+    if float_precision not in FLOAT_PRECISIONS:
+        raise BadInputError(f"--high-precision {float_precision}: choose one of {', '.join(FLOAT_PRECISIONS)}")
+    dtypes = graph_dtypes(float_precision, list(specs))
+    fp32_reference = None
+    if quantization is not None or float_precision != "fp32":
+        if quantization is not None:  # fail on a bad cache or policy before minutes of reference runs
+            QuantizedTransformer.check_request(quantization, weights_hash)
+        with_video = accuracy_video if accuracy_video is not None else not preset.needs_checkpoint
+        fp32_reference = Fp32Reference.capture(modules, specs, preset, tokenizer, with_video)
+    modules = {name: HalfPrecisionGraph(module, dtypes[name], specs[name].input_names) if dtypes[name] != "fp32" else module
+               for name, module in modules.items()}
     quant = None
-    if quantization is not None:  # read and check the cache before the slow exports
+    if quantization is not None:
         quant = QuantizedTransformer.prepare(quantization, weights_hash, modules["transformer"], preset)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -98,17 +119,21 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
             if quant is not None and name == "transformer":
                 quant.write(path, staging)
                 module, optimization, tolerance = quant.reference, "basic", QDQ_TOLERANCE
+            if dtypes[name] != "fp32":
+                half_tolerance = HALF_QDQ_TOLERANCE if tolerance == QDQ_TOLERANCE else HALF_TOLERANCE
+                optimization, tolerance = "basic", max(tolerance, half_tolerance)
             if verify:
                 error = verify_graph(spec, path, module, optimization, tolerance)
                 log.info("[%d/%d] %s: ORT vs PyTorch rel-L2 %.2e (%.1f s)", number, len(specs), name, error,
                          time.monotonic() - start)
-            graphs[name] = GraphEntry(spec, path.name, path.stat().st_size, file_sha256(path))
+            graphs[name] = GraphEntry(spec, path.name, path.stat().st_size, file_sha256(path), dtypes[name])
         _write_prompt_cache(staging / PROMPT_CACHE_FILE, tokenizer, modules["text_encoder"])
-        if quant is not None:
-            quant.write_accuracy(staging / ACCURACY_FILE, staging / graphs["transformer"].file,
-                                 specs["transformer"], modules["transformer"])
+        if fp32_reference is not None:
+            _write_accuracy(staging, fp32_reference, quant.precision if quant else precision, dtypes, graphs, specs,
+                            {**modules, "transformer": quant.reference} if quant else modules, preset, tokenizer,
+                            quant.manifest_entry() if quant else None)
         manifest = Manifest(preset=preset, seed=seed, weights_hash=weights_hash,
-                            precision=quant.precision if quant else "fp32", tokenizer_file=TOKENIZER_FILE,
+                            precision=quant.precision if quant else precision, tokenizer_file=TOKENIZER_FILE,
                             graphs=graphs, versions=tool_versions(),
                             checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
                             quantization=quant.manifest_entry() if quant else None,
@@ -124,6 +149,25 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
         raise
     log.info("engines written to %s", out_dir)
     return out_dir
+
+
+def _write_accuracy(staging: Path, reference: Fp32Reference, precision: str, dtypes: dict[str, str],
+                    graphs: dict[str, GraphEntry], specs: dict[str, GraphSpec], modules: dict[str, torch.nn.Module],
+                    preset: Preset, tokenizer, quantization: dict | None) -> None:
+    """``accuracy.json`` in the staging directory; the DiT graph runs in ORT (via its fp32 twin if bf16)."""
+    path = staging / graphs["transformer"].file
+    runnable, runs_as = path, "onnxruntime (CPU, optimisation BASIC)"
+    if "bf16" in onnx_float_types(path):
+        runnable = as_fp32_graph(path, staging / ".transformer.fp32-twin.onnx")
+        runs_as = "onnxruntime on the graph's fp32 twin (bf16 weights, fp32 arithmetic: ORT's CPU has no bf16)"
+    try:
+        extra = {"quantization": quantization} if quantization else None
+        write_accuracy(staging / ACCURACY_FILE, reference, precision=precision, graph_dtypes=dtypes, onnx_path=path,
+                       runnable_path=runnable, runs_as=runs_as, modules=modules, specs=specs, preset=preset,
+                       tokenizer=tokenizer, extra=extra)
+    finally:
+        if runnable != path:
+            runnable.unlink(missing_ok=True)
 
 
 def checkpoint_tokenizer(checkpoint: str):
@@ -166,10 +210,32 @@ def _previous_trt(out_dir: Path):
 
 def verify_graph(spec: GraphSpec, path: Path, module: torch.nn.Module, optimization: str = "all",
                  tolerance: float = BUILD_TOLERANCE) -> float:
-    """Run the fresh ONNX file in ORT and its module in PyTorch on random inputs; fail past ``tolerance``."""
+    """Run the fresh ONNX file in ORT and its module in PyTorch on random inputs; fail past ``tolerance``.
+
+    A half-precision graph is checked through its fp32 twin against the module widened to fp32 (same
+    rounded weights, fp32 arithmetic), which proves the graph's structure and weights; an fp16 graph
+    is also run as it is (ORT's CPU provider has fp16 kernels, not bf16) against the module in fp16.
+    """
     feed = {k: torch.from_numpy(v) for k, v in spec.sample_inputs(EXPORT_SIZES, seed=1).items()}
-    got = OrtEngine(path, spec, optimization=optimization).run(feed)
-    want = TorchEngine(module, spec).run(feed)
+    if not isinstance(module, HalfPrecisionGraph):
+        got = OrtEngine(path, spec, optimization=optimization).run(feed)
+        want = TorchEngine(module, spec).run(feed)
+        return _check(spec, got, want, tolerance)
+    twin = as_fp32_graph(path, path.with_name(f".{path.stem}.fp32-twin.onnx"))
+    try:
+        got = OrtEngine(twin, spec, optimization=optimization).run(feed)
+    finally:
+        twin.unlink(missing_ok=True)
+    with module.widened():
+        want = TorchEngine(module, spec).run(feed)
+    error = _check(spec, got, want, tolerance)
+    if module.dtype == "fp16":
+        direct = OrtEngine(path, spec, optimization="basic").run(feed)
+        _check(spec, direct, TorchEngine(module, spec).run(feed), FP16_RUN_TOLERANCE)
+    return error
+
+
+def _check(spec: GraphSpec, got: dict, want: dict, tolerance: float) -> float:
     error = max(relative_l2(got[n], want[n]) for n in spec.output_names)
     if not error <= tolerance:
         raise RuntimeError(f"{spec.name}: the exported ONNX differs from PyTorch (rel-L2 {error:.2e} > {tolerance})")

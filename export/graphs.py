@@ -58,6 +58,8 @@ class ImageEncoderGraph(torch.nn.Module):
 class MotionEncoderGraph(torch.nn.Module):
     """Face crops → motion vectors, with the motion basis' QR precomputed (it depends only on weights)."""
 
+    _keep_in_fp32_modules = ("basis_q_t",)  # the reference takes the QR in fp32 whatever the model's dtype
+
     def __init__(self, motion_encoder: torch.nn.Module) -> None:
         super().__init__()
         self.motion_encoder = motion_encoder
@@ -136,6 +138,8 @@ class ExportFaceAttnProcessor:
 
 class TransformerGraph(torch.nn.Module):
     """WanAnimateTransformer3DModel.forward with motion vectors as input (see the module docstring)."""
+
+    _not_in_graph = ("transformer.motion_encoder",)  # runs as its own graph (and may have another dtype)
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         super().__init__()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wan_trt.errors import EngineError
+from wan_trt.errors import BadInputError, EngineError
 from wan_trt.runtime.engines import BACKENDS, Engine, OrtEngine, TorchEngine, ort_providers
 from wan_trt.runtime.manifest import Manifest, read_manifest
 from wan_trt.runtime.pipeline import AnimatePipeline
@@ -17,10 +17,27 @@ from wan_trt.tokenizer import load_tokenizer, tokenize
 log = logging.getLogger(__name__)
 
 
-def load_engines(directory: Path, manifest: Manifest, backend: str, device: str = "cpu") -> dict[str, Engine]:
-    """Engines for every graph in the manifest on ``backend`` (``onnxruntime`` or ``torch``)."""
+def load_engines(directory: Path, manifest: Manifest, backend: str, device: str = "cpu",
+                 fast: bool = False) -> dict[str, Engine]:
+    """Engines for every graph in the manifest on ``backend`` (``onnxruntime`` or ``torch``).
+
+    ``fast``: the torch backend's fast GPU path (``runtime/fast_torch.py``); other backends refuse it.
+    """
+    if fast:
+        if backend != "torch":
+            raise BadInputError(f"--fast is a torch-backend option (got --backend {backend}): add --backend torch")
+        from wan_trt.runtime.fast_torch import fast_torch_engines
+
+        return fast_torch_engines(manifest, device, directory)
     if backend == "onnxruntime":
-        optimization = "all" if manifest.precision in ("fp32", "fp16", "bf16") else "basic"
+        bf16 = sorted(name for name, entry in manifest.graphs.items() if entry.dtype == "bf16")
+        if bf16 and device == "cpu":
+            raise EngineError(
+                f"'{directory}' has bf16 graphs ({', '.join(bf16)}) and ONNX Runtime's CPU provider has no bf16 kernels: "
+                "run them with --backend tensorrt, --device cuda (onnxruntime-gpu) or --backend torch, "
+                "or build with --precision fp32|fp16 for the CPU"
+            )
+        optimization = "all" if manifest.precision == "fp32" else "basic"
         return {name: OrtEngine(directory / entry.file, entry.spec, ort_providers(device), optimization)
                 for name, entry in manifest.graphs.items()}
     if backend == "torch":
@@ -38,6 +55,24 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
     For quantized engines the DiT is the fake-quant model built from the directory's calibration cache
     and policy: it computes what the Q/DQ graph computes.
     """
+    modules = reference_graph_modules(manifest)
+    if any(entry.dtype != "fp32" for entry in manifest.graphs.values()):
+        from wan_trt.export.precision import HalfPrecisionGraph
+
+        modules = {name: HalfPrecisionGraph(modules[name], entry.dtype, entry.spec.input_names)
+                   if entry.dtype != "fp32" else modules[name] for name, entry in manifest.graphs.items()}
+    if manifest.quantization:
+        from wan_trt.calibration.quantized import reference_for_manifest
+
+        if directory is None:
+            raise EngineError("quantized engines need their directory to rebuild the fake-quant PyTorch reference")
+        modules["transformer"] = reference_for_manifest(modules["transformer"], directory, manifest)
+    return {name: TorchEngine(modules[name], entry.spec, "cuda" if device != "cpu" else "cpu")
+            for name, entry in manifest.graphs.items()}
+
+
+def reference_graph_modules(manifest: Manifest) -> dict[str, torch.nn.Module]:
+    """The fp32 graph modules of the manifest's weights (rebuilt; refused if the weights hash differs)."""
     from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
     from wan_trt.reference_models import build_reference_models
 
@@ -51,22 +86,15 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
             f"the PyTorch weights rebuilt for preset '{manifest.preset.name}' (seed {manifest.seed}) do not match the "
             f"engines' weights hash {manifest.weights_hash}: rebuild the engines with this wan-trt version"
         )
-    modules = graph_modules(models)
-    if manifest.quantization:
-        from wan_trt.calibration.quantized import reference_for_manifest
-
-        if directory is None:
-            raise EngineError("quantized engines need their directory to rebuild the fake-quant PyTorch reference")
-        modules["transformer"] = reference_for_manifest(modules["transformer"], directory, manifest)
-    return {name: TorchEngine(modules[name], entry.spec, "cuda" if device != "cpu" else "cpu")
-            for name, entry in manifest.graphs.items()}
+    return graph_modules(models)
 
 
-def open_pipeline(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu") -> tuple[AnimatePipeline, Manifest]:
+def open_pipeline(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+                  fast: bool = False) -> tuple[AnimatePipeline, Manifest]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     tokenizer = load_tokenizer(directory / manifest.tokenizer_file)
-    engines = load_engines(directory, manifest, backend, device)
+    engines = load_engines(directory, manifest, backend, device, fast)
     log.info("opened %s engines for preset '%s' on %s (%s)", manifest.precision, manifest.preset.name, backend, device)
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt),
                                load_prompt_cache(directory, manifest))

@@ -30,9 +30,11 @@ class GraphEntry:
     file: str
     size: int
     sha256: str
+    dtype: str = "fp32"  # the float type the graph computes in (its I/O stays float32): fp32, fp16 or bf16
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "size": self.size, "sha256": self.sha256, "spec": self.spec.to_json()}
+        return {"file": self.file, "size": self.size, "sha256": self.sha256, "dtype": self.dtype,
+                "spec": self.spec.to_json()}
 
 
 @dataclass
@@ -107,7 +109,8 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
                 f"'{path}' has format version {data.get('format_version')!r}, this wan-trt reads {FORMAT_VERSION}: {rebuild}"
             )
         graphs = {
-            name: GraphEntry(GraphSpec.from_json(entry["spec"]), entry["file"], int(entry["size"]), entry["sha256"])
+            name: GraphEntry(GraphSpec.from_json(entry["spec"]), entry["file"], int(entry["size"]), entry["sha256"],
+                             entry.get("dtype", "fp32"))
             for name, entry in data["graphs"].items()
         }
         manifest = Manifest(

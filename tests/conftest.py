@@ -22,17 +22,24 @@ def preset():
     return get_preset("tiny")
 
 
+def _engine_sources() -> list[Path]:
+    """The code that decides what an fp32 engines directory contains (a CI checkout always builds afresh)."""
+    files = sorted((ROOT / "export").rglob("*.py")) + sorted((ROOT / "calibration").rglob("*.py"))
+    files += [ROOT / "wan_trt" / f"{name}.py" for name in
+              ("components", "presets", "reference_models", "checkpoints", "tokenizer", "buckets", "__init__")]
+    return files + [ROOT / "runtime" / "manifest.py"]
+
+
 def _source_key() -> str:
-    """Hash of the package's code and the exporting libraries' versions: engines are reused while it holds."""
+    """Hash of the engine-building code and the exporting libraries' versions: engines are reused while it holds."""
     import diffusers
     import onnx
     import transformers
 
     digest = hashlib.sha256(f"{torch.__version__} {diffusers.__version__} {transformers.__version__} "
                             f"{onnx.__version__}".encode())
-    for folder in ("wan_trt", "export", "runtime", "calibration"):
-        for file in sorted((ROOT / folder).rglob("*.py")):
-            digest.update(file.relative_to(ROOT).as_posix().encode() + file.read_bytes())
+    for file in _engine_sources():
+        digest.update(file.relative_to(ROOT).as_posix().encode() + file.read_bytes())
     return digest.hexdigest()[:16]
 
 
