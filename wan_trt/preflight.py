@@ -1,0 +1,432 @@
+"""Pre-flight checks: refuse, before any heavy work, a run that cannot fit this machine or these engines.
+
+Each check is a plain function of numbers so it can be tested without a full disk or a GPU: the
+free space / free device memory are looked up by :func:`free_disk_bytes` / :func:`free_device_bytes`
+unless a ``free=`` value is passed (tests pass one, or monkeypatch those two functions).
+
+Estimates (generous on purpose; a refusal names the directory or device, the needed and the free bytes):
+
+* **engines directory** (``build``): for every graph, its parameter count (exact, from the preset's
+  modules built on the meta device: no weight memory) × bytes per parameter of the graph's dtype
+  (fp32 4, fp16/bf16 2; FP8/INT8 store the policy's quantized Linear weights in 1 byte and keep the
+  rest in the ``--high-precision`` type), plus 8 MiB per graph (graph structure, constant tables), the
+  prompt-embedding cache and, for fp8/int8, the fp32 DiT that exists while it is rewritten with Q/DQ.
+  ``--backend tensorrt|all`` adds one engine per graph, and one per bucket for the VAE graphs and
+  the DiT, each the size of the graph's weights. All × 1.1.
+* **output video** (``infer``): frames × width × height × 1.5 bytes (uncompressed yuv420p, which
+  x264 at the writer's settings stays far below) + 1 MiB.
+* **device memory** (``infer`` on ``cuda``/``tensorrt``): the weights of every graph the run keeps
+  resident (ONNX Runtime sessions and TensorRT engines are opened on first use and kept; the text
+  encoder only when a prompt is not in the build's cache) — the manifest's file sizes — plus the
+  larger of the two activation peaks (they never overlap), plus 1 GiB for the CUDA context and
+  workspaces (per GPU: with ``infer --gpus N`` every GPU holds all the weights and 1/N of the DiT's tokens):
+
+  - DiT: ``batch × tokens × (8·dim + ffn_dim) × bytes`` with ``tokens = (latent frames + 1) ×
+    H/16 × W/16`` (the residual stream, norm, q/k/v, attention output and modulated copies, plus
+    the FFN's hidden layer; attention is assumed fused, no tokens² matrix);
+  - VAE (streamed, one 4-frame chunk at a time): ``16 × 4 × H × W × base_dim × bytes``, the
+    factor 16 fitted to diffusers' measured 720p × 77-frame decode on an H100 (21.5 GB fp32,
+    10.8 GB bf16 — the formula gives 22.6 / 11.3 GB).
+
+  Activation bytes are 2 where the manifest says the graph computes in fp16/bf16, else 4. A refusal suggests the largest smaller bucket that fits.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wan_trt.errors import BadInputError, EngineError
+
+log = logging.getLogger(__name__)
+
+KIB, MIB, GIB = 1024, 1024**2, 1024**3
+
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
+QUANTIZED_PRECISIONS = ("fp8", "int8")
+GRAPH_OVERHEAD = 8 * MIB  # per ONNX file / engine: graph structure, constant tables
+DISK_MARGIN = 1.10
+VIDEO_BYTES_PER_PIXEL = 1.5  # uncompressed yuv420p
+VIDEO_OVERHEAD = MIB
+DIT_ACTIVATION_WIDTHS = 8  # copies of the token stream alive in one DiT block, besides the FFN hidden layer
+VAE_ACTIVATION_FACTOR = 16  # fitted to diffusers' measured 720p x 77 decode (README)
+VAE_CHUNK_FRAMES = 4
+RUNTIME_OVERHEAD = GIB  # CUDA context, cuBLAS/cuDNN workspaces
+CACHED_PROMPT_COUNT = 2  # the default prompt and the empty negative prompt (export.build.CACHED_PROMPTS)
+TEXT_TOKENS = 512
+
+#: Every graph the pipeline calls; the VAE graphs and the DiT get one TensorRT engine per bucket
+#: (``wan_trt.buckets.is_bucketed``; a test checks the two agree).
+PIPELINE_GRAPHS = ("text_encoder", "image_encoder", "vae_encoder_first", "vae_encoder_step", "vae_decoder_first",
+                   "vae_decoder_step", "motion_encoder", "transformer")
+BUCKETED_GRAPHS = ("vae_encoder_first", "vae_encoder_step", "vae_decoder_first", "vae_decoder_step", "transformer")
+
+
+# --------------------------------------------------------------------------------------- values
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN (which compares false with both bounds and so passes it)."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
+SEED = click.IntRange(0, 2**32 - 1)  # --seed: the random weights' streams are seeded with seed * 1000 + offset
+
+
+def check_segment_frames(frames: int | None, option: str = "--segment-frames") -> None:
+    if frames is not None and (frames < 5 or (frames - 1) % 4):
+        raise BadInputError(f"{option} {frames}: must be 4n+1 and at least 5 (e.g. 77)")
+
+
+def check_lora(path: str, scale: float) -> None:
+    """``--lora PATH[:SCALE]``: the file or PEFT folder exists and the scale is a finite number."""
+    if not math.isfinite(scale):
+        raise BadInputError(f"--lora '{path}:{scale}': the scale must be a finite number, e.g. {path}:1.0")
+    if not Path(path).exists():
+        raise BadInputError(f"--lora '{path}' does not exist: pass PATH[:SCALE], PATH a LoRA file (.ckpt, "
+                            ".safetensors) or PEFT folder and SCALE a number")
+
+
+def check_backends(names: Iterable[str], known: Iterable[str], option: str = "--backends") -> None:
+    known = tuple(known)
+    for name in names:
+        if name not in known:
+            raise BadInputError(f"{option}: unknown backend '{name}': choose from {', '.join(known)}")
+
+
+# ------------------------------------------------------------------------------------ file system
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its closest ancestor that exists (where a new file or folder would be made)."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: Path, option: str) -> None:
+    """The folder ``path`` (made if missing) can receive files: its closest existing ancestor is a
+    folder and a probe file can be created there (as root, permission bits alone would not tell)."""
+    base = nearest_existing(path)
+    if not base.is_dir():
+        raise BadInputError(f"{option}: '{base}' is a file, not a folder: choose an output path in a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".wan-trt-probe-", dir=base)
+    except OSError as error:
+        raise BadInputError(f"{option}: folder '{base}' is not writable ({error.strerror or error}): "
+                            "choose a writable location") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the file system that would hold ``path``."""
+    return shutil.disk_usage(nearest_existing(path)).free
+
+
+def _size(n: float) -> str:
+    return f"{n / GIB:.2f} GiB ({int(n)} bytes)" if n >= GIB else f"{n / MIB:.1f} MiB ({int(n)} bytes)"
+
+
+def check_disk(directory: Path, needed: int, what: str, free: int | None = None) -> None:
+    """BadInputError when the estimate ``needed`` does not fit the free space of ``directory``'s file system."""
+    where = nearest_existing(directory)
+    free = free_disk_bytes(where) if free is None else free
+    if needed > free:
+        raise BadInputError(f"not enough free disk in '{where}' for {what}: about {_size(needed)} needed, "
+                            f"{_size(free)} free: free some space or choose another --out")
+    log.debug("disk: %s needs about %s, %s free in %s", what, _size(needed), _size(free), where)
+
+
+# ------------------------------------------------------------------------------------------ build
+
+
+def meta_modules(preset, vocab_size: int) -> dict[str, Any]:
+    """The preset's four reference modules with every parameter on the meta device (no weight memory)."""
+    import torch
+
+    from wan_trt.checkpoints import (
+        empty_image_encoder,
+        empty_text_encoder,
+        empty_transformer,
+        empty_vae,
+    )
+
+    with torch.device("meta"):
+        return {"transformer": empty_transformer(preset), "vae": empty_vae(preset),
+                "text_encoder": empty_text_encoder(preset, vocab_size), "image_encoder": empty_image_encoder(preset)}
+
+
+def _numel(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def graph_parameter_counts(modules: dict[str, Any]) -> dict[str, int]:
+    """Parameters in each graph: the VAE's first/step graphs each hold the encoder's (decoder's) weights."""
+    transformer, vae = modules["transformer"], modules["vae"]
+    encoder = _numel(vae.encoder, vae.quant_conv)
+    decoder = _numel(vae.decoder, vae.post_quant_conv)
+    motion = _numel(transformer.motion_encoder)
+    return {"text_encoder": _numel(modules["text_encoder"]), "image_encoder": _numel(modules["image_encoder"]),
+            "vae_encoder_first": encoder, "vae_encoder_step": encoder,
+            "vae_decoder_first": decoder, "vae_decoder_step": decoder,
+            "motion_encoder": motion, "transformer": _numel(transformer) - motion}
+
+
+def quantized_parameter_count(transformer, policy, option: str = "--policy") -> int:
+    """Weights of the Linear layers the policy quantizes; a layer the DiT does not have is one BadInputError."""
+    linears = {f"transformer.{name}": m for name, m in transformer.named_modules()}
+    total = 0
+    for path in policy.quantized_layers(len(transformer.blocks)):
+        module = linears.get(path)
+        if module is None or not hasattr(module, "weight"):
+            raise BadInputError(f"{option} '{policy.source}' names layer '{path}', which this DiT does not have: "
+                                "block_layers are paths inside a block such as attn1.to_q")
+        total += module.weight.numel()
+    return total
+
+
+def graph_dtype(name: str, precision: str) -> str:
+    """The float type one graph is exported in at a float build precision (``export.precision`` decides)."""
+    if precision in ("fp16", "bf16"):
+        from wan_trt.export.precision import graph_dtypes
+
+        return graph_dtypes(precision, [name])[name]
+    return "fp32"
+
+
+def graph_bytes_per_param(name: str, precision: str) -> int:
+    """Bytes per (unquantized) weight of one graph at a float build precision."""
+    return BYTES_PER_PARAM[graph_dtype(name, precision)]
+
+
+def estimate_engines_bytes(counts: dict[str, int], precision: str, *, high_precision: str = "fp32", quantized: int = 0,
+                           trt_buckets: int = 0, text_dim: int = 0) -> int:
+    """Disk an engines directory needs at its peak while being built (see the module docstring).
+
+    ``high_precision``: with fp8/int8, the float type of everything the policy leaves unquantized."""
+    floats = high_precision if precision in QUANTIZED_PRECISIONS else precision
+    total = CACHED_PROMPT_COUNT * TEXT_TOKENS * text_dim * 4  # prompt_embeds.npz
+    for name, params in counts.items():
+        weights = params * graph_bytes_per_param(name, floats)
+        if name == "transformer" and precision in QUANTIZED_PRECISIONS:
+            total += weights  # the float export exists while it is rewritten with Q/DQ
+            weights = (params - quantized) * graph_bytes_per_param(name, floats) + quantized * BYTES_PER_PARAM[precision]
+        total += weights + GRAPH_OVERHEAD
+        if trt_buckets:
+            total += (trt_buckets if name in BUCKETED_GRAPHS else 1) * (weights + GRAPH_OVERHEAD)
+    return int(total * DISK_MARGIN)
+
+
+def check_build(preset, out_dir: Path, *, precision: str = "fp32", policy: str | None = None,
+                calibration: str | None = None, lora: tuple[str, float] | None = None, trt_buckets: int = 0,
+                checkpoint: str | None = None, random_weights: bool = False, high_precision: str = "fp32",
+                free: int | None = None) -> int:
+    """Everything ``build`` can check before loading weights or exporting; returns the disk estimate."""
+    if checkpoint is None and preset.needs_checkpoint and not random_weights:
+        raise BadInputError(f"preset '{preset.name}' needs real weights: pass --checkpoint DIR, or --random-weights "
+                            "for speed/memory work")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise BadInputError(f"--checkpoint '{checkpoint}' is not a folder: pass the folder that holds the downloaded "
+                            "model")
+    if lora is not None:
+        check_lora(*lora)
+    check_writable_dir(out_dir.parent, "--out")
+    quantized_policy = None
+    if precision in QUANTIZED_PRECISIONS:
+        from wan_trt.calibration.cache import load_cache
+        from wan_trt.calibration.policy import load_policy
+
+        quantized_policy = load_policy(policy)
+        if calibration is not None:
+            load_cache(calibration)  # exists and parses; its weights hash is checked once the weights are loaded
+    vocab = int(preset.text_encoder.get("vocab_size", 0)) or _tiny_vocab()
+    modules = meta_modules(preset, vocab)
+    counts = graph_parameter_counts(modules)
+    quantized = quantized_parameter_count(modules["transformer"], quantized_policy) if quantized_policy else 0
+    needed = estimate_engines_bytes(counts, precision, high_precision=high_precision, quantized=quantized,
+                                    trt_buckets=trt_buckets,
+                                    text_dim=int(preset.text_encoder["d_model"]))
+    what = f"the engines of preset '{preset.name}' ({precision}{', TensorRT' if trt_buckets else ''})"
+    check_disk(out_dir.parent, needed, what, free)
+    return needed
+
+
+def _tiny_vocab() -> int:
+    from wan_trt.tokenizer import build_tiny_tokenizer
+
+    return build_tiny_tokenizer().get_vocab_size()
+
+
+# ------------------------------------------------------------------------------------------ infer
+
+
+def estimate_video_bytes(frames: int, width: int, height: int) -> int:
+    return int(frames * width * height * VIDEO_BYTES_PER_PIXEL) + VIDEO_OVERHEAD
+
+
+@dataclass(frozen=True)
+class DeviceEstimate:
+    weights: int
+    dit_activations: int
+    vae_activations: int
+    overhead: int = RUNTIME_OVERHEAD
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(self.dit_activations, self.vae_activations) + self.overhead
+
+
+def graph_file_bytes(directory: Path, entry) -> int:
+    """A graph's bytes on disk: the manifest's size of the .onnx plus its external data file, if any."""
+    data = directory / f"{entry.file}.data"
+    return int(entry.size) + (data.stat().st_size if data.is_file() else 0)
+
+
+def estimate_device_bytes(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
+                          batch: int = 1, text_encoder: bool = True, gpus: int = 1) -> DeviceEstimate:
+    """Peak device memory of one run at ``width`` × ``height`` (see the module docstring for the formula), per
+    GPU: with ``gpus`` > 1 (sequence parallel) every GPU holds all weights and 1/``gpus`` of the DiT's tokens."""
+    names = [n for n in manifest.graphs if text_encoder or n != "text_encoder"]
+    weights = sum(graph_file_bytes(directory, manifest.graphs[n]) for n in names)
+
+    def act_bytes(graph: str) -> int:  # the manifest records the float type each graph computes in
+        return 2 if getattr(manifest.graphs.get(graph), "dtype", "fp32") in ("fp16", "bf16") else 4
+
+    config = manifest.preset.transformer
+    dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    tokens = ((segment_frames - 1) // 4 + 2) * (height // 16) * (width // 16)  # latent frames + reference slot
+    dit = batch * -(-tokens // gpus) * (DIT_ACTIVATION_WIDTHS * dim + int(config["ffn_dim"])) * act_bytes("transformer")
+    vae = (VAE_ACTIVATION_FACTOR * VAE_CHUNK_FRAMES * height * width * int(manifest.preset.vae["base_dim"])
+           * act_bytes("vae_decoder_step"))
+    return DeviceEstimate(weights, dit, vae)
+
+
+def free_device_bytes(device: str) -> int | None:
+    """Free memory of the current CUDA device, or None where there is no CUDA device to ask."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info()[0])
+
+
+def check_device_memory(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
+                        device: str, batch: int = 1, text_encoder: bool = True, gpus: int = 1,
+                        buckets: Iterable[tuple[int, int]] = (), free: int | None = None) -> DeviceEstimate:
+    """EngineError (exit 3) when the run's estimated peak exceeds the device's free memory, naming the
+    largest smaller bucket that would fit."""
+    def estimate(w: int, h: int) -> DeviceEstimate:
+        return estimate_device_bytes(manifest, directory, w, h, segment_frames, batch=batch,
+                                     text_encoder=text_encoder, gpus=gpus)
+
+    need = estimate(width, height)
+    free = free_device_bytes(device) if free is None else free
+    if free is None:
+        log.debug("no CUDA device to ask for free memory; the %s backend checks the device itself", device)
+        return need
+    if need.total <= free:
+        log.debug("device memory: about %s needed, %s free", _size(need.total), _size(free))
+        return need
+    smaller = sorted({(w, h) for w, h in buckets if w * h < width * height},  # largest first, same orientation first
+                     key=lambda s: (s[0] * s[1], (s[0] >= s[1]) == (width >= height)), reverse=True)
+    fitting = [(w, h) for w, h in smaller if estimate(w, h).total <= free]
+    if fitting:
+        w, h = fitting[0]
+        advice = (f"preprocess the driving video at the smaller bucket {w}x{h} (about {_size(estimate(w, h).total)}), "
+                  "or free device memory")
+    else:
+        advice = ("no smaller bucket fits either: use a GPU with more memory or lower-precision engines "
+                  "(wan-trt build --precision fp8)")
+    raise EngineError(
+        f"{device} device memory: {width}x{height} x {segment_frames} frames needs about {_size(need.total)} "
+        f"(weights {_size(need.weights)}, activations {_size(max(need.dit_activations, need.vae_activations))}), "
+        f"{_size(free)} free: {advice}")
+
+
+def check_engines_for_request(manifest, directory: Path, backend: str, width: int, height: int,
+                              segment_frames: int) -> None:
+    """The engines have every graph the pipeline calls and, for TensorRT, an engine for this size."""
+    rebuild = f"wan-trt build --out {directory}"
+    missing = [name for name in PIPELINE_GRAPHS if name not in manifest.graphs]
+    if missing:
+        raise EngineError(f"the manifest of '{directory}' lists no {', '.join(missing)}: rebuild with: {rebuild}")
+    if backend != "tensorrt":
+        return
+    if not manifest.tensorrt:
+        raise EngineError(f"'{directory}' has no TensorRT engines: build them with: "
+                          f"wan-trt build --backend tensorrt --out {directory}")
+    from wan_trt.buckets import Bucket, select_bucket
+
+    built = sorted({Bucket.parse(e["bucket"]) for e in manifest.tensorrt.get("engines", [])
+                    if e.get("graph") == "transformer" and e.get("bucket")})
+    select_bucket(built, width, height, segment_frames, f"wan-trt build --backend tensorrt --out {directory}")
+
+
+def _cached_prompts(directory: Path, manifest) -> set[str]:
+    import numpy as np
+
+    if not manifest.prompt_cache_file:
+        return set()
+    with np.load(directory / manifest.prompt_cache_file) as data:
+        return {str(p) for p in data["prompts"]}
+
+
+def check_infer(options, manifest, width: int, height: int, frames: int, segment_frames: int, *,
+                free_disk: int | None = None, free_device: int | None = None) -> None:
+    """``infer``'s pre-flight, once the manifest is read and the driving inputs' size and length are known."""
+    from wan_trt.presets import DEFAULT_PROMPT
+    from wan_trt.tokenizer import clean_prompt
+
+    directory = Path(options.engines_dir)
+    check_engines_for_request(manifest, directory, options.backend, width, height, segment_frames)
+    check_writable_dir(Path(options.out_path).parent, "--out")
+    check_disk(Path(options.out_path).parent, estimate_video_bytes(frames, width, height),
+               f"a {frames}-frame {width}x{height} video", free_disk)
+    device = "cuda" if options.backend == "tensorrt" else options.device
+    if device == "cpu":
+        return
+    prompts = [options.prompt if options.prompt is not None else DEFAULT_PROMPT]
+    if options.guidance_scale > 1:
+        prompts.append(options.negative_prompt)
+    cached = _cached_prompts(directory, manifest)
+    buckets = list(manifest.preset.buckets)
+    if options.backend == "tensorrt":
+        buckets = [(int(w), int(h)) for w, h, _ in (e["bucket"].split("x") for e in manifest.tensorrt["engines"]
+                                                     if e.get("graph") == "transformer" and e.get("bucket"))]
+    check_device_memory(manifest, directory, width, height, segment_frames, device=device,
+                        batch=2 if options.guidance_scale > 1 else 1,
+                        text_encoder=any(clean_prompt(p) not in cached for p in prompts),
+                        gpus=int(getattr(options, "gpus", 1) or 1),
+                        buckets=buckets, free=free_device)
+
+
+# -------------------------------------------------------------------------------------- calibrate
+
+
+def check_calibrate(manifest, directory: Path, out_path: Path, segment_frames: int | None) -> None:
+    """``calibrate`` needs unquantized engines (the weights, not a fake-quant model) and a writable cache file path."""
+    check_segment_frames(segment_frames)
+    if out_path.is_dir():
+        raise BadInputError(f"--out '{out_path}' is a directory: give the calibration cache's file name (.json)")
+    check_writable_dir(out_path.parent, "--out")
+    if manifest.precision in QUANTIZED_PRECISIONS:
+        raise EngineError(f"--engines '{directory}' holds {manifest.precision} engines: calibrate needs unquantized "
+                          "engines of the same weights (wan-trt build --precision fp32)")
