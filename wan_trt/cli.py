@@ -15,6 +15,7 @@ import click
 
 from wan_trt import __version__
 from wan_trt.errors import BadInputError, WanTrtError
+from wan_trt.preflight import SEED, FiniteFloatRange
 from wan_trt.runtime.compare import COMPONENT_TOLERANCE, QDQ_TOLERANCE
 
 log = logging.getLogger("wan_trt")
@@ -48,6 +49,10 @@ class _Group(click.Group):
         except WanTrtError as error:
             click.echo(f"wan-trt: error: {error}", err=True)
             sys.exit(error.exit_code)
+        except click.UsageError as error:  # a bad option value: one line too, exit 2 as click's own
+            command = f"wan-trt {error.ctx.info_name} --help" if error.ctx else "wan-trt --help"
+            click.echo(f"wan-trt: error: {error.format_message()} (see {command})", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=_Group)
@@ -72,16 +77,25 @@ def main(verbose: bool) -> None:
                    "orientations, x77].")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")
-@click.option("--workspace", type=float, default=None, help="TensorRT workspace limit in GiB.")
+@click.option("--workspace", type=FiniteFloatRange(0.0, min_open=True), default=None,
+              help="TensorRT workspace limit in GiB.")
 @click.option("--refittable", is_flag=True, help="Refittable TensorRT engines (for LoRA weight swaps).")
 @click.option("--weight-streaming", is_flag=True, help="TensorRT weight streaming (weights larger than the GPU).")
-@click.option("--precision", type=click.Choice(["fp32", "fp8", "int8"]), default="fp32", show_default=True,
-              help="fp8/int8: Q/DQ in the DiT's Linear layers per the policy (needs --calibration).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8"]), default="fp32",
+              show_default=True,
+              help="fp16/bf16: the DiT, motion encoder and (bf16) umT5 in that type. fp8/int8: Q/DQ in the DiT's "
+                   "Linear layers per the policy (needs --calibration), the rest in --high-precision.")
+@click.option("--high-precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="With fp8/int8: the float type of every layer the policy leaves unquantized (bf16 for GPUs; "
+                   "ONNX Runtime's CPU provider cannot run bf16).")
+@click.option("--accuracy-video/--no-accuracy-video", default=None,
+              help="Measure the video PSNR vs fp32 in accuracy.json [on for presets with built-in weights; the real "
+                   "model's reference video takes long on a CPU].")
 @click.option("--calibration", type=click.Path(), default=None, help="Calibration cache from wan-trt calibrate.")
 @click.option("--policy", type=click.Path(), default=None, help="Precision policy JSON [the shipped default].")
-@click.option("--smoothquant-alpha", type=click.FloatRange(0.0, 1.0), default=0.5, show_default=True,
+@click.option("--smoothquant-alpha", type=FiniteFloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="INT8 SmoothQuant migration strength.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Engines directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
@@ -89,12 +103,13 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
           buckets: tuple[str, ...],
           opt_level: int, workspace: float | None, refittable: bool, weight_streaming: bool, precision: str,
           calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
-          verify: bool) -> None:
+          verify: bool, high_precision: str, accuracy_video: bool | None) -> None:
     """Export every component to ONNX and write an engines directory with a manifest."""
     from wan_trt.buckets import Bucket, default_buckets
     from wan_trt.calibration.quantized import QuantizationRequest
     from wan_trt.export.build import build_engines
     from wan_trt.export.tensorrt import TrtOptions
+    from wan_trt.preflight import check_build
     from wan_trt.presets import get_preset
 
     model = get_preset(preset)
@@ -106,21 +121,28 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
         raise BadInputError("--bucket/--refittable/--weight-streaming/--workspace apply to --backend tensorrt or all")
 
     quantization = None
-    if precision != "fp32":
+    if precision in ("fp8", "int8"):
         if calibration is None:
             raise BadInputError(f"--precision {precision} needs --calibration CALIB (make one with wan-trt calibrate)")
         quantization = QuantizationRequest(precision, Path(calibration), Path(policy) if policy else None,
-                                           smoothquant_alpha)
+                                           smoothquant_alpha, high_precision)
     elif calibration or policy:
         raise BadInputError("--calibration/--policy apply to --precision fp8 or int8 only")
+    elif high_precision != "fp32":
+        raise BadInputError(f"--high-precision applies to --precision fp8 or int8 (for a {high_precision} build: "
+                            f"--precision {high_precision})")
     lora_path, lora_scale = (None, 1.0)
     if lora:
         from wan_trt.checkpoints import parse_lora_arg
 
         lora_path, lora_scale = parse_lora_arg(lora)
+    check_build(model, Path(out_dir), precision=precision, policy=policy, calibration=calibration,  # disk, files
+                lora=(lora_path, lora_scale) if lora else None, trt_buckets=len(tensorrt.buckets) if tensorrt else 0,
+                checkpoint=checkpoint, random_weights=random_weights, high_precision=high_precision)
     path = build_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
                          lora=lora_path, lora_scale=lora_scale, verify=verify, quantization=quantization,
-                         tensorrt=tensorrt)
+                         tensorrt=tensorrt, precision=precision if quantization is None else "fp32",
+                         accuracy_video=accuracy_video)
     click.echo(str(path))
 
 
@@ -136,11 +158,11 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               show_default=True, help="tensorrt runs on the GPU (implies --device cuda).")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="cpu; cuda/tensorrt use onnxruntime-gpu's execution providers (or CUDA for --backend torch).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
 @click.option("--prompt", default=None, help="Text prompt [the official default].")
 @click.option("--negative-prompt", default="", help="Prompt of the unconditional branch (with --guidance-scale > 1).")
-@click.option("--guidance-scale", type=click.FloatRange(1.0, 50.0), default=1.0, show_default=True,
+@click.option("--guidance-scale", type=FiniteFloatRange(1.0, 50.0), default=1.0, show_default=True,
               help="> 1: classifier-free guidance on text and facial expression (batch 2 per DiT call).")
 @click.option("--mode", type=click.Choice(["animate", "replace"]), default="animate", show_default=True,
               help="replace: put the character into the driving video's scene (needs src_bg.mp4, src_mask.mp4).")
@@ -155,11 +177,18 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               help="Also run the PyTorch reference and print per-component errors; exit 4 past tolerance.")
 @click.option("--fallback", type=click.Choice(["torch"]), default=None,
               help="Re-run an engine call that produced NaN/Inf on the PyTorch reference instead of failing.")
+@click.option("--gpus", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Sequence-parallel DiT over N processes, one GPU each (torchrun, NCCL; --backend torch). "
+                   "N must divide the DiT's attention heads (40: 2, 4, 5, 8, ...). With --device cpu: N gloo processes.")
+@click.option("--fast", is_flag=True,
+              help="--backend torch --device cuda only: bf16, FP8 _scaled_mm Linears and cuDNN FP8 attention (fp8 "
+                   "engines), compiled glue, encoders released after use (benchmarks/README figures).")
 def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
           out_path: str, backend: str, device: str, seed: int, steps: int | None, prompt: str | None,
           negative_prompt: str, guidance_scale: float, mode: str, relight: bool, background: str | None,
           mask: str | None,
-          guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None) -> None:
+          guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None,
+          gpus: int, fast: bool) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
 
@@ -169,9 +198,17 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         relight=relight,
         guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, fallback=fallback,
         input_dir=input_dir,
-        ref=ref, pose=pose, face=face, background=background, mask=mask,
+        ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
     )
-    report = run_inference(options)
+    if gpus > 1:  # torchrun workers (wan_trt.runtime.distributed); rank 0 writes the mp4
+        from wan_trt.runtime.distributed import launch_infer
+
+        code = launch_infer(options)
+        if code:
+            sys.exit(code)
+        report = None
+    else:
+        report = run_inference(options)
     _finish(out_path, report)
 
 
@@ -183,7 +220,7 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
 @click.option("--out", "out_path", type=click.Path(), required=True, help="Calibration cache (JSON) to write.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
 @click.option("--method", type=click.Choice(["max", "percentile"]), default="max", show_default=True)
-@click.option("--percentile", type=click.FloatRange(50.0, 100.0), default=99.99, show_default=True)
+@click.option("--percentile", type=FiniteFloatRange(50.0, 100.0), default=99.99, show_default=True)
 @click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
 def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int | None, method: str,
               percentile: float, segment_frames: int | None) -> None:
@@ -192,7 +229,10 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int
 
     from wan_trt.calibration.collect import run_calibration
     from wan_trt.demo_media import make_demo_inputs
+    from wan_trt.preflight import check_calibrate
+    from wan_trt.runtime.manifest import read_manifest
 
+    check_calibrate(read_manifest(Path(engines_dir)), Path(engines_dir), Path(out_path), segment_frames)
     with tempfile.TemporaryDirectory(prefix="wan-trt-calib-") as scratch:
         folders = [Path(d) for d in data]
         if not folders:
@@ -239,12 +279,14 @@ def demo(out_dir: str, frames: int, width: int, height: int, steps: int, compare
 @click.option("--backends", default="torch,onnxruntime", show_default=True,
               help="Comma-separated; the first is the reference (torch, onnxruntime, tensorrt).")
 @click.option("--size", default=None, help="WIDTHxHEIGHTxFRAMES of the inputs [the smallest bucket].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 def compare(engines_dir: str, backends: str, size: str | None, seed: int) -> None:
     """Every graph on several backends at the same fixed inputs (Polygraphy Comparator + error stats)."""
     from wan_trt.buckets import Bucket
     from wan_trt.components import segment_sizes
+    from wan_trt.preflight import check_backends
     from wan_trt.runtime.compare import backend_table, compare_backends
+    from wan_trt.runtime.engines import BACKENDS
     from wan_trt.runtime.loading import load_engines
     from wan_trt.runtime.manifest import read_manifest
 
@@ -253,6 +295,7 @@ def compare(engines_dir: str, backends: str, size: str | None, seed: int) -> Non
     names = [b.strip() for b in backends.split(",") if b.strip()]
     if len(names) < 2:
         raise BadInputError(f"--backends '{backends}': name at least two, e.g. torch,onnxruntime")
+    check_backends(names, BACKENDS)
     bucket = Bucket.parse(size) if size else min(Bucket(w, h, manifest.preset.segment_frames)
                                                   for w, h in manifest.preset.buckets)
     engines = {name: load_engines(directory, manifest, name, "cuda" if name == "tensorrt" else "cpu") for name in names}
@@ -281,6 +324,34 @@ def inspect(engines_dir: str) -> None:
     click.echo("DiT Linear layers:")
     for path, precision in layer_precisions(directory / manifest.graphs["transformer"].file).items():
         click.echo(f"  {precision:<5} {path}")
+
+
+@main.command()
+@click.option("--video", type=click.Path(), required=True, help="Driving video (the motion and expressions).")
+@click.option("--ref", type=click.Path(), required=True, help="Reference photo (the character).")
+@click.option("--out", "out_dir", type=click.Path(), required=True, help="Preprocessed folder to write.")
+@click.option("--mode", type=click.Choice(["animate", "replace"]), default="animate", show_default=True,
+              help="replace: also write src_bg.mp4 and src_mask.mp4.")
+@click.option("--resolution", default="1280x720", show_default=True,
+              help="WIDTHxHEIGHT whose area bounds the output size (multiples of 16, aspect kept).")
+@click.option("--retarget/--no-retarget", default=None,
+              help="Fit the driving skeleton to the reference person's size and place [on for animate].")
+@click.option("--max-gap", type=click.IntRange(0, None), default=None,
+              help="Frames in a row without a detected person that are bridged [one second].")
+def preprocess(video: str, ref: str, out_dir: str, mode: str, resolution: str, retarget: bool | None,
+               max_gap: int | None) -> None:
+    """Raw driving video + reference photo -> the preprocessed folder (needs the [preprocess] extra)."""
+    from wan_trt.preprocess import preprocess as run_preprocess
+
+    try:
+        res_w, res_h = (int(v) for v in resolution.lower().split("x"))
+        if res_w <= 0 or res_h <= 0:
+            raise ValueError
+    except ValueError:
+        raise BadInputError(f"--resolution {resolution!r}: give WIDTHxHEIGHT, e.g. 1280x720") from None
+    result = run_preprocess(video, ref, out_dir, mode=mode, resolution=(res_w, res_h), retarget=retarget,
+                            max_gap=max_gap)
+    click.echo(str(result.folder))
 
 
 def _finish(out_path: Path, report) -> None:

@@ -13,8 +13,10 @@ from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
+from wan_trt.preflight import check_infer
 from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
 from wan_trt.runtime.compare import QDQ_TOLERANCE, CompareReport, RecordingEngine, compare_components
+from wan_trt.runtime.distributed import is_main_rank
 from wan_trt.runtime.guard import guard_engines
 from wan_trt.runtime.loading import open_pipeline, torch_engines
 from wan_trt.runtime.manifest import read_manifest
@@ -46,10 +48,15 @@ class InferenceOptions:
     face: str | None = None
     background: str | None = None
     mask: str | None = None
+    gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.runtime.distributed)
+    fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast_torch)
 
 
 def run_inference(options: InferenceOptions) -> CompareReport | None:
     """Generate the animation into ``options.out_path``; with ``compare``, also return the error report."""
+    if options.fast and (options.backend != "torch" or options.device != "cuda" or options.gpus > 1):
+        raise BadInputError(f"--fast runs on --backend torch --device cuda with one GPU (got --backend {options.backend} "
+                            f"--device {options.device} --gpus {options.gpus}): use those options or drop --fast")
     _check_output_path(options.out_path)
     manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
     if options.relight and not manifest.lora:
@@ -66,21 +73,26 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     if options.guide_frames >= segment_frames:
         raise BadInputError(f"--guide-frames {options.guide_frames} must be smaller than --segment-frames {segment_frames}")
     _check_resolution(inputs, preset.transformer["rope_max_seq_len"])
+    check_infer(options, manifest, inputs.width, inputs.height, inputs.num_frames, segment_frames)  # disk, GPU, engines
     if inputs.face.width != OFFICIAL_FACE_SIZE:
         log.warning("face crops are %dx%d, the official format has %dx%d; resizing them to the model's %dx%d",
                     inputs.face.width, inputs.face.height, OFFICIAL_FACE_SIZE, OFFICIAL_FACE_SIZE,
                     preset.face_size, preset.face_size)
     request = GenerationRequest(
-        ref_image=inputs.ref_image, pose_frames=inputs.pose.frames, face_frames=inputs.face.frames,
+        ref_image=inputs.ref_image, pose_frames=inputs.pose, face_frames=inputs.face,  # decoded segment by segment
         prompt=options.prompt if options.prompt is not None else DEFAULT_PROMPT, seed=options.seed,
         negative_prompt=options.negative_prompt, guidance_scale=options.guidance_scale,
-        background_frames=inputs.background.frames if inputs.background is not None else None,
+        background_frames=inputs.background,
         mask_frames=inputs.mask,
         steps=options.steps or preset.steps, segment_frames=segment_frames, guide_frames=options.guide_frames,
     )
 
     device = "cuda" if options.backend == "tensorrt" else options.device
-    pipeline, _ = open_pipeline(options.engines_dir, options.backend, device)
+    pipeline, _ = open_pipeline(options.engines_dir, options.backend, device, fast=options.fast)
+    if options.gpus > 1:  # one rank of `infer --gpus N`: the DiT runs sequence-parallel over the process group
+        from wan_trt.runtime.sequence_parallel import shard_dit_engine
+
+        shard_dit_engine(pipeline.engines["transformer"])
     fallback = (lambda: torch_engines(manifest, device, options.engines_dir)) if options.fallback == "torch" else None
     pipeline.engines = guard_engines(pipeline.engines, fallback)
     recorders = None
@@ -112,6 +124,10 @@ def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out
 
     Memory does not grow with the video's length unless ``keep`` (for ``--compare``) holds all frames.
     """
+    if not is_main_rank():  # `infer --gpus N`: every rank denoises, rank 0 writes
+        for _ in _with_progress(pipeline, request, label):
+            pass
+        return None
     height, width = request.pose_frames.shape[1:3]
     produced = []
     with VideoWriter(out_path, width=width, height=height, fps=fps, options=DETERMINISTIC_X264) as writer:
@@ -123,7 +139,7 @@ def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out
 
 
 def _with_progress(pipeline: AnimatePipeline, request: GenerationRequest, label: str):
-    bar = tqdm(desc=f"denoising ({label})", unit="step", leave=False, dynamic_ncols=True)
+    bar = tqdm(desc=f"denoising ({label})", unit="step", leave=False, dynamic_ncols=True, disable=not is_main_rank())
 
     def on_step(segment: int, segments: int, step: int, steps: int) -> None:
         bar.total = segments * steps
