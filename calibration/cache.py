@@ -26,6 +26,7 @@ class LayerStats:
     channel_amax: list[float]
     calls: int = 0
     onnx_tensor: str | None = None
+    rows: int = 0  # token rows observed over all calls
 
 
 @dataclass
@@ -37,11 +38,14 @@ class CalibrationCache:
     steps: int
     layers: dict[str, LayerStats] = field(default_factory=dict)
     percentile: float | None = None
+    target: str | None = None  # mse: the format the error was minimised for (fp8 or int8)
+    guidance_scale: float = 1.0  # > 1: both CFG branches were observed
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "weights_hash": self.weights_hash, "preset": self.preset,
-            "method": self.method, "percentile": self.percentile, "samples": self.samples, "steps": self.steps,
+            "method": self.method, "percentile": self.percentile, "target": self.target,
+            "guidance_scale": self.guidance_scale, "samples": self.samples, "steps": self.steps,
             "layers": {k: vars(v) for k, v in self.layers.items()},
         }
 
@@ -76,6 +80,7 @@ def load_cache(path: str | Path) -> CalibrationCache:
         return CalibrationCache(
             weights_hash=data["weights_hash"], preset=data["preset"], method=data["method"],
             samples=list(data["samples"]), steps=int(data["steps"]), percentile=data.get("percentile"),
+            target=data.get("target"), guidance_scale=float(data.get("guidance_scale", 1.0)),
             layers={k: LayerStats(**v) for k, v in data["layers"].items()},
         )
     except FileNotFoundError:

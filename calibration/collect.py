@@ -5,7 +5,11 @@ activations at t≈999 and t≈1). For each Linear layer of the DiT the input's 
 per-input-channel maxima (for SmoothQuant) are recorded. Methods for the per-tensor range:
 
 * ``max``: the largest |x| seen;
-* ``percentile``: per call, the given percentile of |x|; the largest over calls (robust to outliers).
+* ``percentile``: per call, the given percentile of |x|; the largest over calls (robust to outliers);
+* ``mse`` / ``entropy``: searched over a histogram of |x| gathered over all calls (``histogram.py``):
+  the least quantization error for ``target`` (fp8 or int8), or TensorRT's INT8 KL-divergence search.
+
+With ``guidance_scale > 1`` the DiT runs both CFG branches (one batch-2 call), so both are observed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from pathlib import Path
 import torch
 
 from wan_trt.calibration.cache import CalibrationCache, LayerStats
-from wan_trt.calibration.quantize import linear_layers
+from wan_trt.calibration.histogram import AbsHistogram, entropy_amax, mse_amax
+from wan_trt.calibration.quantize import QUANTIZED_PRECISIONS, linear_layers
 from wan_trt.driving_inputs import DrivingInputs
 from wan_trt.errors import BadInputError
 from wan_trt.presets import DEFAULT_PROMPT
@@ -25,7 +30,7 @@ from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
 
 log = logging.getLogger(__name__)
 
-METHODS = ("max", "percentile")
+METHODS = ("max", "percentile", "mse", "entropy")
 _PERCENTILE_SAMPLE = 1 << 20  # |x| values kept per call for the percentile (a strided subsample)
 
 
@@ -35,13 +40,18 @@ class _RangeObserver:
         self.amax = 0.0
         self.channel_amax: torch.Tensor | None = None
         self.calls = 0
+        self.rows = 0  # token rows observed (a CFG call of batch 2 counts both branches)
+        self.histogram = AbsHistogram() if method in ("mse", "entropy") else None
 
     def __call__(self, module, args) -> None:
         x = args[0].detach().to(torch.float32).abs()
         flat = x.reshape(-1, x.shape[-1])
         channel = flat.amax(dim=0)
         self.channel_amax = channel if self.channel_amax is None else torch.maximum(self.channel_amax, channel)
-        if self.method == "max":
+        if self.histogram is not None:
+            self.histogram.add(flat)
+            value = float(channel.max())
+        elif self.method == "max":
             value = float(channel.max())
         else:
             values = flat.reshape(-1)
@@ -49,14 +59,25 @@ class _RangeObserver:
             value = float(torch.quantile(values, self.percentile / 100.0))
         self.amax = max(self.amax, value)
         self.calls += 1
+        self.rows += flat.shape[0]
+
+    def final_amax(self, target: str) -> float:
+        if self.method == "mse":
+            return mse_amax(self.histogram, target)
+        if self.method == "entropy":
+            return entropy_amax(self.histogram)
+        return self.amax
 
 
 def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, manifest: Manifest,
               samples: list[tuple[str, DrivingInputs]], *, steps: int, method: str = "max",
-              percentile: float = 99.99, segment_frames: int | None = None) -> CalibrationCache:
+              percentile: float = 99.99, segment_frames: int | None = None, target: str = "fp8",
+              guidance_scale: float = 1.0) -> CalibrationCache:
     """Observe the DiT's Linear inputs while ``pipeline`` (torch engines) generates every sample."""
     if method not in METHODS:
         raise BadInputError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    if target not in QUANTIZED_PRECISIONS:
+        raise BadInputError(f"--target {target}: choose one of {', '.join(QUANTIZED_PRECISIONS)}")
     observers = {}
     handles = []
     for path, linear in linear_layers(transformer_module).items():
@@ -67,21 +88,25 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
             log.info("calibrating on %s (%d frames, %d steps)", name, inputs.num_frames, steps)
             request = GenerationRequest(ref_image=inputs.ref_image, pose_frames=inputs.pose.frames,
                                         face_frames=inputs.face.frames, prompt=DEFAULT_PROMPT, steps=steps,
+                                        guidance_scale=guidance_scale,
                                         segment_frames=segment_frames or manifest.preset.segment_frames)
             for _ in pipeline.generate(request):
                 pass
     finally:
         for handle in handles:
             handle.remove()
-    layers = {path: LayerStats(amax=o.amax, channel_amax=o.channel_amax.tolist(), calls=o.calls)
+    layers = {path: LayerStats(amax=o.final_amax(target), channel_amax=o.channel_amax.tolist(), calls=o.calls,
+                               rows=o.rows)
               for path, o in observers.items() if o.calls}
     return CalibrationCache(weights_hash=manifest.weights_hash, preset=manifest.preset.name, method=method,
                             percentile=percentile if method == "percentile" else None,
-                            samples=[name for name, _ in samples], steps=steps, layers=layers)
+                            samples=[name for name, _ in samples], steps=steps, layers=layers,
+                            target=target if method == "mse" else None, guidance_scale=guidance_scale)
 
 
 def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: int | None, method: str,
-                    percentile: float, segment_frames: int | None) -> CalibrationCache:
+                    percentile: float, segment_frames: int | None, target: str = "fp8",
+                    guidance_scale: float = 1.0) -> CalibrationCache:
     """The CLI's entry: fp32 engines dir (for the weights) + preprocessed folders → cache file."""
     from wan_trt.driving_inputs import load_driving_inputs
     from wan_trt.runtime.loading import torch_engines
@@ -95,7 +120,7 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt))
     cache = calibrate(pipeline, engines["transformer"].module, manifest, samples,
                       steps=steps or manifest.preset.steps, method=method, percentile=percentile,
-                      segment_frames=segment_frames)
+                      segment_frames=segment_frames, target=target, guidance_scale=guidance_scale)
     cache.save(out)
     log.info("calibration cache for %d layers written to %s", len(cache.layers), out)
     return cache

@@ -50,7 +50,11 @@ class QuantizedTransformer:
         """Refuse a bad precision, calibration cache or policy before any slow work."""
         if request.precision not in QUANTIZED_PRECISIONS:
             raise BadInputError(f"--precision {request.precision}: quantized precisions are {', '.join(QUANTIZED_PRECISIONS)}")
-        load_cache(request.calibration).check_weights(weights_hash, request.calibration)
+        cache = load_cache(request.calibration)
+        cache.check_weights(weights_hash, request.calibration)
+        if cache.target is not None and cache.target != request.precision:
+            raise BadInputError(f"calibration cache '{request.calibration}' was searched (--method {cache.method}) for "
+                                f"{cache.target}, not {request.precision}: re-run wan-trt calibrate --target {request.precision}")
         load_policy(request.policy)
 
     @staticmethod

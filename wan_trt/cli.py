@@ -219,11 +219,17 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
               help="Preprocessed folder(s) to calibrate on; repeatable [synthetic demo samples].")
 @click.option("--out", "out_path", type=click.Path(), required=True, help="Calibration cache (JSON) to write.")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
-@click.option("--method", type=click.Choice(["max", "percentile"]), default="max", show_default=True)
+@click.option("--method", type=click.Choice(["max", "percentile", "mse", "entropy"]), default="max", show_default=True,
+              help="Range per tensor: largest |x|; largest per-call percentile; least quantization error for "
+                   "--target over a histogram; INT8 KL-divergence search (TensorRT's entropy calibration).")
 @click.option("--percentile", type=FiniteFloatRange(50.0, 100.0), default=99.99, show_default=True)
+@click.option("--target", type=click.Choice(["fp8", "int8"]), default="fp8", show_default=True,
+              help="--method mse: the format the error is minimised for (the cache then builds only that precision).")
+@click.option("--guidance-scale", type=FiniteFloatRange(1.0), default=1.0, show_default=True,
+              help="> 1: calibrate with classifier-free guidance on, observing both branches.")
 @click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
 def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int | None, method: str,
-              percentile: float, segment_frames: int | None) -> None:
+              percentile: float, target: str, guidance_scale: float, segment_frames: int | None) -> None:
     """Record the DiT's activation ranges over every denoising step of the calibration samples."""
     import tempfile
 
@@ -239,7 +245,8 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int
             log.info("no --data given: calibrating on 2 synthetic demo samples")
             folders = [make_demo_inputs(Path(scratch) / f"sample{i}", seed=i, num_frames=21) for i in range(2)]
         run_calibration(Path(engines_dir), folders, Path(out_path), steps=steps, method=method,
-                        percentile=percentile, segment_frames=segment_frames)
+                        percentile=percentile, segment_frames=segment_frames, target=target,
+                        guidance_scale=guidance_scale)
     click.echo(out_path)
 
 
