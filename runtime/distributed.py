@@ -132,15 +132,14 @@ def worker_main(options_file: str, status_dir: str) -> int:
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if options.device == "cuda" else "gloo")
         run_inference(options)
-        dist.barrier()  # rank 0 has written the mp4; tear the group down together
+        dist.barrier()  # rank 0 has written the mp4
     except WanTrtError as error:
         code, message = error.exit_code, str(error)
     except Exception as error:  # reported with its traceback, exit code 1
         log.exception("rank %d failed", rank)
         code, message = 1, f"rank {rank}: {type(error).__name__}: {error}"
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    # The process group is not destroyed: the worker ends with os._exit right after reporting (see
+    # __main__), because gloo's teardown sometimes aborts a finished process (SIGABRT at exit).
     if code and rank == 0:
         print(f"wan-trt: error: {message}", file=sys.stderr)
     Path(status_dir, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "code": code, "message": message}))
@@ -148,4 +147,7 @@ def worker_main(options_file: str, status_dir: str) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover - started by launch_infer through torchrun
-    sys.exit(worker_main(sys.argv[1], sys.argv[2]))
+    exit_code = worker_main(sys.argv[1], sys.argv[2])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_code)  # skip the process group's and the interpreter's teardown (see worker_main)
