@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from wan_trt.json_files import write_json_atomic
 
 
 def summarize(samples_ms: list[float]) -> dict[str, Any]:
@@ -103,15 +103,4 @@ def _driver() -> str:
 
 def write_json(path: str | Path, data: dict) -> Path:
     """Write atomically (temp file beside it, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(path, data)

@@ -9,13 +9,12 @@ preset and the sample set; a cache for other weights is refused.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wan_trt.errors import BadInputError
+from wan_trt.json_files import write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -51,17 +50,7 @@ class CalibrationCache:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file beside it, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(self.to_json(), handle, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return write_json_atomic(path, self.to_json())
 
     def check_weights(self, weights_hash: str, path: str | Path) -> None:
         if self.weights_hash != weights_hash:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wan_trt.components import GraphSpec
 from wan_trt.errors import EngineError
+from wan_trt.json_files import write_json_atomic
 from wan_trt.presets import Preset, preset_from_json
 
 MANIFEST_NAME = "manifest.json"
@@ -80,17 +79,7 @@ def file_sha256(path: Path) -> str:
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
     """Write atomically (temp file in the same directory, then rename)."""
-    path = directory / MANIFEST_NAME
-    fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(manifest.to_json(), handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(directory / MANIFEST_NAME, manifest.to_json(), indent=2)
 
 
 def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifest:
