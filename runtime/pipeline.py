@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 
+from wan_trt.errors import BadInputError
 from wan_trt.presets import DEFAULT_PROMPT, Preset
 from wan_trt.runtime import conditioning as cond
 from wan_trt.runtime.engines import Engine
@@ -63,7 +64,13 @@ class GenerationRequest:
     steps: int = 20
     segment_frames: int = 77
     guide_frames: int = 1
+    clip_preprocess: str = "original"  # CLIP input convention: "original" (official Wan) or "diffusers" (conditioning)
     on_step: Callable[[int, int, int, int], None] | None = field(default=None, repr=False)  # segment, n, step, n
+
+    def __post_init__(self) -> None:
+        if self.clip_preprocess not in cond.CLIP_PREPROCESSING:
+            raise BadInputError(f"clip_preprocess '{self.clip_preprocess}' is unknown: use one of "
+                                f"{', '.join(cond.CLIP_PREPROCESSING)}")
 
 
 class AnimatePipeline:
@@ -84,8 +91,12 @@ class AnimatePipeline:
             {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)})
         return out["text_embeds"]
 
-    def encode_image(self, ref_pixels: torch.Tensor) -> torch.Tensor:
-        return self.engines["image_encoder"].run({"clip_pixels": cond.clip_pixels(ref_pixels)})["image_embeds"]
+    def encode_image(self, ref_pixels: torch.Tensor, ref_image: np.ndarray | None = None,
+                     preprocess: str = "original") -> torch.Tensor:
+        """CLIP features of the reference: the letter-boxed ``ref_pixels`` (``"original"``) or the raw
+        photo ``ref_image`` (``"diffusers"``), see :func:`conditioning.clip_input`."""
+        pixels = cond.clip_input(preprocess, ref_image, ref_pixels)
+        return self.engines["image_encoder"].run({"clip_pixels": pixels})["image_embeds"]
 
     def vae_encode(self, video: torch.Tensor) -> torch.Tensor:
         """``[B, 3, 4n+1, H, W]`` in [-1, 1] → normalised latents ``[B, 16, n+1, H/8, W/8]``, chunk by chunk."""
@@ -141,7 +152,7 @@ class AnimatePipeline:
         if guidance:  # one DiT call of batch 2: [conditional, unconditional]
             text_embeds = torch.cat([text_embeds, self.encode_prompt(request.negative_prompt)])
         ref_pixels = cond.to_unit_range(cond.letterbox(request.ref_image, height, width))
-        image_embeds = self.encode_image(ref_pixels)
+        image_embeds = self.encode_image(ref_pixels, request.ref_image, request.clip_preprocess)
         latent_h, latent_w = height // 8, width // 8
         ref_latents = torch.cat([torch.ones(1, 4, 1, latent_h, latent_w), self.vae_encode(ref_pixels)], dim=1)
 

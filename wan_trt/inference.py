@@ -50,6 +50,7 @@ class InferenceOptions:
     mask: str | None = None
     gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.runtime.distributed)
     fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast_torch)
+    clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
 
 
 def run_inference(options: InferenceOptions) -> CompareReport | None:
@@ -85,6 +86,7 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
         background_frames=inputs.background,
         mask_frames=inputs.mask,
         steps=options.steps or preset.steps, segment_frames=segment_frames, guide_frames=options.guide_frames,
+        clip_preprocess=options.clip_preprocess,
     )
 
     device = "cuda" if options.backend == "tensorrt" else options.device
