@@ -9,6 +9,9 @@ ModelOpt's ONNX extra pins onnx/onnxruntime-gpu versions that clobber the runtim
 Per quantized Linear (an ONNX MatMul with a constant weight, or a Gemm):
 activation → [Mul 1/s (INT8 SmoothQuant)] → QuantizeLinear → DequantizeLinear → MatMul;
 weight stored as an FP8 E4M3 / INT8 initializer → DequantizeLinear (per output channel) → MatMul.
+Per quantized self-attention (FP8, see ``attention.py``): per-tensor Q/DQ on both inputs of the
+q·kᵀ matmul and of the softmax·v matmul, found as the two activation×activation MatMuls the
+exporter records under ``transformer.blocks.N.attn1``.
 Opset 19 (FLOAT8E4M3FN needs it). TensorRT's strongly typed mode compiles exactly these dtypes.
 In an fp16/bf16 graph the scales (and the SmoothQuant factors) are tensors of the graph's type, so
 activations are quantized from and weights dequantized to that type (the plan holds rounded values).
@@ -26,18 +29,21 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from wan_trt.calibration.attention import stats_key
+from wan_trt.calibration.policy import BLOCK_PREFIX
 from wan_trt.calibration.quantize import QMAX, QuantPlan
 
 log = logging.getLogger(__name__)
 
 _ONNX_TYPE = {"fp8": TensorProto.FLOAT8E4M3FN, "int8": TensorProto.INT8}
 _NUMPY_TYPE = {"fp8": ml_dtypes.float8_e4m3fn, "int8": np.int8}
+_FLOAT_TYPE = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 
 
 @dataclass
 class QdqSummary:
     quantized: list[str]  # module paths
-    activation_tensors: dict[str, str]  # module path -> ONNX tensor feeding it
+    activation_tensors: dict[str, str]  # module path (or attention input key) -> ONNX tensor feeding it
 
 
 def module_path(node: onnx.NodeProto) -> str | None:
@@ -69,7 +75,11 @@ def write_qdq(src: Path, dst: Path, plan: QuantPlan) -> QdqSummary:
     new_inits: list[onnx.TensorProto] = []
     done: dict[str, str] = {}
     nodes_out: list[onnx.NodeProto] = []
+    attention = _AttentionMatmuls(graph, plan)
     for node in graph.node:
+        if node.name in attention.roles:
+            nodes_out.extend(attention.quantize_inputs(node, new_inits, done))
+            continue
         path = module_path(node) if node.op_type in ("MatMul", "Gemm") else None
         layer = plan.layers.get(path) if path else None
         if layer is None or path in done or node.input[1] not in inits:
@@ -91,10 +101,7 @@ def write_qdq(src: Path, dst: Path, plan: QuantPlan) -> QdqSummary:
         a_scale = _float_tensor(np.array(layer.act_scale, dtype=np.float32), float_type, f"{tag}_act_scale")
         a_zero = helper.make_tensor(f"{tag}_act_zero", zero_type, [], [0])
         new_inits += [a_scale, a_zero]
-        nodes_out.append(helper.make_node("QuantizeLinear", [activation, a_scale.name, a_zero.name], [f"{tag}_act_q"],
-                                          name=f"{tag}_act_quantize"))
-        nodes_out.append(helper.make_node("DequantizeLinear", [f"{tag}_act_q", a_scale.name, a_zero.name],
-                                          [f"{tag}_act_dq"], name=f"{tag}_act_dequantize"))
+        nodes_out += qdq_pair(activation, a_scale.name, a_zero.name, f"{tag}_act")
         # weight: quantized initializer + DQ per output channel
         w_scale = layer.weight_scale.astype(np.float32)
         stored = w_in_out.T if trans_b else w_in_out  # keep the node's layout
@@ -113,19 +120,81 @@ def write_qdq(src: Path, dst: Path, plan: QuantPlan) -> QdqSummary:
         rewired.input[1] = f"{tag}_weight_dq"
         nodes_out.append(rewired)
         done[path] = node.input[0]
-    missing = sorted(set(plan.layers) - set(done))
+    missing = sorted(set(plan.layers) - set(done)) + attention.missing()
     if missing:
         raise RuntimeError(f"Q/DQ writer found no MatMul/Gemm for {len(missing)} planned layers, e.g. {missing[0]}")
+    save_rewritten(model, nodes_out, new_inits, dst)
+    log.info("wrote %s Q/DQ for %d layers and %d self-attentions to %s", precision, len(plan.layers),
+             len(plan.attention), dst)
+    return QdqSummary(quantized=[p for p in done if p in plan.layers], activation_tensors=done)
+
+
+class _AttentionMatmuls:
+    """The q·kᵀ and softmax·v MatMuls of the planned blocks' self-attention, and their input Q/DQ."""
+
+    def __init__(self, graph: onnx.GraphProto, plan: QuantPlan) -> None:
+        self.plan = plan
+        self.float_type = _FLOAT_TYPE[plan.scale_dtype]
+        self.zero_type = _ONNX_TYPE[plan.precision]
+        constants = {i.name for i in graph.initializer}
+        producer = {out: node for node in graph.node for out in node.output}
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        scopes = {f"{BLOCK_PREFIX}.{block}.attn1": block for block in plan.attention}
+        self.roles: dict[str, tuple[int, tuple[str, str]]] = {}  # node name -> (block, its inputs' tensors)
+        for node in graph.node:
+            block = scopes.get(module_path(node)) if node.op_type == "MatMul" else None
+            if block is None or any(name in constants for name in node.input):
+                continue
+            if any(c.op_type == "Softmax" for c in consumers.get(node.output[0], [])):
+                self.roles[node.name] = (block, ("q", "k"))
+            elif getattr(producer.get(node.input[0]), "op_type", None) == "Softmax":
+                self.roles[node.name] = (block, ("softmax", "v"))
+
+    def missing(self) -> list[str]:
+        found = {(block, tensors) for block, tensors in self.roles.values()}
+        return [f"{BLOCK_PREFIX}.{block}.attn1 ({'·'.join(tensors)} matmul)" for block in self.plan.attention
+                for tensors in (("q", "k"), ("softmax", "v")) if (block, tensors) not in found]
+
+    def quantize_inputs(self, node: onnx.NodeProto, new_inits: list, done: dict[str, str]) -> list[onnx.NodeProto]:
+        """Q/DQ nodes for both inputs of the matmul ``node``, then the matmul reading them (in graph order)."""
+        block, tensors = self.roles[node.name]
+        scales = self.plan.attention[block].scales()
+        rewired = onnx.NodeProto()
+        rewired.CopyFrom(node)
+        nodes: list[onnx.NodeProto] = []
+        for slot, tensor in enumerate(tensors):
+            tag = stats_key(block, tensor).replace(".", "_")
+            scale = _float_tensor(np.array(scales[tensor], dtype=np.float32), self.float_type, f"{tag}_scale")
+            zero = helper.make_tensor(f"{tag}_zero", self.zero_type, [], [0])
+            new_inits += [scale, zero]
+            nodes += qdq_pair(node.input[slot], scale.name, zero.name, tag)
+            done[stats_key(block, tensor)] = node.input[slot]
+            rewired.input[slot] = f"{tag}_dq"
+        return nodes + [rewired]
+
+
+def save_rewritten(model: onnx.ModelProto, nodes: list[onnx.NodeProto], new_inits: list[onnx.TensorProto],
+                   dst: Path) -> None:
+    """Give ``model`` the rewritten ``nodes``, drop initializers no node reads any more, add ``new_inits``,
+    check it and save it to ``dst``."""
+    graph = model.graph
     del graph.node[:]
-    graph.node.extend(nodes_out)
+    graph.node.extend(nodes)
     used = {name for n in graph.node for name in n.input}
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
-    log.info("wrote %s Q/DQ for %d layers to %s", precision, len(done), dst)
-    return QdqSummary(quantized=list(done), activation_tensors=done)
+
+
+def qdq_pair(tensor: str, scale: str, zero: str, tag: str) -> list[onnx.NodeProto]:
+    """QuantizeLinear → DequantizeLinear of ``tensor`` (output ``{tag}_dq``)."""
+    return [helper.make_node("QuantizeLinear", [tensor, scale, zero], [f"{tag}_q"], name=f"{tag}_quantize"),
+            helper.make_node("DequantizeLinear", [f"{tag}_q", scale, zero], [f"{tag}_dq"], name=f"{tag}_dequantize")]
 
 
 def _float_tensor(values: np.ndarray, data_type: int, name: str) -> onnx.TensorProto:
@@ -158,11 +227,16 @@ def count_qdq_by_block(path: Path) -> dict[int, int]:
     return counts
 
 
-def layer_precisions(path: Path) -> dict[str, str]:
-    """Module path → precision of its weight (fp8, int8 or the float type) for every MatMul/Gemm with one."""
+def layer_precisions(path: Path, float_type: str = "fp32") -> dict[str, str]:
+    """Module path → precision of every DiT MatMul/Gemm with a weight (fp8, int8 or the float type), and of
+    each self-attention's two matmuls (``….attn1 q·k`` / ``….attn1 softmax·v``: fp8, or ``float_type``)."""
     model = onnx.load(str(path), load_external_data=False)
     inits = {i.name: i for i in model.graph.initializer}
     produced_by = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
     names = {TensorProto.FLOAT8E4M3FN: "fp8", TensorProto.INT8: "int8", TensorProto.FLOAT: "fp32",
              TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
     result = {}
@@ -173,6 +247,12 @@ def layer_precisions(path: Path) -> dict[str, str]:
         source = produced_by.get(weight)
         if source is not None and source.op_type == "DequantizeLinear":
             weight = source.input[0]
+        path_ = module_path(node) or node.name
         if weight in inits:
-            result[module_path(node) or node.name] = names.get(inits[weight].data_type, "other")
+            result[path_] = names.get(inits[weight].data_type, "other")
+        elif path_.endswith(".attn1") and node.input[0] not in inits:
+            role = "q·k" if "Softmax" in consumers.get(node.output[0], []) else "softmax·v"
+            source = produced_by.get(node.input[0])
+            quantized = source is not None and source.op_type == "DequantizeLinear" and len(source.input) > 2
+            result[f"{path_} {role}"] = names.get(inits[source.input[2]].data_type, "other") if quantized else float_type
     return result

@@ -11,17 +11,21 @@ module used to prove that graph. Per layer:
 
 FP8 E4M3: qmax 448, round to nearest even, saturating. INT8: symmetric, qmax 127, zero point 0.
 
+With the policy's ``fp8_self_attention`` (FP8), the plan also holds per-tensor scales of each
+quantized block's self-attention matmul inputs (``attention.py``).
+
 In a graph whose high-precision part is fp16/bf16 the scales are tensors of that type, so the plan
 rounds them to it (``scale_dtype``) and the fake-quant uses exactly the rounded values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from wan_trt.calibration.attention import AttentionPlan, FakeQuantAttention, self_attention_processors, split_scale, stats_key
 from wan_trt.calibration.cache import CalibrationCache
 from wan_trt.calibration.policy import PrecisionPolicy
 from wan_trt.errors import BadInputError
@@ -46,6 +50,7 @@ class QuantPlan:
     layers: dict[str, LayerPlan]
     alpha: float | None = None
     scale_dtype: str = "fp32"  # the float type of the scales in the graph (its high-precision type)
+    attention: dict[int, AttentionPlan] = field(default_factory=dict)  # block -> its self-attention's scales
 
 
 def _round_to(values: np.ndarray | float, dtype: str) -> np.ndarray:
@@ -55,8 +60,12 @@ def _round_to(values: np.ndarray | float, dtype: str) -> np.ndarray:
 
 
 def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, policy: PrecisionPolicy,
-              precision: str, num_blocks: int, alpha: float = 0.5, scale_dtype: str = "fp32") -> QuantPlan:
-    """Scales for every layer the policy quantizes, from calibrated activation ranges and the weights."""
+              precision: str, num_blocks: int, alpha: float = 0.5, scale_dtype: str = "fp32",
+              head_dim: int | None = None) -> QuantPlan:
+    """Scales for every layer the policy quantizes, from calibrated activation ranges and the weights.
+
+    ``head_dim`` (the DiT's attention head size) is needed when the policy quantizes attention.
+    """
     if precision not in QMAX:
         raise BadInputError(f"--precision {precision}: quantized precisions are {', '.join(QMAX)}")
     qmax = QMAX[precision]
@@ -81,7 +90,26 @@ def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, poli
         w_amax = np.maximum(np.abs(weight).max(axis=1), _TINY)
         act_scale = float(_round_to(max(act_amax, _TINY) / qmax, scale_dtype))
         layers[path] = LayerPlan(path, act_scale, _round_to(w_amax / qmax, scale_dtype), smooth, inverse)
-    return QuantPlan(precision, layers, alpha if precision == "int8" else None, scale_dtype)
+    attention = {block: _attention_plan(block, cache, qmax, scale_dtype, head_dim)
+                 for block in policy.attention_blocks(num_blocks, precision)}
+    return QuantPlan(precision, layers, alpha if precision == "int8" else None, scale_dtype, attention)
+
+
+def _attention_plan(block: int, cache: CalibrationCache, qmax: float, scale_dtype: str,
+                    head_dim: int | None) -> AttentionPlan:
+    if head_dim is None:
+        raise ValueError("make_plan needs head_dim when the policy quantizes attention")
+    amax = {}
+    for tensor in ("q", "k", "v", "softmax"):
+        stats = cache.layers.get(stats_key(block, tensor))
+        if stats is None:
+            raise BadInputError(f"calibration cache has no attention statistics for {stats_key(block, tensor)}: re-run "
+                                "wan-trt calibrate (this wan-trt records them), or use a policy with "
+                                '"fp8_self_attention": false')
+        amax[tensor] = max(stats.amax, _TINY)
+    c = split_scale(head_dim)  # the graph quantizes q·c and k·c
+    scale = {t: float(_round_to(v * (c if t in ("q", "k") else 1.0) / qmax, scale_dtype)) for t, v in amax.items()}
+    return AttentionPlan(block, scale["q"], scale["k"], scale["v"], scale["softmax"])
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor | float, precision: str) -> torch.Tensor:
@@ -121,11 +149,15 @@ class FakeQuantLinear(torch.nn.Module):
 
 
 def apply_fake_quant(module: torch.nn.Module, plan: QuantPlan) -> torch.nn.Module:
-    """Replace the planned Linear layers of ``module`` (in place) by FakeQuantLinear; returns it."""
+    """Replace the planned Linear layers of the DiT graph ``module`` (in place) by FakeQuantLinear, and
+    the planned blocks' self-attention by FakeQuantAttention; returns it."""
     for path, layer in plan.layers.items():
         parent_path, _, name = path.rpartition(".")
         parent = module.get_submodule(parent_path)
         setattr(parent, name, FakeQuantLinear(getattr(parent, name), layer, plan.precision))
+    processors = self_attention_processors(module) if plan.attention else {}
+    for block, attention in plan.attention.items():
+        processors[block].self_attention = FakeQuantAttention(attention, plan.precision, fake_quant)
     return module
 
 

@@ -1,4 +1,5 @@
-"""A quantized DiT at build time: the plan, the Q/DQ graph, its fake-quant reference, the accuracy report."""
+"""A quantized build: the DiT's plan, Q/DQ graph and fake-quant reference, and (with the policy's
+``vae_decoder_convs``) the same for the streamed VAE decoder's convolutions."""
 
 from __future__ import annotations
 
@@ -11,18 +12,21 @@ from typing import Any
 import torch
 
 from wan_trt.calibration.cache import CalibrationCache, load_cache
+from wan_trt.calibration.conv_quant import (ConvQuantPlan, apply_fake_quant_convs, check_conv_qdq_layers, conv_layers,
+                                            make_conv_plan, select_convs, write_conv_qdq)
 from wan_trt.calibration.policy import PrecisionPolicy, load_policy
 from wan_trt.calibration.qdq import write_qdq
 from wan_trt.calibration.quantize import QUANTIZED_PRECISIONS, QuantPlan, apply_fake_quant, linear_layers, make_plan
 from wan_trt.errors import BadInputError
 from wan_trt.presets import Preset
-from wan_trt.runtime.compare import QDQ_TOLERANCE  # noqa: F401  (re-exported for the build)
+from wan_trt.runtime.compare import QDQ_TOLERANCE, VAE_DECODER_GRAPHS  # noqa: F401  (re-exported for the build)
 
 log = logging.getLogger(__name__)
 
 ACCURACY_FILE = "accuracy.json"
 CALIBRATION_FILE = "calibration.json"
 ACCURACY_TIMESTEPS = (999.0, 500.0, 1.0)
+CONV_LAYER_TOLERANCE = 1e-5  # a quantized Conv's output in ORT vs torch on the same dequantized input
 
 
 @dataclass(frozen=True)
@@ -74,13 +78,49 @@ class QuantizedTransformer:
         """Rewrite the exported fp32 DiT graph with Q/DQ in place; keep the cache beside it."""
         summary = write_qdq(onnx_path, onnx_path, self.plan)
         for path, tensor in summary.activation_tensors.items():
-            self.cache.layers[path].onnx_tensor = tensor
+            self.cache.layers[path].onnx_tensor = tensor  # an attention input's key names its tensor too
         self.cache.save(engines_dir / CALIBRATION_FILE)
 
     def manifest_entry(self) -> dict[str, Any]:
         return {"precision": self.precision, "policy": self.policy.to_json(), "calibration_file": CALIBRATION_FILE,
                 "calibration_method": self.cache.method, "smoothquant_alpha": self.plan.alpha,
-                "high_precision": self.plan.scale_dtype, "quantized_layers": len(self.plan.layers)}
+                "high_precision": self.plan.scale_dtype, "quantized_layers": len(self.plan.layers),
+                "fp8_attention_blocks": sorted(self.plan.attention)}
+
+
+@dataclass
+class QuantizedVaeDecoder:
+    """The VAE decoder's conv plan; its Q/DQ graphs are proven layer by layer (``check_conv_qdq_layers``)."""
+
+    plan: ConvQuantPlan
+
+    @staticmethod
+    def prepare(cache: CalibrationCache, precision: str, decoder_graph: torch.nn.Module,
+                calibration: Path) -> "QuantizedVaeDecoder":
+        """``decoder_graph``: a VAE decoder graph module (``VaeDecoderStep``); the convs are the decoder's."""
+        convs = {p: c for p, c in conv_layers(decoder_graph).items() if p.startswith("vae.decoder.")}
+        amax = {p: cache.layers[p].amax for p in convs if p in cache.layers}
+        if not amax:
+            raise BadInputError(f"calibration cache '{calibration}' has no VAE conv ranges: re-run wan-trt calibrate "
+                                "(this wan-trt records them), or use a policy with \"vae_decoder_convs\": false")
+        layers = [p for p in select_convs(convs) if p in amax]
+        return QuantizedVaeDecoder(make_conv_plan(convs, amax, precision, layers))
+
+    def write_and_check(self, name: str, onnx_path: Path, module: torch.nn.Module, feed: dict) -> int:
+        """Rewrite the exported graph ``name`` with Q/DQ in place and prove each quantized conv in ORT:
+        identical quantized inputs and its output within ``CONV_LAYER_TOLERANCE``. Returns the count."""
+        quantized = write_conv_qdq(onnx_path, onnx_path, self.plan, require_all=name == "vae_decoder_step")
+        convs = conv_layers(module)
+        for check in check_conv_qdq_layers(onnx_path, feed, convs, self.plan):
+            if check.code_mismatch != 0 or not check.output_rel_l2 <= CONV_LAYER_TOLERANCE:
+                raise RuntimeError(f"{name}: Q/DQ conv {check.path} in ORT differs from PyTorch (quantized inputs "
+                                   f"differing: {check.code_mismatch:.2e}, output rel-L2 {check.output_rel_l2:.2e})")
+        return len(quantized)
+
+    def apply_to(self, decoder_graph: torch.nn.Module) -> None:
+        """Make the (shared) VAE behind ``decoder_graph`` compute what the Q/DQ decoder graphs compute."""
+        apply_fake_quant_convs(decoder_graph, self.plan)
+
 
 def fake_quant_reference(transformer_graph: torch.nn.Module, cache: CalibrationCache, policy: PrecisionPolicy,
                          precision: str, alpha: float, num_blocks: int, high_precision: str = "fp32") -> torch.nn.Module:
@@ -91,17 +131,25 @@ def fake_quant_reference(transformer_graph: torch.nn.Module, cache: CalibrationC
     """
     reference = copy.deepcopy(transformer_graph)
     core = getattr(reference, "inner", reference)
-    plan = make_plan(linear_layers(core), cache, policy, precision, num_blocks, alpha, high_precision)
+    plan = make_plan(linear_layers(core), cache, policy, precision, num_blocks, alpha, high_precision,
+                     head_dim=int(core.transformer.config.attention_head_dim))
     apply_fake_quant(core, plan)
     reference.plan = plan
     return reference
 
 
+def quantize_vae_for_manifest(decoder_graph: torch.nn.Module, engines_dir: Path, manifest) -> None:
+    """The torch backend's VAE for an engines directory with Q/DQ decoder convs (fake-quant, in place)."""
+    q = manifest.quantization
+    if q.get("vae_decoder_convs"):
+        cache = load_cache(engines_dir / q["calibration_file"])
+        QuantizedVaeDecoder.prepare(cache, q["precision"], decoder_graph, engines_dir).apply_to(decoder_graph)
+
+
 def reference_for_manifest(transformer_graph: torch.nn.Module, engines_dir: Path, manifest) -> torch.nn.Module:
     """The torch backend's DiT for a quantized engines directory (fake-quant with the stored cache)."""
     q = manifest.quantization
-    policy = PrecisionPolicy(q["policy"]["keep_first_blocks"], q["policy"]["keep_last_blocks"],
-                             tuple(q["policy"]["block_layers"]), q["policy"].get("source", "manifest"))
+    policy = PrecisionPolicy.from_json(q["policy"])
     cache = load_cache(engines_dir / q["calibration_file"])
     return fake_quant_reference(transformer_graph, cache, policy, q["precision"], q.get("smoothquant_alpha") or 0.5,
                                 int(manifest.preset.transformer["num_layers"]), q.get("high_precision", "fp32"))

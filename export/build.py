@@ -20,7 +20,8 @@ from wan_trt import __version__
 from wan_trt.components import GraphSpec, graph_specs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.metrics import relative_l2
-from wan_trt.calibration.quantized import QDQ_TOLERANCE, QuantizationRequest, QuantizedTransformer
+from wan_trt.calibration.quantized import (QDQ_TOLERANCE, VAE_DECODER_GRAPHS, QuantizationRequest,
+                                          QuantizedTransformer, QuantizedVaeDecoder)
 from wan_trt.export.accuracy import ACCURACY_FILE, Fp32Reference, write_accuracy
 from wan_trt.export.graphs import cache_layouts, graph_modules
 from wan_trt.export.onnx_export import EXPORT_SIZES, export_graph
@@ -101,9 +102,13 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
         fp32_reference = Fp32Reference.capture(modules, specs, preset, tokenizer, with_video)
     modules = {name: HalfPrecisionGraph(module, dtypes[name], specs[name].input_names) if dtypes[name] != "fp32" else module
                for name, module in modules.items()}
-    quant = None
+    quant = vae_quant = None
     if quantization is not None:
         quant = QuantizedTransformer.prepare(quantization, weights_hash, modules["transformer"], preset)
+        if quant.policy.vae_decoder_convs:
+            vae_quant = QuantizedVaeDecoder.prepare(quant.cache, quant.precision, modules["vae_decoder_step"],
+                                                    quant.calibration_path)
+    quantized_convs = 0
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out_dir)
@@ -119,6 +124,14 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
             if quant is not None and name == "transformer":
                 quant.write(path, staging)
                 module, optimization, tolerance = quant.reference, "basic", QDQ_TOLERANCE
+            if vae_quant is not None and name in VAE_DECODER_GRAPHS:
+                feed = spec.sample_inputs(EXPORT_SIZES, seed=1)
+                count = vae_quant.write_and_check(name, path, modules[name], feed)
+                quantized_convs = max(quantized_convs, count)
+                log.info("[%d/%d] %s: %d convs with %s Q/DQ, each proven in ORT on its own inputs", number, len(specs),
+                         name, count, quant.precision)
+                graphs[name] = GraphEntry(spec, path.name, path.stat().st_size, file_sha256(path), dtypes[name])
+                continue  # end to end, boundary flips compound through the convs: see runtime.compare
             if dtypes[name] != "fp32":
                 half_tolerance = HALF_QDQ_TOLERANCE if tolerance == QDQ_TOLERANCE else HALF_TOLERANCE
                 optimization, tolerance = "basic", max(tolerance, half_tolerance)
@@ -128,15 +141,18 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                          time.monotonic() - start)
             graphs[name] = GraphEntry(spec, path.name, path.stat().st_size, file_sha256(path), dtypes[name])
         _write_prompt_cache(staging / PROMPT_CACHE_FILE, tokenizer, modules["text_encoder"])
+        quant_entry = {**quant.manifest_entry(), "vae_decoder_convs": quantized_convs} if quant else None
+        if vae_quant is not None:  # from here on the (shared) VAE computes what its Q/DQ graphs compute
+            vae_quant.apply_to(modules["vae_decoder_step"])
         if fp32_reference is not None:
             _write_accuracy(staging, fp32_reference, quant.precision if quant else precision, dtypes, graphs, specs,
                             {**modules, "transformer": quant.reference} if quant else modules, preset, tokenizer,
-                            quant.manifest_entry() if quant else None)
+                            quant_entry)
         manifest = Manifest(preset=preset, seed=seed, weights_hash=weights_hash,
                             precision=quant.precision if quant else precision, tokenizer_file=TOKENIZER_FILE,
                             graphs=graphs, versions=tool_versions(),
                             checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
-                            quantization=quant.manifest_entry() if quant else None,
+                            quantization=quant_entry,
                             lora={"file": str(Path(lora).resolve()), "scale": lora_scale} if lora else None,
                             prompt_cache_file=PROMPT_CACHE_FILE)
         if tensorrt is not None:

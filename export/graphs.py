@@ -98,7 +98,15 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 class ExportAttnProcessor:
-    """diffusers' WanAttnProcessor math (self- and cross-attention with the CLIP K/V branch) for export."""
+    """diffusers' WanAttnProcessor math (self- and cross-attention with the CLIP K/V branch) for export.
+
+    ``self_attention`` computes softmax(q·kᵀ/√d)·v of the self-attention over ``[B, S, H, D]``
+    tensors; calibration swaps in an observer and the FP8 reference a fake-quant attention
+    (``wan_trt.calibration.attention``); the default is plain SDPA.
+    """
+
+    def __init__(self) -> None:
+        self.self_attention = _sdpa
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         image_context = None
@@ -112,7 +120,7 @@ class ExportAttnProcessor:
         v = attn.to_v(context).unflatten(2, (attn.heads, -1))
         if rotary_emb is not None:
             q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)
-        out = _sdpa(q, k, v).type_as(q)
+        out = (self.self_attention if encoder_hidden_states is None else _sdpa)(q, k, v).type_as(q)
         if image_context is not None:
             k_img = attn.norm_added_k(attn.add_k_proj(image_context)).unflatten(2, (attn.heads, -1))
             v_img = attn.add_v_proj(image_context).unflatten(2, (attn.heads, -1))

@@ -335,7 +335,8 @@ class CudnnFp8Attention:
 @dataclass
 class FastOptions:
     attention: str = "bf16"  # bf16 | fp8 (cuDNN FP8 self-attention in the blocks listed below)
-    fp8_attention_blocks: str = "policy"  # policy (the blocks whose Linears are quantized) | all
+    # policy: the blocks whose Linears are quantized | plan: the plan's attention blocks | all
+    fp8_attention_blocks: str = "policy"
     compile: bool = True
     fast_accum: bool = True
     dtype: torch.dtype = torch.bfloat16
@@ -405,8 +406,9 @@ class FastTransformer(torch.nn.Module):
         quantized_blocks = {i for i, ops in enumerate(self.block_ops)
                             if ops.qkv is not None or any(isinstance(o, Fp8Linear) for o in ops.ops.values())}
         if self.options.attention == "fp8":
-            self.fp8_attention = set(range(len(self.block_ops))) if self.options.fp8_attention_blocks == "all" \
-                else quantized_blocks
+            self.fp8_attention = {"all": set(range(len(self.block_ops))), "policy": quantized_blocks,
+                                  "plan": set(plan.attention) if plan is not None else set()}[
+                self.options.fp8_attention_blocks]
         else:
             self.fp8_attention = set()
         if release_bf16 and plan is not None:
@@ -641,17 +643,21 @@ class FastEngine:
         return result
 
 
-def fast_plan(graph: torch.nn.Module, directory, manifest) -> QuantPlan:
-    """The FP8 plan of a quantized engines directory (its calibration cache and policy, as the build made it)."""
+def fast_plan(graph: torch.nn.Module, directory, manifest) -> tuple[QuantPlan, dict[int, tuple[float, float, float]]]:
+    """The FP8 plan of a quantized engines directory (its calibration cache and policy, as the build made it),
+    and the calibrated |q|, |k|, |v| ranges of the blocks whose self-attention it quantizes."""
     from wan_trt.calibration.cache import load_cache
     from wan_trt.calibration.policy import PrecisionPolicy
+    from wan_trt.calibration.attention import stats_key
     from wan_trt.calibration.quantize import linear_layers, make_plan
 
     q = manifest.quantization
-    policy = PrecisionPolicy(q["policy"]["keep_first_blocks"], q["policy"]["keep_last_blocks"],
-                             tuple(q["policy"]["block_layers"]), q["policy"].get("source", "manifest"))
+    policy = PrecisionPolicy.from_json(q["policy"])
     cache = load_cache(directory / q["calibration_file"])
-    return make_plan(linear_layers(graph), cache, policy, q["precision"], int(manifest.preset.transformer["num_layers"]))
+    plan = make_plan(linear_layers(graph), cache, policy, q["precision"], int(manifest.preset.transformer["num_layers"]),
+                     head_dim=int(graph.transformer.config.attention_head_dim))
+    ranges = {block: tuple(cache.layers[stats_key(block, t)].amax for t in "qkv") for block in plan.attention}
+    return plan, ranges
 
 
 def fast_torch_engines(manifest, device: str, directory) -> dict:
@@ -664,12 +670,14 @@ def fast_torch_engines(manifest, device: str, directory) -> dict:
     if precision not in ("fp32", "fp8"):
         raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
     modules = reference_graph_modules(manifest)
-    plan = fast_plan(modules["transformer"], directory, manifest) if precision == "fp8" else None
+    plan, attention_ranges = fast_plan(modules["transformer"], directory, manifest) if precision == "fp8" else (None, {})
     graph = modules["transformer"]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
     to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
-    options = FastOptions(attention="fp8" if plan is not None else "bf16")
+    options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan")
     fast = FastTransformer(graph, plan, options, release_bf16=True).to("cuda")
+    if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
+        fast.use_static_attention(attention_ranges)
     torch.cuda.empty_cache()
     log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks)", "FP8" if plan else "bf16",
              options.attention, len(fast.fp8_attention), len(fast.block_ops))

@@ -62,11 +62,12 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
         modules = {name: HalfPrecisionGraph(modules[name], entry.dtype, entry.spec.input_names)
                    if entry.dtype != "fp32" else modules[name] for name, entry in manifest.graphs.items()}
     if manifest.quantization:
-        from wan_trt.calibration.quantized import reference_for_manifest
+        from wan_trt.calibration.quantized import quantize_vae_for_manifest, reference_for_manifest
 
         if directory is None:
             raise EngineError("quantized engines need their directory to rebuild the fake-quant PyTorch reference")
         modules["transformer"] = reference_for_manifest(modules["transformer"], directory, manifest)
+        quantize_vae_for_manifest(modules["vae_decoder_step"], directory, manifest)
     return {name: TorchEngine(modules[name], entry.spec, "cuda" if device != "cpu" else "cpu")
             for name, entry in manifest.graphs.items()}
 

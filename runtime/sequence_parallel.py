@@ -129,10 +129,15 @@ class _State:
 
 
 class UlyssesSelfAttnProcessor:
-    """The export processor's self-attention math with an all-to-all (tokens ↔ heads) around the attention."""
+    """The export processor's self-attention math with an all-to-all (tokens ↔ heads) around the attention.
 
-    def __init__(self, state: _State) -> None:
-        self.state = state
+    ``attention`` is the replaced processor's self-attention function (plain SDPA, or the fake-quant
+    FP8 attention of a quantized reference: its scales are per tensor, so a head shard is quantized
+    exactly as the whole).
+    """
+
+    def __init__(self, state: _State, attention=_sdpa) -> None:
+        self.state, self.attention = state, attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         layout = self.state.current()
@@ -143,7 +148,7 @@ class UlyssesSelfAttnProcessor:
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
         q, k = _rope(q, *rotary_emb), _rope(k, *rotary_emb)  # the rope tables are this rank's slice
         q, k, v = seq_to_heads(torch.stack((q, k, v)), self.state.group)[:, :, : layout.tokens].unbind(0)
-        out = _sdpa(q, k, v).type_as(q).unflatten(2, (q.shape[2], -1))  # [B, S, H/N, D], real tokens only
+        out = self.attention(q, k, v).type_as(q).unflatten(2, (q.shape[2], -1))  # [B, S, H/N, D], real tokens only
         if layout.padded > layout.tokens:
             out = torch.cat([out, out.new_zeros(out.shape[0], layout.padded - layout.tokens, *out.shape[2:])], dim=1)
         out = heads_to_seq(out, self.state.group).flatten(2)
@@ -202,7 +207,8 @@ class SequenceParallelDiT(torch.nn.Module):
         model = graph.transformer
         check_world_size(int(model.config.num_attention_heads), dist.get_world_size(group))
         for block in model.blocks:
-            block.attn1.set_processor(UlyssesSelfAttnProcessor(self.state))
+            previous = getattr(block.attn1.processor, "self_attention", _sdpa)
+            block.attn1.set_processor(UlyssesSelfAttnProcessor(self.state, previous))
         for face_block in model.face_adapter:
             face_block.set_processor(FrameLocalFaceProcessor(self.state))
         model.rope.register_forward_hook(self._shard_rope)

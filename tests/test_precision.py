@@ -147,6 +147,7 @@ def test_fp8_weight_bytes_follow_the_size_arithmetic(fp8_over_bf16, half_engines
         layers = [graph.get_submodule(path) for path in policy.quantized_layers(len(transformer.blocks))]
         saved = sum(layer.weight.numel() for layer in layers)  # 2 bytes -> 1
         scales = sum(3 * layer.weight.shape[0] + 3 for layer in layers)  # bf16 scale + fp8 zero, per channel/tensor
+        scales += 3 * 4 * len(policy.attention_blocks(len(transformer.blocks), "fp8"))  # q, k, softmax, v per tensor
         return bf16, bf16 - saved + scales
 
     policy = load_policy(ALL_BLOCKS_POLICY)

@@ -11,9 +11,11 @@ import onnx
 import pytest
 
 from conftest import as_torch
+from wan_trt.calibration.attention import stats_key
 from wan_trt.calibration.cache import load_cache
 from wan_trt.calibration.collect import run_calibration
-from wan_trt.calibration.policy import load_policy
+from wan_trt.calibration.conv_quant import count_conv_qdq
+from wan_trt.calibration.policy import DEFAULT_POLICY_FILE, load_policy
 from wan_trt.calibration.qdq import count_qdq_by_block
 from wan_trt.calibration.quantized import QuantizationRequest
 from wan_trt.components import segment_sizes
@@ -51,6 +53,14 @@ def test_calibration_cache_round_trips_and_covers_every_dit_linear(calibration, 
         stats = cache.layers[path]
         assert stats.amax > 0 and stats.calls == 2 * STEPS  # every denoising step of every sample observed
         assert len(stats.channel_amax) > 0
+    for block in range(blocks):  # every block's self-attention inputs, whatever the policy
+        for tensor in ("q", "k", "v", "softmax"):
+            stats = cache.layers[stats_key(block, tensor)]
+            assert stats.amax > 0 and stats.calls == 2 * STEPS
+        assert cache.layers[stats_key(block, "softmax")].amax <= 1.0 + 1e-6
+    vae_convs = [p for p in cache.layers if p.startswith("vae.")]  # every VAE conv that ran: decoder and encoder
+    assert any(p.startswith("vae.decoder.") for p in vae_convs) and any(p.startswith("vae.encoder.") for p in vae_convs)
+    assert all(cache.layers[p].amax > 0 and cache.layers[p].calls > 0 for p in vae_convs)
     copy = calibration.with_name("again.json")
     cache.save(copy)
     assert load_cache(copy).to_json() == cache.to_json()
@@ -71,14 +81,30 @@ def test_qdq_graph_is_valid_and_follows_the_policy(quantized_engines, preset):
     policy = load_policy()
     blocks = preset.transformer["num_layers"]
     counts = count_qdq_by_block(path)
-    expected = {b: len(policy.block_layers) for b in policy.quantized_blocks(blocks)}
+    attention = precision == "fp8" and policy.fp8_self_attention  # q, k, softmax and v quantized per block
+    expected = {b: len(policy.block_layers) + 4 * attention for b in policy.quantized_blocks(blocks)}
     assert counts == expected  # kept blocks (first and last 3) have none
     weight_type = onnx.TensorProto.FLOAT8E4M3FN if precision == "fp8" else onnx.TensorProto.INT8
     quantized_weights = [i for i in model.graph.initializer if i.name.endswith("_weight_q")]
-    assert len(quantized_weights) == sum(expected.values())
+    assert len(quantized_weights) == len(policy.block_layers) * len(expected)
     assert all(i.data_type == weight_type for i in quantized_weights)
     manifest = json.loads((engines / "manifest.json").read_text())
-    assert manifest["precision"] == precision and manifest["quantization"]["quantized_layers"] == sum(expected.values())
+    assert manifest["precision"] == precision
+    assert manifest["quantization"]["quantized_layers"] == len(quantized_weights)
+    assert manifest["quantization"]["fp8_attention_blocks"] == (sorted(expected) if attention else [])
+    if attention:  # each quantized attention matmul reads two DequantizeLinear outputs: q·kᵀ, then softmax·v
+        produced = {out: n for n in model.graph.node for out in n.output}
+        matmuls = [n for n in model.graph.node if n.op_type == "MatMul"
+                   and all(getattr(produced.get(i), "op_type", "") == "DequantizeLinear" for i in n.input)
+                   and not any(i.endswith("_weight_dq") for i in n.input)]
+        assert len(matmuls) == 2 * len(expected)
+
+        def source_of(tensor: str) -> str:  # the op that feeds a Q/DQ pair
+            quantize = produced[produced[tensor].input[0]]
+            assert quantize.op_type == "QuantizeLinear"
+            return produced[quantize.input[0]].op_type
+
+        assert sorted(source_of(n.input[0]) for n in matmuls).count("Softmax") == len(expected)  # softmax·v
 
 
 def test_qdq_in_ort_equals_fake_quant_pytorch(quantized_engines):
@@ -154,6 +180,10 @@ def test_calibrate_and_inspect_from_the_command_line(tiny_engines, quantized_eng
     assert f"{precision:<5} transformer.blocks.3.attn1.to_q" in result.stdout
     assert "fp32  transformer.blocks.2.attn1.to_q" in result.stdout  # first 3 blocks kept
     assert "fp32  transformer.face_adapter.0.to_q" in result.stdout
+    attention = "fp8" if precision == "fp8" else "fp32"  # INT8 builds keep attention in high precision
+    assert f"{attention:<5} transformer.blocks.3.attn1 q·k" in result.stdout
+    assert f"{attention:<5} transformer.blocks.3.attn1 softmax·v" in result.stdout
+    assert "fp32  transformer.blocks.2.attn1 softmax·v" in result.stdout
 
 
 def test_build_cli_needs_calibration_for_fp8(tmp_path):
@@ -163,3 +193,38 @@ def test_build_cli_needs_calibration_for_fp8(tmp_path):
 
     result = CliRunner().invoke(main, ["build", "--precision", "fp8", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "--calibration" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def vae_quantized_engines(calibration, preset, tmp_path_factory) -> Path:
+    """FP8 engines whose policy also quantizes the VAE decoder's convolutions."""
+    folder = tmp_path_factory.mktemp("engines_vae")
+    policy = folder / "policy.json"
+    policy.write_text(json.dumps({**json.loads(DEFAULT_POLICY_FILE.read_text()), "vae_decoder_convs": True}))
+    out = folder / "e"
+    build_engines(preset, out, quantization=QuantizationRequest("fp8", calibration, policy))
+    return out
+
+
+def test_vae_decoder_convs_get_qdq_and_the_torch_backend_follows(vae_quantized_engines, fp32_video):
+    engines = vae_quantized_engines
+    manifest = json.loads((engines / "manifest.json").read_text())
+    convs = manifest["quantization"]["vae_decoder_convs"]
+    assert convs > 0 and manifest["quantization"]["policy"]["vae_decoder_convs"] is True
+    assert count_conv_qdq(engines / "vae_decoder_step.onnx") == convs
+    assert 0 < count_conv_qdq(engines / "vae_decoder_first.onnx") <= convs  # the first chunk skips time convs
+    assert count_conv_qdq(engines / "vae_encoder_step.onnx") == 0
+    onnx.checker.check_model(onnx.load(str(engines / "vae_decoder_step.onnx")), full_check=True)
+
+    request, reference = fp32_video
+    ort_pipeline, _ = open_pipeline(engines, "onnxruntime")
+    frames = np.concatenate([s.frames for s in ort_pipeline.generate(request)])
+    torch_pipeline, _ = open_pipeline(engines, "torch")
+    torch_frames = np.concatenate([s.frames for s in torch_pipeline.generate(request)])
+    vs_fp32, vs_torch = psnr(frames, reference), psnr(frames, torch_frames)
+    report = json.loads((engines / "accuracy.json").read_text())
+    print(f"fp8 DiT + fp8 VAE decoder convs ({convs}): video PSNR vs fp32 {vs_fp32:.2f} dB (ORT), "
+          f"ORT vs fake-quant torch {vs_torch:.2f} dB, accuracy.json {report['video_psnr_db_vs_fp32']} dB")
+    assert vs_fp32 >= 25.0
+    assert vs_torch >= 30.0  # the torch backend quantizes the same convs (end to end, boundary flips compound)
+    assert report["quantization"]["vae_decoder_convs"] == convs

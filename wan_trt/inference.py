@@ -15,7 +15,7 @@ from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.preflight import check_infer
 from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
-from wan_trt.runtime.compare import QDQ_TOLERANCE, CompareReport, RecordingEngine, compare_components
+from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_components, graph_tolerances
 from wan_trt.runtime.distributed import is_main_rank
 from wan_trt.runtime.guard import guard_engines
 from wan_trt.runtime.loading import open_pipeline, torch_engines
@@ -108,8 +108,8 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
 
     log.info("--compare torch: running the PyTorch reference on the same inputs")
     reference = torch_engines(manifest, options.device, options.engines_dir)
-    tolerances = {"transformer": QDQ_TOLERANCE} if manifest.quantization else {}
-    report = CompareReport(backend=options.backend, rows=compare_components(recorders, reference, tolerances))
+    report = CompareReport(backend=options.backend,
+                           rows=compare_components(recorders, reference, graph_tolerances(manifest)))
     reference_pipeline = AnimatePipeline(reference, preset, pipeline.tokenize, pipeline.prompt_cache)
     reference_frames = np.concatenate([s.frames for s in _with_progress(reference_pipeline, request, "torch")])
     report.video_psnr = psnr(frames, reference_frames)
