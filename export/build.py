@@ -58,7 +58,7 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                   random_weights: bool = False, lora: str | None = None, lora_scale: float = 1.0,
                   verify: bool = True, precision: str = "fp32",
                   quantization: QuantizationRequest | None = None, tensorrt: TrtOptions | None = None,
-                  trt_builder=None, accuracy_video: bool | None = None) -> Path:
+                  trt_builder=None, accuracy_video: bool | None = None, refit_from: Path | None = None) -> Path:
     """Export all graphs of ``preset`` into ``out_dir`` (atomically). Returns the directory.
 
     ``precision`` fp16/bf16 exports the graphs ``export.precision.graph_dtypes`` names in that type
@@ -68,8 +68,10 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
     vs fp32 at t = 999, 500, 1; video PSNR vs fp32 when ``accuracy_video``, default: small presets).
 
     With ``tensorrt`` a TensorRT engine is built from each verified ONNX file per shape bucket;
-    engines of an existing directory at ``out_dir`` whose inputs are unchanged are reused.
-    ``trt_builder`` (tests) stands in for TensorRT: an object with ``environment()`` and ``build(...)``.
+    engines of an existing directory at ``out_dir`` (or ``refit_from``) whose inputs are unchanged are
+    reused, and refittable ones whose graph is unchanged but for its weights are refitted.
+    ``trt_builder`` (tests) stands in for TensorRT: an object with ``environment()``, ``build(...)`` and
+    ``refit(plan, onnx)``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
@@ -77,6 +79,9 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
     trt_env = None
     if tensorrt is not None:  # before any slow work: is TensorRT here at all?
         trt_env = trt_builder.environment() if trt_builder else current_environment()
+    if refit_from is not None and (tensorrt is None or _previous_trt(Path(refit_from)) is None):
+        raise BadInputError(f"--refit-from '{refit_from}' has no TensorRT engines to refit: build them with "
+                            "wan-trt build --backend tensorrt --refittable")
     tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint else build_tiny_tokenizer()
     vocab_size = int(preset.text_encoder.get("vocab_size", tokenizer.get_vocab_size()))
     log.info("building reference modules for preset '%s' (%s)", preset.name,
@@ -156,8 +161,10 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                             lora={"file": str(Path(lora).resolve()), "scale": lora_scale} if lora else None,
                             prompt_cache_file=PROMPT_CACHE_FILE)
         if tensorrt is not None:
-            manifest.tensorrt = build_tensorrt_engines(staging, manifest, tensorrt, trt_env, _previous_trt(out_dir),
-                                                       build=trt_builder.build if trt_builder else None)
+            previous = _previous_trt(Path(refit_from) if refit_from else out_dir)
+            manifest.tensorrt = build_tensorrt_engines(staging, manifest, tensorrt, trt_env, previous,
+                                                       build=trt_builder.build if trt_builder else None,
+                                                       refit=trt_builder.refit if trt_builder else None)
         write_manifest(staging, manifest)
         _replace_dir(staging, out_dir)
     except BaseException:

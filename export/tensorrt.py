@@ -5,6 +5,10 @@ so everything that can be decided without it (profiles, which engines to (re)bui
 compatibility) is plain code with tests, and the TensorRT calls are the few lines of ``build_plan``.
 Networks are parsed strongly typed: the precision of every tensor is what the ONNX (Q/DQ nodes,
 tensor dtypes) says. On TensorRT <= 10 the matching builder precision flags are passed as well.
+
+Refit: a ``--refittable`` engine whose ONNX changed only in its weights (a LoRA merged or swapped:
+same nodes, tensor names, types and shapes — ``structure_sha256``) is refitted from the new ONNX
+file (TensorRT's ``OnnxParserRefitter``) instead of rebuilt, which skips the builder's tactic search.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ class PlanEntry:
     onnx_sha256: str
     key: str
     profile: dict[str, list[list[int]]] = field(default_factory=dict)
+    onnx_structure_sha256: str | None = None  # the graph without its weights (refit needs it unchanged)
+    refitted: bool = False  # made by refitting a previous engine with this ONNX file's weights
 
 
 def current_environment() -> TrtEnvironment:
@@ -85,6 +91,30 @@ def engine_key(onnx_sha256: str, bucket: Bucket | None, options: TrtOptions, env
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def structure_sha256(onnx_path: Path) -> str:
+    """Hash of an ONNX graph without its weights' values: nodes, names, dtypes and shapes only.
+
+    Two exports of the same architecture with other weights (a LoRA merged) hash alike, so an engine
+    built from one can be refitted with the other's weights.
+    """
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for init in model.graph.initializer:
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            init.ClearField(name)
+        for entry in init.external_data:
+            if entry.key == "checksum":
+                entry.value = ""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _refit_key(graph: str, bucket: Bucket | None, structure: str, options: TrtOptions, env: TrtEnvironment) -> str:
+    data = {"graph": graph, "bucket": bucket.name if bucket else None, "structure": structure,
+            "options": options.key_fields(), "env": asdict(env)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:20]
+
+
 def plan_jobs(manifest: Manifest, options: TrtOptions) -> list[tuple[str, Bucket | None]]:
     """(graph, bucket) for every engine to build: one per bucket for video-shaped graphs, else one."""
     jobs = []
@@ -96,20 +126,30 @@ def plan_jobs(manifest: Manifest, options: TrtOptions) -> list[tuple[str, Bucket
 
 def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOptions, env: TrtEnvironment,
                            previous: tuple[Path, dict[str, Any]] | None = None,
-                           build: Callable[..., bytes] | None = None) -> dict[str, Any]:
-    """Build (or reuse) every engine into ``directory/tensorrt``; return the manifest's ``tensorrt`` section.
+                           build: Callable[..., bytes] | None = None,
+                           refit: Callable[[Path, Path], bytes] | None = None) -> dict[str, Any]:
+    """Build (or reuse, or refit) every engine into ``directory/tensorrt``; return the manifest's section.
 
     ``previous`` is an existing engines directory and its ``tensorrt`` section: engines whose key is
-    unchanged are copied from there instead of rebuilt. Every ONNX file is checked against the hash
-    ORT's tests and the build recorded before TensorRT sees it.
+    unchanged are copied from there instead of rebuilt; with ``options.refittable``, a previous
+    refittable engine of the same graph, bucket, options and ONNX structure is refitted with the new
+    ONNX file's weights. Every ONNX file is checked against the hash ORT's tests and the build recorded
+    before TensorRT sees it.
     """
-    build = build or build_plan
+    build, refit = build or build_plan, refit or refit_plan
     out = directory / TRT_DIR
     out.mkdir(exist_ok=True)
-    reusable = {}
+    reusable, refittable = {}, {}
     if previous is not None:
         old_dir, old_section = previous
         reusable = {e["key"]: old_dir / e["file"] for e in old_section.get("engines", [])}
+        old_options = old_section.get("options", {})
+        if options.refittable and old_options.get("refittable") and old_section.get("environment") == asdict(env):
+            for e in old_section.get("engines", []):
+                if e.get("onnx_structure_sha256"):
+                    bucket = Bucket.parse(e["bucket"]) if e["bucket"] else None
+                    refittable[_refit_key(e["graph"], bucket, e["onnx_structure_sha256"], options, env)] = \
+                        old_dir / e["file"]
     entries = []
     jobs = plan_jobs(manifest, options)
     for number, (name, bucket) in enumerate(jobs, start=1):
@@ -121,17 +161,26 @@ def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOpti
         key = engine_key(onnx_sha, bucket, options, env)
         file = f"{TRT_DIR}/{name}{'.' + bucket.name if bucket else ''}.plan"
         shapes = profile(graph.spec, bucket)
+        structure = structure_sha256(onnx_path) if options.refittable else None
         old = reusable.get(key)
+        source = refittable.get(_refit_key(name, bucket, structure, options, env)) if structure else None
+        label = f"{name} {bucket.name if bucket else ''}".strip()
         if old is not None and old.is_file():
+            source = None
             if old.resolve() != (directory / file).resolve():
                 shutil.copy2(old, directory / file)
-            log.info("[%d/%d] %s %s: unchanged, reused", number, len(jobs), name, bucket.name if bucket else "")
+            log.info("[%d/%d] %s: unchanged, reused", number, len(jobs), label)
+        elif source is not None and source.is_file():
+            log.info("[%d/%d] %s: same graph, new weights: refitting the previous engine", number, len(jobs), label)
+            _write_atomic(directory / file, refit(source, onnx_path))
         else:
-            log.info("[%d/%d] building TensorRT engine %s %s", number, len(jobs), name, bucket.name if bucket else "")
+            source = None
+            log.info("[%d/%d] building TensorRT engine %s", number, len(jobs), label)
             data = build(onnx_path, shapes, options, manifest.precision, directory / TRT_DIR / TIMING_CACHE)
             _write_atomic(directory / file, data)
         entries.append(PlanEntry(name, bucket.name if bucket else None, file, file_sha256(directory / file),
-                                 onnx_sha, key, {k: [list(s) for s in v] for k, v in shapes.items()}))
+                                 onnx_sha, key, {k: [list(s) for s in v] for k, v in shapes.items()},
+                                 structure, source is not None))
     return {"environment": asdict(env), "options": {**options.key_fields(),
                                                     "buckets": [b.name for b in options.buckets]},
             "timing_cache": f"{TRT_DIR}/{TIMING_CACHE}", "engines": [asdict(e) for e in entries]}
@@ -159,6 +208,23 @@ def build_plan(onnx_path: Path, shapes: dict[str, tuple], options: TrtOptions, p
         config_args.update({"fp8": precision == "fp8", "int8": precision == "int8", "bf16": True, "fp16": True})
     network = NetworkFromOnnxPath(str(onnx_path), strongly_typed=True)
     return EngineBytesFromNetwork(network, CreateConfig(**config_args), save_timing_cache=str(timing_cache))()
+
+
+def refit_plan(plan_path: Path, onnx_path: Path) -> bytes:
+    """A refittable engine's bytes with every weight replaced by ``onnx_path``'s (same graph structure)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan_path.read_bytes())
+    if engine is None:
+        raise EngineError(f"TensorRT could not load '{plan_path}' to refit it: rebuild without the previous engines")
+    refitter = trt.Refitter(engine, logger)
+    if not trt.OnnxParserRefitter(refitter, logger).refit_from_file(str(onnx_path)):
+        raise EngineError(f"TensorRT could not take the weights of '{onnx_path}' for '{plan_path}': rebuild it")
+    if not refitter.refit_cuda_engine():
+        missing = refitter.get_missing_weights()
+        raise EngineError(f"refitting '{plan_path}' left {len(missing)} weights unset (e.g. {missing[:1]}): rebuild it")
+    return bytes(engine.serialize())
 
 
 def check_compatible(section: dict[str, Any], env: TrtEnvironment, directory: Path) -> None:

@@ -31,6 +31,7 @@ class FakeBuilder:
 
     def __init__(self, fail_on: str | None = None) -> None:
         self.calls: list[tuple[Path, str, dict]] = []
+        self.refits: list[tuple[Path, Path, str]] = []
         self.fail_on = fail_on
 
     def environment(self) -> TrtEnvironment:
@@ -41,6 +42,10 @@ class FakeBuilder:
             raise RuntimeError("builder failed")
         self.calls.append((onnx_path, file_sha256(onnx_path), shapes))
         return f"plan {onnx_path.name} {sorted(shapes.items())}".encode()
+
+    def refit(self, plan_path: Path, onnx_path: Path) -> bytes:
+        self.refits.append((plan_path, onnx_path, file_sha256(onnx_path)))
+        return plan_path.read_bytes() + f" refit with {file_sha256(onnx_path)}".encode()
 
 
 def test_bucket_parsing_and_validation():
@@ -111,6 +116,83 @@ def test_tensorrt_gets_exactly_the_verified_onnx_and_builds_incrementally(engine
     build_tensorrt_engines(engines_copy, manifest, replace(options, opt_level=5), ENV,
                            previous=(engines_copy, section), build=changed.build)
     assert len(changed.calls) == 13  # another builder option: every engine is rebuilt
+
+
+def _with_new_weights(engines: Path, graph: str, change) -> None:
+    """Rewrite one ONNX file of an engines directory (``change(model)``) and record its new hash."""
+    import onnx
+
+    manifest = read_manifest(engines)
+    path = engines / manifest.graphs[graph].file
+    model = onnx.load(str(path))
+    change(model)
+    onnx.save(model, str(path))
+    manifest.graphs[graph] = replace(manifest.graphs[graph], sha256=file_sha256(path), size=path.stat().st_size)
+    write_manifest(engines, manifest)
+
+
+def _scale_first_weight(model) -> None:
+    from onnx import numpy_helper
+
+    init = next(i for i in model.graph.initializer if len(i.dims) == 2)
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+
+
+def test_refittable_engines_are_refitted_when_only_the_weights_changed(engines_copy, tmp_path):
+    """A LoRA build against refittable base engines: the DiT's engines are refitted, the rest reused."""
+    from wan_trt.export.tensorrt import structure_sha256
+
+    base = read_manifest(engines_copy)
+    options = TrtOptions(buckets=(Bucket(64, 48, 9),), refittable=True)
+    section = build_tensorrt_engines(engines_copy, base, options, ENV, build=FakeBuilder().build)
+    assert all(e["onnx_structure_sha256"] and not e["refitted"] for e in section["engines"])
+
+    variant = Path(shutil.copytree(engines_copy, tmp_path / "variant"))
+    shutil.rmtree(variant / "tensorrt")
+    _with_new_weights(variant, "transformer", _scale_first_weight)
+    assert structure_sha256(variant / "transformer.onnx") == structure_sha256(engines_copy / "transformer.onnx")
+    builder = FakeBuilder()
+    second = build_tensorrt_engines(variant, read_manifest(variant), options, ENV, previous=(engines_copy, section),
+                                    build=builder.build, refit=builder.refit)
+    assert builder.calls == []  # nothing built from scratch
+    assert [(plan.name, onnx.name) for plan, onnx, _ in builder.refits] == [("transformer.64x48x9.plan", "transformer.onnx")]
+    assert builder.refits[0][2] == read_manifest(variant).graphs["transformer"].sha256  # the verified new weights
+    refitted = {e["graph"] for e in second["engines"] if e["refitted"]}
+    assert refitted == {"transformer"}
+    plan = variant / next(e["file"] for e in second["engines"] if e["graph"] == "transformer")
+    assert plan.read_bytes().startswith((engines_copy / plan.relative_to(variant)).read_bytes())
+
+    # another graph structure (a changed attribute), or engines that are not refittable: built anew
+    def change_structure(model) -> None:
+        node = next(n for n in model.graph.node if n.op_type == "Softmax")
+        node.name = node.name + "_renamed"
+
+    _with_new_weights(variant, "transformer", change_structure)
+    rebuilt = FakeBuilder()
+    build_tensorrt_engines(variant, read_manifest(variant), options, ENV, previous=(engines_copy, section),
+                           build=rebuilt.build, refit=rebuilt.refit)
+    assert rebuilt.refits == [] and [c[0].name for c in rebuilt.calls] == ["transformer.onnx"]
+    plain = FakeBuilder()
+    build_tensorrt_engines(variant, read_manifest(variant), replace(options, refittable=False), ENV,
+                           previous=(engines_copy, section), build=plain.build, refit=plain.refit)
+    assert plain.refits == [] and len(plain.calls) == len(section["engines"])  # other options: every engine anew
+
+
+def test_refit_from_needs_refittable_engines(engines_copy, tmp_path):
+    for args, message in ((["--refit-from", str(engines_copy)], "apply to --backend tensorrt"),
+                          (["--backend", "tensorrt", "--refit-from", str(engines_copy)], "needs --refittable"),
+                          (["--backend", "tensorrt", "--refittable", "--refit-from", str(tmp_path / "none")],
+                           "is not an engines directory")):
+        result = CliRunner().invoke(main, ["build", "--out", str(tmp_path / "e"), *args])
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    from wan_trt.export.build import build_engines
+    from wan_trt.presets import get_preset
+
+    with pytest.raises(BadInputError, match="has no TensorRT engines to refit"):  # engines_copy has ONNX only
+        build_engines(get_preset("tiny"), tmp_path / "e", tensorrt=TrtOptions(buckets=(Bucket(64, 48, 9),),
+                                                                              refittable=True),
+                      trt_builder=FakeBuilder(), refit_from=engines_copy)
+    assert not (tmp_path / "e").exists()
 
 
 def test_a_changed_onnx_is_refused_and_a_missing_plan_detected(engines_copy):

@@ -80,6 +80,9 @@ def main(verbose: bool) -> None:
 @click.option("--workspace", type=FiniteFloatRange(0.0, min_open=True), default=None,
               help="TensorRT workspace limit in GiB.")
 @click.option("--refittable", is_flag=True, help="Refittable TensorRT engines (for LoRA weight swaps).")
+@click.option("--refit-from", type=click.Path(), default=None,
+              help="With --refittable: an engines directory whose refittable TensorRT engines of the same graphs "
+                   "(e.g. the base weights) are refitted with this build's weights (e.g. --lora) instead of rebuilt.")
 @click.option("--weight-streaming", is_flag=True, help="TensorRT weight streaming (weights larger than the GPU).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "fp8", "int8"]), default="fp32",
               show_default=True,
@@ -103,7 +106,7 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
           buckets: tuple[str, ...],
           opt_level: int, workspace: float | None, refittable: bool, weight_streaming: bool, precision: str,
           calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
-          verify: bool, high_precision: str, accuracy_video: bool | None) -> None:
+          verify: bool, high_precision: str, accuracy_video: bool | None, refit_from: str | None) -> None:
     """Export every component to ONNX and write an engines directory with a manifest."""
     from wan_trt.buckets import Bucket, default_buckets
     from wan_trt.calibration.quantized import QuantizationRequest
@@ -117,8 +120,14 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
     if backend in ("tensorrt", "all"):
         chosen = [Bucket.parse(b) for b in buckets] or default_buckets(model.buckets, model.segment_frames)
         tensorrt = TrtOptions(tuple(chosen), opt_level, workspace, refittable, weight_streaming)
-    elif buckets or refittable or weight_streaming or workspace:
-        raise BadInputError("--bucket/--refittable/--weight-streaming/--workspace apply to --backend tensorrt or all")
+    elif buckets or refittable or weight_streaming or workspace or refit_from:
+        raise BadInputError("--bucket/--refittable/--refit-from/--weight-streaming/--workspace apply to --backend "
+                            "tensorrt or all")
+    if refit_from and not refittable:
+        raise BadInputError("--refit-from needs --refittable (only refittable engines can be refitted)")
+    if refit_from and not (Path(refit_from) / "manifest.json").is_file():
+        raise BadInputError(f"--refit-from '{refit_from}' is not an engines directory (no manifest.json): "
+                            "pass a directory written by wan-trt build --backend tensorrt --refittable")
 
     quantization = None
     if precision in ("fp8", "int8"):
@@ -142,7 +151,7 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
     path = build_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
                          lora=lora_path, lora_scale=lora_scale, verify=verify, quantization=quantization,
                          tensorrt=tensorrt, precision=precision if quantization is None else "fp32",
-                         accuracy_video=accuracy_video)
+                         accuracy_video=accuracy_video, refit_from=Path(refit_from) if refit_from else None)
     click.echo(str(path))
 
 
