@@ -50,6 +50,7 @@ class GpuConfig:
     components: bool = True  # umT5, CLIP, VAE
     variants: tuple[str, ...] = ("fast_bf16", "fast_fp8", "fast_fp8_all_attention")
     micro: bool = True
+    policy: str | None = None  # precision policy JSON [the shipped default]
 
 
 def _release(*objs) -> None:
@@ -218,7 +219,7 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                              "precision": "bf16 (motion basis fp32)"}
     _release(faces)
 
-    policy = load_policy()
+    policy = load_policy(cfg.policy)
     num_blocks = len(model.blocks)
     linears = {f"transformer.{n}": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     quantized = {p: linears[p] for p in policy.quantized_layers(num_blocks)}
