@@ -151,17 +151,19 @@ def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOpti
                     refittable[_refit_key(e["graph"], bucket, e["onnx_structure_sha256"], options, env)] = \
                         old_dir / e["file"]
     entries = []
+    hashes: dict[str, tuple[str, str | None]] = {}  # graph -> (file hash, structure hash): once per graph, not bucket
     jobs = plan_jobs(manifest, options)
     for number, (name, bucket) in enumerate(jobs, start=1):
         graph = manifest.graphs[name]
         onnx_path = directory / graph.file
-        onnx_sha = file_sha256(onnx_path)
+        if name not in hashes:
+            hashes[name] = (file_sha256(onnx_path), structure_sha256(onnx_path) if options.refittable else None)
+        onnx_sha, structure = hashes[name]
         if onnx_sha != graph.sha256:
             raise EngineError(f"'{onnx_path}' changed after it was verified (hash mismatch): rebuild the engines")
         key = engine_key(onnx_sha, bucket, options, env)
         file = f"{TRT_DIR}/{name}{'.' + bucket.name if bucket else ''}.plan"
         shapes = profile(graph.spec, bucket)
-        structure = structure_sha256(onnx_path) if options.refittable else None
         old = reusable.get(key)
         source = refittable.get(_refit_key(name, bucket, structure, options, env)) if structure else None
         label = f"{name} {bucket.name if bucket else ''}".strip()

@@ -91,3 +91,18 @@ def fresh_reference_models(seed: int = 0):
 
 def as_torch(feed: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(v) for k, v in feed.items()}
+
+
+def diffusers_animate_pipeline(models, image_processor):
+    """diffusers' WanAnimatePipeline over the tiny reference ``models`` (offline tokenizer, the preset's scheduler)."""
+    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline
+    from transformers import PreTrainedTokenizerFast
+
+    return WanAnimatePipeline(
+        tokenizer=PreTrainedTokenizerFast(tokenizer_object=build_tiny_tokenizer(), pad_token="<pad>",
+                                          eos_token="</s>", unk_token="<unk>"),
+        text_encoder=models.text_encoder, vae=models.vae, image_encoder=models.image_encoder,
+        transformer=models.transformer, image_processor=image_processor,
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                          num_train_timesteps=1000, flow_shift=5.0),
+    )

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from PIL import Image
 
-from conftest import fresh_reference_models
+from conftest import diffusers_animate_pipeline, fresh_reference_models
 from wan_trt.errors import BadInputError
 from wan_trt.metrics import relative_l2
 from wan_trt.presets import CLIP_MEAN, CLIP_STD, DEFAULT_PROMPT
@@ -86,22 +86,6 @@ def test_original_option_unchanged(preset, shape):
     assert GenerationRequest(ref_image=photo, pose_frames=None, face_frames=None).clip_preprocess == "original"
 
 
-def _diffusers_pipeline(models):
-    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline
-    from transformers import PreTrainedTokenizerFast
-
-    from wan_trt.tokenizer import build_tiny_tokenizer
-
-    return WanAnimatePipeline(
-        tokenizer=PreTrainedTokenizerFast(tokenizer_object=build_tiny_tokenizer(), pad_token="<pad>",
-                                          eos_token="</s>", unk_token="<unk>"),
-        text_encoder=models.text_encoder, vae=models.vae, image_encoder=models.image_encoder,
-        transformer=models.transformer, image_processor=_checkpoint_image_processor(),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                          num_train_timesteps=1000, flow_shift=5.0),
-    )
-
-
 class _Stop(Exception):
     pass
 
@@ -110,7 +94,7 @@ def test_diffusers_option_gives_diffusers_clip_features(preset):
     """diffusers encodes the raw photo (not its letter-boxed copy); our "diffusers" option gives the same
     image embeddings from the same tiny CLIP."""
     models = fresh_reference_models()
-    reference = _diffusers_pipeline(models)
+    reference = diffusers_animate_pipeline(models, _checkpoint_image_processor())
     photo = _photo((40, 70), seed=3)
     height, width = 48, 64
     seen = []

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fresh_reference_models
+from conftest import diffusers_animate_pipeline, fresh_reference_models
 from wan_trt.metrics import psnr, relative_l2
 from wan_trt.presets import DEFAULT_PROMPT
 from wan_trt.runtime import conditioning as cond
@@ -54,20 +54,12 @@ def torch_result(torch_engines_, preset, request_):
 
 
 def test_final_latents_equal_diffusers_pipeline(torch_result, preset, request_):
-    from diffusers import UniPCMultistepScheduler, WanAnimatePipeline
-    from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPImageProcessor
 
     pipeline, segments = torch_result
     assert len(segments) == 1
     models = fresh_reference_models()
-    reference = WanAnimatePipeline(
-        tokenizer=PreTrainedTokenizerFast(tokenizer_object=build_tiny_tokenizer(), pad_token="<pad>",
-                                          eos_token="</s>", unk_token="<unk>"),
-        text_encoder=models.text_encoder, vae=models.vae, image_encoder=models.image_encoder,
-        transformer=models.transformer, image_processor=CLIPImageProcessor(),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                          num_train_timesteps=1000, flow_shift=5.0),
-    )
+    reference = diffusers_animate_pipeline(models, CLIPImageProcessor())
     ref_pixels = cond.to_unit_range(cond.letterbox(request_.ref_image, HEIGHT, WIDTH))
     image_embeds = pipeline.encode_image(ref_pixels)
     reference.encode_image = lambda image, device=None: image_embeds  # our CLIP convention (module docstring)
