@@ -13,7 +13,8 @@ from typing import Any
 CPU_OVERHEAD_METRICS = ("overhead_ratio",)
 CPU_TOLERANCE = 0.75  # fail past 1.75× the baseline ratio: a 2× slowdown of the runtime overhead fails
 GPU_TOLERANCE = 0.10
-GPU_METRICS = ("dit.sizes.1280x720.fast_fp8.ratio_to_baseline", "dit.sizes.832x480.fast_fp8.ratio_to_baseline")
+GPU_METRICS = tuple(f"dit.sizes.{size}.{variant}.ratio_to_baseline" for size in ("1280x720", "832x480")
+                    for variant in ("fast_fp8", "fast_fp8_every_block"))
 
 
 @dataclass

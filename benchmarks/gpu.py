@@ -48,7 +48,7 @@ class GpuConfig:
     warmup: int = 1
     num_layers: int | None = None  # fewer DiT blocks (smoke runs)
     components: bool = True  # umT5, CLIP, VAE
-    variants: tuple[str, ...] = ("fast_bf16", "fast_fp8", "fast_fp8_all_attention")
+    variants: tuple[str, ...] = ("fast_bf16", "fast_fp8", "fast_fp8_every_block")
     micro: bool = True
     policy: str | None = None  # precision policy JSON [the shipped default]
 
@@ -198,6 +198,7 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
     from wan_trt.export.graphs import MotionEncoderGraph, TransformerGraph
     from wan_trt.runtime.fast_torch import (
         ATTENTION_MARGIN,
+        BLOCK_LINEARS,
         AmaxObserver,
         fp8_plan,
         to_inference_dtype,
@@ -219,12 +220,11 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                              "precision": "bf16 (motion basis fp32)"}
     _release(faces)
 
-    policy = load_policy(cfg.policy)
+    policies = {"fast_fp8": load_policy(cfg.policy), "fast_fp8_every_block": load_policy("every-block")}
     num_blocks = len(model.blocks)
     linears = {f"transformer.{n}": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    quantized = {p: linears[p] for p in policy.quantized_layers(num_blocks)}
-    plan = None
-    variants: dict[str, Any] = {}
+    observed = {f"transformer.blocks.{b}.{n}" for b in range(num_blocks) for n in BLOCK_LINEARS}
+    variants: dict[str, Any] | None = None
     out["sizes"] = {}
     for width, height in cfg.sizes:
         key = f"{width}x{height}"
@@ -232,29 +232,23 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
         row: dict[str, Any] = {"shape": {"latent_input": list(inputs[0].shape), "tokens": _tokens(width, height, cfg.frames),
                                          "frames": cfg.frames}, "flops": dit_flops(cfg, width, height)}
         with torch.inference_mode():
-            if plan is None:  # calibrate on the first size's baseline warm-up (random weights: no cache exists)
-                observer = AmaxObserver(quantized)
+            if variants is None:  # calibrate on the first size's baseline warm-up (random weights: no cache exists)
+                observer = AmaxObserver({p: m for p, m in linears.items() if p in observed})
                 graph(*inputs)
                 amax = observer.remove()
-                plan = fp8_plan(quantized, amax, policy, num_blocks)
+                plans = {name: fp8_plan(linears, amax, policy, num_blocks) for name, policy in policies.items()}
                 out["calibration"] = {"method": "max", "samples": f"one bf16 forward at {key}, t=500, random inputs",
-                                      "layers": len(amax), "policy": policy.to_json(),
-                                      "quantized_layers": len(plan.layers)}
-                variants = _variants(graph, plan, cfg.variants)
-                for name, fast in list(variants.items()):
-                    if name.endswith("static_attention"):  # calibrate q/k/v ranges on this size too
-                        try:
-                            fast.record_attention_amax()
-                            fast(*inputs)
-                            table = fast.use_static_attention()
-                        except Exception as error:
-                            log.exception("attention calibration failed")
-                            out["attention_calibration"] = {"error": f"{type(error).__name__}: {error}"[:1000]}
-                            del variants[name]
-                            continue
-                        out["attention_calibration"] = {"samples": f"one fast forward at {key}, t=500",
-                                                        "margin": ATTENTION_MARGIN, "blocks": len(table),
-                                                        "amax_qkv_first_block": table[min(table)]}
+                                      "layers": len(amax),
+                                      "policies": {name: {**policy.to_json(), "quantized_layers": len(plans[name].layers)}
+                                                   for name, policy in policies.items()},
+                                      "attention": {"margin": ATTENTION_MARGIN,
+                                                    "samples": f"one fast forward at {key}, t=500 (static q/k/v scales)"}}
+                variants = _variants(graph, plans, cfg.variants)
+                for fast in variants.values():
+                    if fast.fp8_attention:  # static q/k/v scales, as `infer --fast` uses (there: from the cache)
+                        fast.record_attention_amax()
+                        fast(*inputs)
+                        fast.use_static_attention()
             with PeakMemory() as mem:
                 base_t = time_cuda(lambda: graph(*inputs), cfg.warmup, cfg.repeats)
             reference = graph(*inputs)[0].float()
@@ -273,11 +267,10 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
             log.info("%s baseline: %.1f ms", key, base_t["median_ms"])
         out["sizes"][key] = row
         _release(inputs, reference)
-    if plan is not None and variants:
-        first = next((v for v in variants.values() if v.plan is not None), None)
-        if first is not None:
-            fp8_weights = sum(b.numel() * b.element_size() for b in first.buffers() if b.dtype == torch.float8_e4m3fn)
-            out["fp8_weight_gib"] = round(fp8_weights / 2**30, 3)
+    for name, fast in (variants or {}).items():
+        if fast.plan is not None:
+            fp8_weights = sum(b.numel() * b.element_size() for b in fast.buffers() if b.dtype == torch.float8_e4m3fn)
+            out.setdefault("fp8_weight_gib", {})[name] = round(fp8_weights / 2**30, 3)
     _release(variants, graph, model, motion)
     return out
 
@@ -295,33 +288,32 @@ def _measure_variant(fast, inputs, reference, base_t, flops, cfg: GpuConfig) -> 
             "achieved_tflops": flops["total_tflop"] / (t["median_ms"] / 1e3)}
 
 
-def _variants(graph, plan, names: tuple[str, ...]) -> dict[str, Any]:
-    """The fast variants; the FP8 ones share one set of FP8 weights (they differ only in attention)."""
+def _variants(graph, plans: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The fast variants: ``fast_bf16``; ``fast_fp8`` (the policy's FP8 Linears and self-attention),
+    ``fast_fp8_every_block`` (the every-block policy), ``fast_fp8_linears_bf16_attention`` (the policy's
+    FP8 Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights)."""
     import copy
 
     from wan_trt.runtime.fast_torch import FastOptions, FastTransformer
 
     out: dict[str, Any] = {}
-    fp8 = None
+    fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy")
     for name in names:
         if name == "fast_bf16":
             out[name] = FastTransformer(graph, None, FastOptions(attention="bf16")).to("cuda")
-            continue
-        if fp8 is None:
-            fp8 = FastTransformer(graph, plan, FastOptions(attention="fp8", fp8_attention_blocks="policy")).to("cuda")
-        variant = copy.copy(fp8)  # shares modules and weights; only the attention choice differs
-        variant.options = copy.copy(fp8.options)
-        if name == "fast_fp8":
-            pass
-        elif name in ("fast_fp8_all_attention", "fast_fp8_static_attention"):
-            variant.options.fp8_attention_blocks = "all"
-            variant.fp8_attention = set(range(len(fp8.block_ops)))
+        elif name in ("fast_fp8", "fast_fp8_every_block"):
+            out[name] = FastTransformer(graph, plans[name], fp8).to("cuda")
         elif name == "fast_fp8_linears_bf16_attention":
+            base = out.get("fast_fp8") or FastTransformer(graph, plans["fast_fp8"], fp8).to("cuda")
+            variant = copy.copy(base)  # shares modules and FP8 weights; only the attention differs
+            variant.options = copy.copy(base.options)
             variant.options.attention = "bf16"
             variant.fp8_attention = set()
+            variant.attention_scales = {}
+            out[name] = variant
         else:
-            raise ValueError(f"unknown variant {name}")
-        out[name] = variant
+            raise ValueError(f"unknown variant {name}: choose from fast_bf16, fast_fp8, fast_fp8_every_block, "
+                             "fast_fp8_linears_bf16_attention")
     return out
 
 

@@ -18,6 +18,10 @@ from pathlib import Path
 from wan_trt.errors import BadInputError
 
 DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.json")
+# --policy NAME: the default; its layers in every block (the fastest FP8 build); all 12 Linears of every block
+# (the smallest file)
+SHIPPED_POLICIES = {"default": DEFAULT_POLICY_FILE, "every-block": Path(__file__).with_name("every_block_policy.json"),
+                    "all-layers": Path(__file__).with_name("all_blocks_policy.json")}
 BLOCK_PREFIX = "transformer.blocks"
 
 
@@ -55,16 +59,21 @@ class PrecisionPolicy:
 
 
 def load_policy(path: str | Path | None = None) -> PrecisionPolicy:
-    """Read a policy file (the shipped default when ``path`` is None)."""
-    file = Path(path) if path is not None else DEFAULT_POLICY_FILE
+    """Read a policy file, or a shipped policy by name (``SHIPPED_POLICIES``; None: the default)."""
+    if path is None or str(path) in SHIPPED_POLICIES:
+        name = "default" if path is None else str(path)
+        file = SHIPPED_POLICIES[name]
+    else:
+        name, file = str(path), Path(path)
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
         for flag in ("fp8_self_attention", "vae_decoder_convs"):
             if not isinstance(data.get(flag, False), bool):
                 raise ValueError(f"{flag} must be true or false")
-        policy = PrecisionPolicy.from_json({**data, "source": "default" if path is None else str(file)})
+        policy = PrecisionPolicy.from_json({**data, "source": name})
     except FileNotFoundError:
-        raise BadInputError(f"--policy '{file}' does not exist: pass a policy JSON file (see {DEFAULT_POLICY_FILE})") from None
+        raise BadInputError(f"--policy '{file}' does not exist: pass a policy JSON file (see {DEFAULT_POLICY_FILE}) "
+                            f"or a shipped policy name ({', '.join(SHIPPED_POLICIES)})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise BadInputError(f"--policy '{file}' is not a valid policy ({error}): start from {DEFAULT_POLICY_FILE}") from None
     if policy.keep_first_blocks < 0 or policy.keep_last_blocks < 0 or not policy.block_layers:

@@ -14,8 +14,11 @@ The same math as the exported DiT graph (``TransformerGraph``), run the way a Ho
   quantizes. q, k and v are scaled per tensor from their current amax (one reduction each, no
   calibration needed); the FP8 output uses ``scale_o = 224 / amax(v)``, safe because every output
   row is a convex combination of v's rows, and feeds the FP8 ``to_out`` GEMM without requantizing;
-* the element-wise glue (LayerNorm + modulation, qk-RMSNorm + RoPE + FP8 cast, gated residuals,
-  GELU + FP8 cast) in ``torch.compile``-d functions, one fused kernel or two each.
+* the element-wise glue (LayerNorm + modulation, qk-RMSNorm + RoPE + FP8 cast, GELU + FP8 cast, the
+  cross-attention's q RMSNorm and the sum of its text and image attention outputs) in
+  ``torch.compile``-d functions, one fused kernel or two each; each residual update is fused with the
+  norm that follows it (self-attention residual + cross-attention pre-norm, cross-attention residual
+  + FFN LayerNorm and modulation).
 
 Memory plan for ``infer --fast``: the text and image encoders are moved to the GPU for their call
 and back to the host right after (they run once per video, before the DiT); the VAE, motion
@@ -223,6 +226,35 @@ def gelu_quant(x: torch.Tensor, act_scale: torch.Tensor | None) -> torch.Tensor:
     return y if act_scale is None else _maybe_quant(y.float(), act_scale, x.dtype)
 
 
+def residual_norm_affine(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor, eps: float,
+                         act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The self-attention's gated residual, then the cross-attention's pre-norm: ``(x', norm2(x'))`` in one pass."""
+    x = gated_residual(x, y, gate)
+    return x, norm_affine(x, weight, bias, eps, act_scale)
+
+
+def residual_norm_modulate(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                           act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-attention's residual (``x + y`` in the model dtype, as the reference), then the FFN's
+    LayerNorm + modulation: ``(x', h)`` in one pass."""
+    x = x + y
+    return x, norm_modulate(x, shift, scale, eps, act_scale)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis (fp32 statistics) → the input's dtype (the cross-attention's q norm)."""
+    return _rms(x, weight, eps).to(x.dtype)
+
+
+def merge_heads(a: torch.Tensor, b: torch.Tensor | None, act_scale: torch.Tensor | None) -> torch.Tensor:
+    """Attention outputs ``[B, H, L, D]`` (text, and image when ``b`` is given) summed in the model dtype as
+    the reference does → contiguous ``[B, L, H*D]``, or FP8 with ``act_scale``."""
+    y = a if b is None else a + b
+    y = y.transpose(1, 2).flatten(2, 3)
+    return y.contiguous() if act_scale is None else _maybe_quant(y.float(), act_scale, a.dtype)
+
+
 @dataclass
 class Glue:
     """The element-wise functions, compiled (GPU) or plain (CPU, tests)."""
@@ -234,6 +266,10 @@ class Glue:
     gated_residual: Callable = gated_residual
     gelu_quant: Callable = gelu_quant
     qk_norm_rope_fp8: Callable = qk_norm_rope_fp8
+    residual_norm_affine: Callable = residual_norm_affine
+    residual_norm_modulate: Callable = residual_norm_modulate
+    rms_norm: Callable = rms_norm
+    merge_heads: Callable = merge_heads
 
     @staticmethod
     def compiled() -> Glue:
@@ -242,7 +278,8 @@ class Glue:
             opts = {"dynamic": False, "fullgraph": True}
             _COMPILED = Glue(*(torch.compile(f, **opts) for f in (norm_modulate, norm_affine, qk_norm_rope,
                                                                    quant_dynamic, gated_residual, gelu_quant,
-                                                                   qk_norm_rope_fp8)))
+                                                                   qk_norm_rope_fp8, residual_norm_affine,
+                                                                   residual_norm_modulate, rms_norm, merge_heads)))
         return _COMPILED
 
 
@@ -253,17 +290,21 @@ _COMPILED: Glue | None = None
 # Attention
 # ------------------------------------------------------------------------------------------------
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """bf16 attention over ``[B, S, H, D]`` → ``[B, S, H*D]``; cuDNN first on a GPU, then flash, then efficient."""
+def sdpa_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """bf16 attention over ``[B, S, H, D]`` → ``[B, H, S, D]`` (a view, as SDPA returns it); cuDNN first on a
+    GPU, then flash, then efficient."""
     args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     if q.is_cuda:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-            out = F.scaled_dot_product_attention(*args)
-    else:
-        out = F.scaled_dot_product_attention(*args)
-    return out.transpose(1, 2).flatten(2, 3)
+            return F.scaled_dot_product_attention(*args)
+    return F.scaled_dot_product_attention(*args)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """bf16 attention over ``[B, S, H, D]`` → ``[B, S, H*D]``."""
+    return sdpa_heads(q, k, v).transpose(1, 2).flatten(2, 3)
 
 
 class CudnnFp8Attention:
@@ -491,43 +532,46 @@ class FastTransformer(torch.nn.Module):
             self.attention_scales[int(index)] = (1.0 / descale, tuple(d.reshape(1, 1, 1, 1) for d in descale))
         return {int(i): [float(v) for v in vals] for i, vals in amax.items()}
 
-    def _cross_attention(self, index: int, block, x, context_img, context_txt, glue: Glue) -> torch.Tensor:
+    def _cross_attention(self, index: int, block, h, context_img, context_txt, glue: Glue) -> torch.Tensor:
+        """Cross-attention on ``h`` (the normalized tokens, FP8 when ``attn2.to_q`` is quantized)."""
         ops, attn = self.block_ops[index], block.attn2
-        to_q = ops.ops["attn2.to_q"]
-        norm = block.norm2
-        act = to_q.act_scale if isinstance(to_q, Fp8Linear) else None
-        h = glue.norm_affine(x, norm.weight, norm.bias, norm.eps, act)
-        q = to_q.forward_fp8(h, act) if act is not None else to_q(h)
+        to_q, to_out = ops.ops["attn2.to_q"], ops.ops["attn2.to_out.0"]
+        q = to_q.forward_fp8(h, to_q.act_scale) if isinstance(to_q, Fp8Linear) else to_q(h)
         heads = attn.heads
-        q = attn.norm_q(q).unflatten(-1, (heads, -1))
+        q = glue.rms_norm(q, attn.norm_q.weight, attn.norm_q.eps).unflatten(-1, (heads, -1))
         k = attn.norm_k(_run(ops.ops["attn2.to_k"], context_txt)).unflatten(-1, (heads, -1))
         v = _run(ops.ops["attn2.to_v"], context_txt).unflatten(-1, (heads, -1))
-        out = sdpa(q, k, v).to(x.dtype)
+        out, out_img = sdpa_heads(q, k, v), None
         if ops.ops["attn2.add_k_proj"] is not None:  # the CLIP image context branch
             k_img = attn.norm_added_k(_run(ops.ops["attn2.add_k_proj"], context_img)).unflatten(-1, (heads, -1))
             v_img = _run(ops.ops["attn2.add_v_proj"], context_img).unflatten(-1, (heads, -1))
-            out = out + sdpa(q, k_img, v_img).to(x.dtype)
-        return _run(ops.ops["attn2.to_out.0"], out)
+            out_img = sdpa_heads(q, k_img, v_img)
+        act = _act_scale(to_out)
+        merged = glue.merge_heads(out, out_img, act)
+        return to_out.forward_fp8(merged, act) if act is not None else to_out(merged)
 
-    def _ffn(self, index: int, block, x, shift, scale, glue: Glue) -> torch.Tensor:
+    def _ffn(self, index: int, h, glue: Glue) -> torch.Tensor:
+        """The FFN on ``h`` (the normalized, modulated tokens; FP8 when ``ffn.net.0.proj`` is quantized)."""
         ops = self.block_ops[index]
         up, down = ops.ops["ffn.net.0.proj"], ops.ops["ffn.net.2"]
-        eps = block.norm3.eps
-        if isinstance(up, Fp8Linear):
-            u = up.forward_fp8(glue.norm_modulate(x, shift, scale, eps, up.act_scale), up.act_scale)
-        else:
-            u = up(glue.norm_modulate(x, shift, scale, eps, None))
-        if isinstance(down, Fp8Linear):
-            return down.forward_fp8(glue.gelu_quant(u, down.act_scale), down.act_scale)
-        return down(glue.gelu_quant(u, None))
+        u = up.forward_fp8(h, up.act_scale) if isinstance(up, Fp8Linear) else up(h)
+        act = _act_scale(down)
+        g = glue.gelu_quant(u, act)
+        return down.forward_fp8(g, act) if act is not None else down(g)
 
     def _block(self, index: int, x, context_img, context_txt, temb6, rotary, glue: Glue) -> torch.Tensor:
-        block = self.model.blocks[index]
+        """One transformer block; each residual update is fused with the norm that follows it."""
+        block, ops = self.model.blocks[index], self.block_ops[index]
         mod = (block.scale_shift_table.float() + temb6.float()).chunk(6, dim=1)  # each [B, 1, D]
         shift, scale, gate, c_shift, c_scale, c_gate = mod
-        x = glue.gated_residual(x, self._self_attention(index, block, x, shift, scale, rotary, glue), gate)
-        x = x + self._cross_attention(index, block, x, context_img, context_txt, glue)
-        return glue.gated_residual(x, self._ffn(index, block, x, c_shift, c_scale, glue), c_gate)
+        y = self._self_attention(index, block, x, shift, scale, rotary, glue)
+        norm2 = block.norm2
+        x, h = glue.residual_norm_affine(x, y, gate, norm2.weight, norm2.bias, norm2.eps,
+                                         _act_scale(ops.ops["attn2.to_q"]))
+        y = self._cross_attention(index, block, h, context_img, context_txt, glue)
+        x, h = glue.residual_norm_modulate(x, y, c_shift, c_scale, block.norm3.eps,
+                                           _act_scale(ops.ops["ffn.net.0.proj"]))
+        return glue.gated_residual(x, self._ffn(index, h, glue), c_gate)
 
     # ---- the graph -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -569,6 +613,11 @@ class FastTransformer(torch.nn.Module):
 
 def _run(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return op(x)
+
+
+def _act_scale(op: torch.nn.Module | None) -> torch.Tensor | None:
+    """The static input scale of an FP8 Linear (its input is quantized by the kernel before it), else None."""
+    return op.act_scale if isinstance(op, Fp8Linear) else None
 
 
 def to_inference_dtype(module: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
@@ -646,9 +695,9 @@ class FastEngine:
 def fast_plan(graph: torch.nn.Module, directory, manifest) -> tuple[QuantPlan, dict[int, tuple[float, float, float]]]:
     """The FP8 plan of a quantized engines directory (its calibration cache and policy, as the build made it),
     and the calibrated |q|, |k|, |v| ranges of the blocks whose self-attention it quantizes."""
+    from wan_trt.calibration.attention import stats_key
     from wan_trt.calibration.cache import load_cache
     from wan_trt.calibration.policy import PrecisionPolicy
-    from wan_trt.calibration.attention import stats_key
     from wan_trt.calibration.quantize import linear_layers, make_plan
 
     q = manifest.quantization

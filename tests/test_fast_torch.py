@@ -37,6 +37,8 @@ except (RuntimeError, NotImplementedError):
 needs_scaled_mm = pytest.mark.skipif(not SCALED_MM_ON_CPU, reason="this torch has no CPU torch._scaled_mm")
 # the tiny DiT has 10 blocks: keep 1 first and 1 last in high precision so that 8 blocks are quantized
 TINY_POLICY = PrecisionPolicy(1, 1, load_policy().block_layers, "test")
+# every Linear of a block in FP8, the cross-attention's too (its FP8 q input and FP8 merged-heads output)
+ALL_LINEARS_POLICY = PrecisionPolicy(1, 1, ft.BLOCK_LINEARS, "test-all-linears")
 
 
 def _graph(seed: int = 0):
@@ -58,13 +60,13 @@ def _feed(graph, seed: int = 0, batch: int = 1) -> tuple[torch.Tensor, ...]:
             torch.from_numpy(rng.standard_normal((batch, 4 * f - 3, tr.motion_encoder_dim), dtype=np.float32)))
 
 
-def _calibrated_plan(graph, feed):
-    quantized = {p: m for p, m in linear_layers(graph).items() if p in set(TINY_POLICY.quantized_layers(10))}
+def _calibrated_plan(graph, feed, policy: PrecisionPolicy = TINY_POLICY):
+    quantized = {p: m for p, m in linear_layers(graph).items() if p in set(policy.quantized_layers(10))}
     observer = ft.AmaxObserver(quantized)
     with torch.no_grad():
         graph(*feed)
     amax = observer.remove()
-    return amax, ft.fp8_plan(linear_layers(graph), amax, TINY_POLICY, 10)
+    return amax, ft.fp8_plan(linear_layers(graph), amax, policy, 10)
 
 
 @needs_scaled_mm
@@ -101,7 +103,7 @@ def test_fp8_plan_equals_make_plan():
                              {p: LayerStats(float(rng.uniform(0.5, 9.0)), []) for p in paths})
     want = make_plan(linears, cache, TINY_POLICY, "fp8", 10)
     got = ft.fp8_plan(linears, {p: s.amax for p, s in cache.layers.items()}, TINY_POLICY, 10)
-    assert set(got.layers) == set(want.layers) and len(got.layers) == 8 * 12
+    assert set(got.layers) == set(want.layers) and len(got.layers) == 8 * len(TINY_POLICY.block_layers)
     for path, layer in want.layers.items():
         assert got.layers[path].act_scale == layer.act_scale
         np.testing.assert_array_equal(got.layers[path].weight_scale, layer.weight_scale)
@@ -120,11 +122,13 @@ def test_fast_dit_bf16_linears_equals_transformer_graph():
 
 
 @needs_scaled_mm
-def test_fast_dit_fp8_equals_fake_quant_dit():
+@pytest.mark.parametrize("policy", [TINY_POLICY, ALL_LINEARS_POLICY], ids=["default-layers", "all-linears"])
+def test_fast_dit_fp8_equals_fake_quant_dit(policy):
     """FP8 plan: the fast DiT (_scaled_mm, fused q|k|v, quantization fused into the glue) = the fake-quant DiT."""
     graph = _graph()
     feed = _feed(graph, seed=2)
-    _, plan = _calibrated_plan(graph, feed)
+    _, plan = _calibrated_plan(graph, feed, policy)
+    assert len(plan.layers) == 8 * len(policy.block_layers)
     reference = apply_fake_quant(copy.deepcopy(graph), plan)
     with torch.no_grad():
         want = reference(*feed)[0]

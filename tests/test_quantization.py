@@ -160,6 +160,21 @@ def test_bad_policy_and_missing_cache_are_clear(preset, tmp_path):
         build_engines(preset, tmp_path / "e", quantization=QuantizationRequest("fp8", tmp_path / "none.json"))
 
 
+def test_shipped_policies_by_name():
+    """--policy default | every-block | all-layers; the default and every-block leave the cross-attention
+    Linears (attn2.*) in high precision (they carry most of the FP8 error: fp8_sensitivity_h100_480.json)."""
+    default, every, everything = (load_policy(n) for n in ("default", "every-block", "all-layers"))
+    assert load_policy(None) == default and default.source == "default"
+    assert not any(layer.startswith("attn2.") for layer in default.block_layers)
+    assert every.block_layers == default.block_layers and every.source == "every-block"
+    assert (every.keep_first_blocks, every.keep_last_blocks) == (0, 0)
+    assert (default.keep_first_blocks, default.keep_last_blocks) == (3, 3)
+    assert len(everything.block_layers) == 12 and set(default.block_layers) < set(everything.block_layers)
+    assert all(p.fp8_self_attention for p in (default, every, everything))
+    with pytest.raises(BadInputError, match="every-block"):
+        load_policy("fastest")
+
+
 def test_calibrate_and_inspect_from_the_command_line(tiny_engines, quantized_engines, tmp_path):
     from click.testing import CliRunner
 

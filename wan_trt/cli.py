@@ -95,7 +95,8 @@ def main(verbose: bool) -> None:
               help="Measure the video PSNR vs fp32 in accuracy.json [on for presets with built-in weights; the real "
                    "model's reference video takes long on a CPU].")
 @click.option("--calibration", type=click.Path(), default=None, help="Calibration cache from wan-trt calibrate.")
-@click.option("--policy", type=click.Path(), default=None, help="Precision policy JSON [the shipped default].")
+@click.option("--policy", type=click.Path(), default=None,
+              help="Precision policy: a JSON file or a shipped name (default, every-block, all-layers) [default].")
 @click.option("--smoothquant-alpha", type=FiniteFloatRange(0.0, 1.0), default=0.5, show_default=True,
               help="INT8 SmoothQuant migration strength.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random weights.")
