@@ -12,6 +12,7 @@ This module imports neither torch nor diffusers: the runtime reads presets too.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,16 @@ _TINY = Preset(
     ),
 )
 
+# The tiny architecture at the smallest widths the GPU's FP8 kernels take (head dim 128 for cuDNN's FP8
+# attention; every quantized Linear's dims multiples of 16 for torch._scaled_mm): the GPU smoke test of
+# `infer --fast` on FP8 engines (benchmarks/infer_fast_smoke.py). Everything else is the tiny preset.
+_TINY_GPU = dataclasses.replace(
+    _TINY,
+    name="tiny-gpu",
+    description="the tiny preset with head dim 128 and 16-aligned Linears (FP8 GPU kernels): the GPU smoke test",
+    transformer={**_TINY.transformer, "attention_head_dim": 128, "ffn_dim": 512, "added_kv_proj_dim": 256},
+)
+
 _ANIMATE_14B = Preset(
     name="animate-14b",
     description="Wan2.2-Animate-14B (17.3 B DiT); needs --checkpoint DIR or --random-weights",
@@ -212,7 +223,7 @@ _ANIMATE_14B = Preset(
     ),
 )
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (_TINY, _ANIMATE_14B)}
+PRESETS: dict[str, Preset] = {p.name: p for p in (_TINY, _TINY_GPU, _ANIMATE_14B)}
 
 
 def get_preset(name: str) -> Preset:
