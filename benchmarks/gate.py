@@ -33,23 +33,43 @@ class GateRow:
         return self.ratio <= self.limit
 
 
-def lookup(data: dict[str, Any], path: str) -> float:
+def find(data: dict[str, Any], path: str) -> Any:
+    """The value at a dotted path; KeyError naming the missing part."""
     value: Any = data
     for part in path.split("."):
         if not isinstance(value, dict) or part not in value:
             raise KeyError(f"metric '{path}' is missing ('{part}' not found)")
         value = value[part]
-    return float(value)
+    return value
+
+
+def lookup(data: dict[str, Any], path: str) -> float:
+    return float(find(data, path))
 
 
 def check(run: dict[str, Any], baseline: dict[str, Any], metrics: tuple[str, ...], tolerance: float,
           device_key: str | None = None) -> list[GateRow]:
-    """One row per metric; raises ValueError when the two results come from different device kinds."""
+    """One row per metric; raises ValueError when the two results come from different device kinds, or when a
+    metric's variant ran another FP8 attention kernel (where both files record it)."""
     if device_key is not None:
         got, want = run.get("env", {}).get(device_key), baseline.get("env", {}).get(device_key)
         if got != want:
             raise ValueError(f"baseline is for {device_key}={want!r}, this run is {got!r}: compare like with like")
+    for metric in metrics:
+        variant = metric.rpartition(".")[0]
+        kernels = [_recorded(data, f"{variant}.fp8_attention_kernel") for data in (run, baseline)]
+        if None not in kernels and kernels[0] != kernels[1]:
+            raise ValueError(f"{variant}: baseline ran the FP8 attention kernel {kernels[1]}, this run {kernels[0]}: "
+                             "compare like with like (benchmarks.run gpu --fp8-attention-kernel)")
     return [GateRow(m, lookup(baseline, m), lookup(run, m), 1.0 + tolerance) for m in metrics]
+
+
+def _recorded(data: dict[str, Any], path: str) -> Any:
+    """The value at ``path``, or None where the file does not record it (older results)."""
+    try:
+        return find(data, path)
+    except KeyError:
+        return None
 
 
 def report(rows: list[GateRow]) -> str:

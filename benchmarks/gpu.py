@@ -51,6 +51,7 @@ class GpuConfig:
     variants: tuple[str, ...] = ("fast_bf16", "fast_fp8", "fast_fp8_every_block")
     micro: bool = True
     policy: str | None = None  # precision policy JSON [the shipped default]
+    fp8_attention_kernel: str = "auto"  # auto | cudnn | fa3, for variants without a _cudnn/_fa3 suffix
 
 
 def _release(*objs) -> None:
@@ -243,7 +244,7 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                                                    for name, policy in policies.items()},
                                       "attention": {"margin": ATTENTION_MARGIN,
                                                     "samples": f"one fast forward at {key}, t=500 (static q/k/v scales)"}}
-                variants = _variants(graph, plans, cfg.variants)
+                variants = _variants(graph, plans, cfg.variants, cfg.fp8_attention_kernel)
                 for fast in variants.values():
                     if fast.fp8_attention:  # static q/k/v scales, as `infer --fast` uses (there: from the cache)
                         fast.record_attention_amax()
@@ -280,6 +281,7 @@ def _measure_variant(fast, inputs, reference, base_t, flops, cfg: GpuConfig) -> 
         t = time_cuda(lambda: fast(*inputs), cfg.warmup + 1, cfg.repeats)  # +1: compile happens first
     got = fast(*inputs)[0].float()
     return {"timing": t, "memory": mem.to_json(), "options": fast.options.to_json(),
+            "fp8_attention_kernel": type(fast._fp8_attn).__name__ if fast._fp8_attn is not None else None,
             "fp8_attention_blocks": sorted(fast.fp8_attention),
             "static_attention_scales": bool(fast.attention_scales),
             "rel_l2_vs_diffusers_bf16": relative_l2(got.cpu().numpy(), reference.cpu().numpy()),
@@ -288,21 +290,29 @@ def _measure_variant(fast, inputs, reference, base_t, flops, cfg: GpuConfig) -> 
             "achieved_tflops": flops["total_tflop"] / (t["median_ms"] / 1e3)}
 
 
-def _variants(graph, plans: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str = "auto") -> dict[str, Any]:
     """The fast variants: ``fast_bf16``; ``fast_fp8`` (the policy's FP8 Linears and self-attention),
-    ``fast_fp8_every_block`` (the every-block policy), ``fast_fp8_linears_bf16_attention`` (the policy's
-    FP8 Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights)."""
+    ``fast_fp8_every_block`` (the every-block policy), either with the suffix ``_cudnn`` or ``_fa3`` to pin
+    the FP8 attention kernel (else ``kernel``); ``fast_fp8_linears_bf16_attention`` (the policy's FP8
+    Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights)."""
     import copy
 
     from wan_trt.runtime.fast_torch import FastOptions, FastTransformer
 
     out: dict[str, Any] = {}
-    fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy")
+    by_plan: dict[str, Any] = {}  # plan name -> its first FastTransformer (variants of one plan share FP8 weights)
     for name in names:
+        base, _, pinned = name.rpartition("_") if name.endswith(("_cudnn", "_fa3")) else (name, "", "")
+        fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy", fp8_attention_kernel=pinned or kernel)
         if name == "fast_bf16":
             out[name] = FastTransformer(graph, None, FastOptions(attention="bf16")).to("cuda")
-        elif name in ("fast_fp8", "fast_fp8_every_block"):
-            out[name] = FastTransformer(graph, plans[name], fp8).to("cuda")
+        elif base in ("fast_fp8", "fast_fp8_every_block"):
+            if base in by_plan:  # the same plan with another attention kernel
+                variant = copy.copy(by_plan[base])
+                variant.options, variant._fp8_attn = fp8, None
+                out[name] = variant
+            else:
+                out[name] = by_plan[base] = FastTransformer(graph, plans[base], fp8).to("cuda")
         elif name == "fast_fp8_linears_bf16_attention":
             base = out.get("fast_fp8") or FastTransformer(graph, plans["fast_fp8"], fp8).to("cuda")
             variant = copy.copy(base)  # shares modules and FP8 weights; only the attention differs

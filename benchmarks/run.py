@@ -40,12 +40,13 @@ def cmd_gpu(args) -> int:
     cfg = GpuConfig(preset=get_preset("animate-14b"), sizes=_sizes(args.sizes), frames=args.frames,
                     repeats=args.repeats, warmup=args.warmup, num_layers=args.layers,
                     components=not args.no_components, micro=not args.no_micro,
-                    variants=tuple(v for v in args.variants.split(",") if v), policy=args.policy)
+                    variants=tuple(v for v in args.variants.split(",") if v), policy=args.policy,
+                    fp8_attention_kernel=args.fp8_attention_kernel)
     start = time.time()
     results = {"kind": "gpu", "env": environment(),
                "config": {"preset": "animate-14b --random-weights", "sizes": args.sizes, "frames": args.frames,
                           "repeats": args.repeats, "warmup": args.warmup, "num_layers": args.layers or "all",
-                          "policy": args.policy or "default",
+                          "policy": args.policy or "default", "fp8_attention_kernel": args.fp8_attention_kernel,
                           "variants": list(cfg.variants), "timing": "CUDA events, median of repeats after warm-up",
                           "baseline": "diffusers modules as shipped, bf16 (+ diffusers' fp32 modules), eager, "
                                       "default SDPA"}}
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--no-micro", action="store_true", help="skip the GEMM/attention micro-benchmarks")
     g.add_argument("--out", default=str(RESULTS / "gpu.json"))
     g.add_argument("--policy", default=None, help="precision policy (JSON file or shipped name) of fast_fp8 [default]")
+    g.add_argument("--fp8-attention-kernel", choices=["auto", "cudnn", "fa3"], default="auto",
+                   help="FP8 attention kernel of the fast_fp8* variants without a _cudnn/_fa3 suffix")
     c = sub.add_parser("cpu-overhead", help="runtime overhead per denoising step (tiny preset, CPU)")
     c.add_argument("--steps", type=int, default=12)
     c.add_argument("--runs", type=int, default=3)

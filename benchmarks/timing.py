@@ -87,6 +87,12 @@ def environment() -> dict[str, Any]:
             env["cudnn_backend"] = cudnn.backend_version_string()
         except Exception as error:  # noqa: BLE001 - recorded, not fatal: only FP8 attention needs it
             env["cudnn_frontend"] = f"unavailable: {type(error).__name__}: {error}"[:200]
+        try:
+            import flash_attn_3
+
+            env["flash_attn_3"] = flash_attn_3.__version__
+        except Exception as error:  # noqa: BLE001 - recorded, not fatal: optional FP8 attention kernel
+            env["flash_attn_3"] = f"unavailable: {type(error).__name__}: {error}"[:200]
     return env
 
 

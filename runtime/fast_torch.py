@@ -9,11 +9,14 @@ The same math as the exported DiT graph (``TransformerGraph``), run the way a Ho
   cache (the same ``make_plan`` scales as the Q/DQ graph and its fake-quant reference). The
   quantization of a Linear's input is fused into the element-wise kernel that produces it
   (LayerNorm + modulation, GELU); q/k/v of a block share one fused GEMM;
-* self-attention through cuDNN: bf16 ``scaled_dot_product_attention`` with the cuDNN backend, or
-  cuDNN's FP8 fused attention (``nvidia-cudnn-frontend``, ``sdpa_fp8``) in the blocks the policy
-  quantizes. q, k and v are scaled per tensor from their current amax (one reduction each, no
-  calibration needed); the FP8 output uses ``scale_o = 224 / amax(v)``, safe because every output
-  row is a convex combination of v's rows, and feeds the FP8 ``to_out`` GEMM without requantizing;
+* self-attention: bf16 ``scaled_dot_product_attention`` with the cuDNN backend, or FP8 fused
+  attention in the blocks the policy quantizes, by one of two kernels (``FastOptions.fp8_attention_kernel``):
+  cuDNN's ``sdpa_fp8`` (``nvidia-cudnn-frontend``) or FlashAttention-3's FP8 forward (``flash_attn_3``,
+  built from source for Hopper; ``auto`` takes it where it is installed). q, k and v are scaled per
+  tensor: statically from the calibration cache, or from their current amax. cuDNN's FP8 output uses
+  ``scale_o = 224 / amax(v)``, safe because every output row is a convex combination of v's rows, and
+  feeds the FP8 ``to_out`` GEMM without requantizing; FA3's bf16 output is quantized with ``to_out``'s
+  calibrated input scale, as the Q/DQ graph does;
 * the element-wise glue (LayerNorm + modulation, qk-RMSNorm + RoPE + FP8 cast, GELU + FP8 cast, the
   cross-attention's q RMSNorm and the sum of its text and image attention outputs) in
   ``torch.compile``-d functions, one fused kernel or two each; each residual update is fused with the
@@ -46,9 +49,10 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 _TINY = 1e-12
-O_MARGIN = 2.0
-ATTENTION_MARGIN = 1.25  # static q/k/v scales: headroom over the calibrated range  # FP8 attention output: |o| <= amax(v); scale to half the range (FP8 is relative precision)
+O_MARGIN = 2.0  # cuDNN's FP8 attention output: |o| <= amax(v); scale to half the range (FP8 is relative precision)
+ATTENTION_MARGIN = 1.25  # static q/k/v scales: headroom over the calibrated range
 ATTENTION_MODES = ("bf16", "fp8")
+FP8_ATTENTION_KERNELS = ("auto", "cudnn", "fa3")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,6 +274,7 @@ class Glue:
     residual_norm_modulate: Callable = residual_norm_modulate
     rms_norm: Callable = rms_norm
     merge_heads: Callable = merge_heads
+    quantize_fp8: Callable = quantize_fp8
 
     @staticmethod
     def compiled() -> Glue:
@@ -279,7 +284,8 @@ class Glue:
             _COMPILED = Glue(*(torch.compile(f, **opts) for f in (norm_modulate, norm_affine, qk_norm_rope,
                                                                    quant_dynamic, gated_residual, gelu_quant,
                                                                    qk_norm_rope_fp8, residual_norm_affine,
-                                                                   residual_norm_modulate, rms_norm, merge_heads)))
+                                                                   residual_norm_modulate, rms_norm, merge_heads,
+                                                                   quantize_fp8)))
         return _COMPILED
 
 
@@ -369,13 +375,62 @@ class CudnnFp8Attention:
         return out, descale_o
 
 
+class Fa3Fp8Attention:
+    """FlashAttention-3's FP8 forward (``flash_attn_interface.flash_attn_func`` of the ``flash_attn_3`` package)
+    on ``[B, L, H, D]`` E4M3 tensors. Its output is bf16 (FA3 has no FP8 output), returned with descale None."""
+
+    def __init__(self, attention: Callable | None = None) -> None:
+        """``attention``: a stand-in for ``flash_attn_func`` (tests); by default FA3's own, on a Hopper GPU."""
+        if attention is not None:
+            self.attention = attention
+            return
+        try:
+            import flash_attn_interface
+        except ImportError as error:
+            raise EngineError("--fp8-attention-kernel fa3 needs FlashAttention-3 (flash_attn_3, built from the hopper/ "
+                              f"folder of Dao-AILab/flash-attention; see the README): {error}") from None
+        if torch.cuda.get_device_capability() != (9, 0):
+            raise EngineError(f"FlashAttention-3 runs on Hopper GPUs (compute capability 9.0); this GPU is "
+                              f"{torch.cuda.get_device_name()}: use --fp8-attention-kernel cudnn")
+        self.attention = flash_attn_interface.flash_attn_func
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,
+                 descale_k: torch.Tensor, descale_v: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """E4M3 ``[B, L, H, D]`` q, k, v with per-tensor descales → (bf16 output ``[B, L, H, D]``, None)."""
+        batch, heads = q.shape[0], k.shape[2]
+        per_head = [d.reshape(1, 1).expand(batch, heads) for d in (descale_q, descale_k, descale_v)]  # FA3: (B, H_k)
+        out = self.attention(q, k, v, causal=False, q_descale=per_head[0], k_descale=per_head[1],
+                             v_descale=per_head[2])
+        return (out[0] if isinstance(out, tuple) else out), None
+
+
+def fa3_available() -> bool:
+    """Whether FlashAttention-3 is importable and this GPU is a Hopper (its only target)."""
+    try:
+        import flash_attn_interface  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+def fp8_attention_kernel(name: str) -> CudnnFp8Attention | Fa3Fp8Attention:
+    """The FP8 attention kernel ``name`` (auto: FA3 where it is installed on a Hopper GPU, else cuDNN)."""
+    if name not in FP8_ATTENTION_KERNELS:
+        raise EngineError(f"FP8 attention kernel '{name}': choose one of {', '.join(FP8_ATTENTION_KERNELS)}")
+    if name == "auto":
+        name = "fa3" if fa3_available() else "cudnn"
+        log.info("FP8 attention kernel: %s (auto%s)", name, "" if name == "fa3" else ": flash_attn_3 not installed")
+    return Fa3Fp8Attention() if name == "fa3" else CudnnFp8Attention()
+
+
 # ------------------------------------------------------------------------------------------------
 # The fast DiT
 # ------------------------------------------------------------------------------------------------
 
 @dataclass
 class FastOptions:
-    attention: str = "bf16"  # bf16 | fp8 (cuDNN FP8 self-attention in the blocks listed below)
+    attention: str = "bf16"  # bf16 | fp8 (FP8 self-attention in the blocks listed below)
+    fp8_attention_kernel: str = "auto"  # auto | cudnn | fa3 (see fp8_attention_kernel())
     # policy: the blocks whose Linears are quantized | plan: the plan's attention blocks | all
     fp8_attention_blocks: str = "policy"
     compile: bool = True
@@ -383,7 +438,8 @@ class FastOptions:
     dtype: torch.dtype = torch.bfloat16
 
     def to_json(self) -> dict:
-        return {"attention": self.attention, "fp8_attention_blocks": self.fp8_attention_blocks,
+        return {"attention": self.attention, "fp8_attention_kernel": self.fp8_attention_kernel,
+                "fp8_attention_blocks": self.fp8_attention_blocks,
                 "compile": self.compile, "fast_accum": self.fast_accum, "dtype": str(self.dtype)}
 
 
@@ -457,7 +513,7 @@ class FastTransformer(torch.nn.Module):
                 parent, _, attr = path.removeprefix("transformer.").rpartition(".")
                 setattr(self.model.get_submodule(parent), attr, torch.nn.Identity())
         self._glue: Glue | None = None
-        self._fp8_attn: CudnnFp8Attention | None = None
+        self._fp8_attn: CudnnFp8Attention | Fa3Fp8Attention | None = None
         self.attention_scales: dict[int, tuple] = {}  # block -> (1/descale [3], (descale_q, descale_k, descale_v))
         self.recorded_amax: dict[int, torch.Tensor] | None = None
 
@@ -466,9 +522,9 @@ class FastTransformer(torch.nn.Module):
             self._glue = Glue.compiled() if (self.options.compile and device.type == "cuda") else Glue()
         return self._glue
 
-    def _attention_fp8(self) -> CudnnFp8Attention:
+    def _attention_fp8(self) -> CudnnFp8Attention | Fa3Fp8Attention:
         if self._fp8_attn is None:
-            self._fp8_attn = CudnnFp8Attention()
+            self._fp8_attn = fp8_attention_kernel(self.options.fp8_attention_kernel)
         return self._fp8_attn
 
     # ---- one block ---------------------------------------------------------------------------
@@ -487,7 +543,7 @@ class FastTransformer(torch.nn.Module):
             inv, descales = static
             q8, k8, v8 = glue.qk_norm_rope_fp8(q, k, v, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps,
                                                attn.heads, *rotary, inv)
-            o8, do = self._attention_fp8()(q8, k8, v8, *descales)
+            o, do = self._attention_fp8()(q8, k8, v8, *descales)
         else:
             q, k = glue.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, attn.heads,
                                      *rotary)
@@ -497,11 +553,14 @@ class FastTransformer(torch.nn.Module):
             (q8, dq), (k8, dk), (v8, dv) = glue.quant_dynamic(q), glue.quant_dynamic(k), glue.quant_dynamic(v)
             if self.recorded_amax is not None:
                 self._record(index, (dq, dk, dv))
-            o8, do = self._attention_fp8()(q8, k8, v8, dq, dk, dv)
-        o8 = o8.flatten(2, 3)
+            o, do = self._attention_fp8()(q8, k8, v8, dq, dk, dv)
+        o = o.flatten(2, 3)  # E4M3 with its descale do (cuDNN), or bf16 with do None (FA3)
+        if do is None:  # to_out quantizes a high-precision output as any FP8 Linear input
+            act = _act_scale(to_out)
+            return to_out.forward_fp8(glue.quantize_fp8(o, act), act) if act is not None else to_out(o)
         if isinstance(to_out, Fp8Linear):
-            return to_out.forward_fp8(o8, do)
-        return to_out((o8.float() * do.reshape(())).to(x.dtype))
+            return to_out.forward_fp8(o, do)
+        return to_out((o.float() * do.reshape(())).to(x.dtype))
 
     # ---- static FP8 attention scales -----------------------------------------------------------
     def record_attention_amax(self) -> None:
@@ -709,7 +768,7 @@ def fast_plan(graph: torch.nn.Module, directory, manifest) -> tuple[QuantPlan, d
     return plan, ranges
 
 
-def fast_torch_engines(manifest, device: str, directory) -> dict:
+def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: str = "auto") -> dict:
     """The ``--fast`` engines for an fp32 or fp8 engines directory (see the module docstring)."""
     from wan_trt.runtime.loading import reference_graph_modules
 
@@ -723,13 +782,16 @@ def fast_torch_engines(manifest, device: str, directory) -> dict:
     graph = modules["transformer"]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
     to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
-    options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan")
+    options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
+                          fp8_attention_kernel=fp8_attention_kernel)
     fast = FastTransformer(graph, plan, options, release_bf16=True).to("cuda")
     if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
         fast.use_static_attention(attention_ranges)
+        fast._attention_fp8()  # choose (and check) the kernel now, before any video is decoded
     torch.cuda.empty_cache()
-    log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks)", "FP8" if plan else "bf16",
-             options.attention, len(fast.fp8_attention), len(fast.block_ops))
+    log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s)", "FP8" if plan else "bf16",
+             options.attention, len(fast.fp8_attention), len(fast.block_ops),
+             f", {type(fast._fp8_attn).__name__}" if fast._fp8_attn is not None else "")
     engines = {}
     for name, entry in manifest.graphs.items():
         if name == "transformer":

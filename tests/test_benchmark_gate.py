@@ -49,10 +49,21 @@ def test_gate_refuses_other_device_kind_and_missing_metric():
         gate.check(a, a, ("x.z",), 0.1)
 
 
-def test_committed_gpu_results_pass_their_gate():
-    """The committed H100 gate baseline holds every gated metric and passes against itself; its FP8
+def test_gate_refuses_another_fp8_attention_kernel():
+    row = {"ratio_to_baseline": 0.6, "fp8_attention_kernel": "Fa3Fp8Attention"}
+    a = {"dit": {"sizes": {"s": {"fast_fp8": row}}}}
+    b = {"dit": {"sizes": {"s": {"fast_fp8": {**row, "fp8_attention_kernel": "CudnnFp8Attention"}}}}}
+    with pytest.raises(ValueError, match="like with like"):
+        gate.check(a, b, ("dit.sizes.s.fast_fp8.ratio_to_baseline",), 0.1)
+    old = {"dit": {"sizes": {"s": {"fast_fp8": {"ratio_to_baseline": 0.6}}}}}  # results from before the field
+    assert all(r.ok for r in gate.check(a, old, ("dit.sizes.s.fast_fp8.ratio_to_baseline",), 0.1))
+
+
+@pytest.mark.parametrize("name", ["gpu_h100_gate_baseline.json", "gpu_h200_gate_baseline.json"])
+def test_committed_gpu_results_pass_their_gate(name):
+    """Each committed GPU gate baseline holds every gated metric and passes against itself; its FP8
     ratios 2× worse would fail."""
-    data = json.loads((BASELINE.parent / "gpu_h100_gate_baseline.json").read_text())
+    data = json.loads((BASELINE.parent / name).read_text())
     metrics = gate.GPU_METRICS
     assert all(_has(data, m) for m in metrics), "the committed GPU baseline lacks a gated metric"
     assert all(r.ok for r in gate.check(data, data, metrics, gate.GPU_TOLERANCE, device_key="gpu"))

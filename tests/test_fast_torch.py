@@ -141,6 +141,76 @@ def test_fast_dit_fp8_equals_fake_quant_dit(policy):
 
 
 @needs_scaled_mm
+def test_tiny_gpu_preset_fits_the_fp8_kernels():
+    """``tiny-gpu`` (the GPU smoke test's preset): head dim 128 (cuDNN FP8 attention), every Linear any shipped
+    policy quantizes has in/out features divisible by 16 (torch._scaled_mm), and the fast DiT = its graph."""
+    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.presets import get_preset
+    from wan_trt.reference_models import build_reference_models
+    from wan_trt.tokenizer import build_tiny_tokenizer
+
+    preset = get_preset("tiny-gpu")
+    assert preset.transformer["attention_head_dim"] == 128
+    models = build_reference_models(preset, seed=0, vocab_size=build_tiny_tokenizer().get_vocab_size())
+    graph = TransformerGraph(models.transformer).eval()
+    blocks = len(graph.transformer.blocks)
+    for path in load_policy("all-layers").quantized_layers(blocks):
+        linear = graph.get_submodule(path)
+        assert linear.in_features % 16 == 0 and linear.out_features % 16 == 0, path
+    feed = _feed(graph, seed=6)
+    with torch.no_grad():
+        want = graph(*feed)[0]
+    fast = ft.FastTransformer(graph, None, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    assert relative_l2(fast(*feed)[0], want) <= 1e-5
+
+
+def _fa3_stand_in(calls: list):
+    """FA3's ``flash_attn_func`` contract in fp32 on the CPU: E4M3 ``[B, L, H, D]`` q, k, v, (B, H) descales, bf16 out."""
+    def attention(q, k, v, causal, q_descale, k_descale, v_descale):
+        batch, _, heads, _ = q.shape
+        assert q.dtype == k.dtype == v.dtype == ft.FP8 and not causal
+        for d in (q_descale, k_descale, v_descale):
+            assert d.shape == (batch, heads) and d.dtype == torch.float32
+        deq = [t.float() * d[:, None, :, None] for t, d in ((q, q_descale), (k, k_descale), (v, v_descale))]
+        calls.append(q.shape)
+        return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq)).transpose(
+            1, 2).to(torch.bfloat16)
+    return attention
+
+
+@needs_scaled_mm
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-scales", "calibrated-scales"])
+def test_fast_dit_fa3_fp8_attention_path(static):
+    """The FA3 branch of FP8 self-attention (bf16 output, quantized by to_out with its calibrated scale), with a
+    stand-in for FA3's kernel: every FP8-attention block calls it, and the DiT differs from the same fast DiT
+    with bf16 attention by FP8 rounding only (a wrong layout, descale or output scale is an O(1) error)."""
+    graph = _graph()
+    feed = _feed(graph, seed=7)
+    _, plan = _calibrated_plan(graph, feed)
+    bf16 = ft.FastTransformer(graph, plan, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    want = bf16(*feed)[0]
+    options = ft.FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32)
+    fast = ft.FastTransformer(graph, plan, options)
+    calls: list = []
+    fast._fp8_attn = ft.Fa3Fp8Attention(_fa3_stand_in(calls))
+    if static:
+        fast.record_attention_amax()
+        fast(*feed)
+        fast.use_static_attention()
+        calls.clear()
+    got = fast(*feed)[0]
+    assert len(calls) == len(fast.fp8_attention) == 8
+    assert 1e-4 < relative_l2(got, want) <= 5e-2
+
+
+def test_fp8_attention_kernel_choice():
+    with pytest.raises(EngineError, match="choose one of auto, cudnn, fa3"):
+        ft.fp8_attention_kernel("flash")
+    if not ft.fa3_available():
+        with pytest.raises(EngineError, match="FlashAttention-3"):
+            ft.fp8_attention_kernel("fa3")
+
+
 def test_release_bf16_keeps_the_function_and_drops_the_weights():
     graph = _graph()
     feed = _feed(graph, seed=4)
@@ -248,4 +318,17 @@ def test_infer_fast_needs_torch_backend_on_cuda(tmp_path, extra):
                                        "--out", str(out), "--fast", *extra])
     assert result.exit_code == 2, result.output
     assert "--fast runs on --backend torch --device cuda" in result.output
+    assert not out.exists()
+
+
+def test_fp8_attention_kernel_needs_fast(tmp_path):
+    from click.testing import CliRunner
+
+    from wan_trt.cli import main
+
+    out = tmp_path / "out.mp4"
+    result = CliRunner().invoke(main, ["infer", "--engines", str(tmp_path / "engines"), "--input", str(tmp_path),
+                                       "--out", str(out), "--fp8-attention-kernel", "fa3"])
+    assert result.exit_code == 2, result.output
+    assert "--fp8-attention-kernel fa3 chooses the FP8 attention of --fast" in result.output
     assert not out.exists()

@@ -65,7 +65,7 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option("--preset", default="tiny", show_default=True, help="Model configuration: tiny or animate-14b.")
+@click.option("--preset", default="tiny", show_default=True, help="Model configuration: tiny, tiny-gpu (tiny with FP8-kernel-sized widths) or animate-14b.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Directory of real weights (animate-14b).")
 @click.option("--random-weights", is_flag=True, help="Random weights at full size (speed/memory work).")
 @click.option("--lora", default=None, metavar="PATH[:SCALE]",
@@ -191,8 +191,11 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               help="Sequence-parallel DiT over N processes, one GPU each (torchrun, NCCL; --backend torch). "
                    "N must divide the DiT's attention heads (40: 2, 4, 5, 8, ...). With --device cpu: N gloo processes.")
 @click.option("--fast", is_flag=True,
-              help="--backend torch --device cuda only: bf16, FP8 _scaled_mm Linears and cuDNN FP8 attention (fp8 "
-                   "engines), compiled glue, encoders released after use (benchmarks/README figures).")
+              help="--backend torch --device cuda only: bf16, FP8 _scaled_mm Linears and FP8 attention (fp8 "
+                   "engines), compiled glue, encoders released after use (README: Speed and memory).")
+@click.option("--fp8-attention-kernel", type=click.Choice(["auto", "cudnn", "fa3"]), default="auto", show_default=True,
+              help="With --fast on fp8 engines: cuDNN's FP8 attention or FlashAttention-3's (flash_attn_3, Hopper); "
+                   "auto takes FA3 where it is installed.")
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
                    "the raw photo's short side to 224 and centre-cropped (diffusers' WanAnimatePipeline).")
@@ -201,7 +204,7 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
           negative_prompt: str, guidance_scale: float, mode: str, relight: bool, background: str | None,
           mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None,
-          gpus: int, fast: bool, clip_preprocess: str) -> None:
+          gpus: int, fast: bool, fp8_attention_kernel: str, clip_preprocess: str) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
 
@@ -212,7 +215,7 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, fallback=fallback,
         input_dir=input_dir,
         ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
-        clip_preprocess=clip_preprocess,
+        fp8_attention_kernel=fp8_attention_kernel, clip_preprocess=clip_preprocess,
     )
     if gpus > 1:  # torchrun workers (wan_trt.runtime.distributed); rank 0 writes the mp4
         from wan_trt.runtime.distributed import launch_infer

@@ -50,6 +50,7 @@ class InferenceOptions:
     mask: str | None = None
     gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.runtime.distributed)
     fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast_torch)
+    fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
 
 
@@ -58,6 +59,9 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     if options.fast and (options.backend != "torch" or options.device != "cuda" or options.gpus > 1):
         raise BadInputError(f"--fast runs on --backend torch --device cuda with one GPU (got --backend {options.backend} "
                             f"--device {options.device} --gpus {options.gpus}): use those options or drop --fast")
+    if options.fp8_attention_kernel != "auto" and not options.fast:
+        raise BadInputError(f"--fp8-attention-kernel {options.fp8_attention_kernel} chooses the FP8 attention of --fast: "
+                            "add --fast or drop it")
     _check_output_path(options.out_path)
     manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
     if options.relight and not manifest.lora:
@@ -90,7 +94,8 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     )
 
     device = "cuda" if options.backend == "tensorrt" else options.device
-    pipeline, _ = open_pipeline(options.engines_dir, options.backend, device, fast=options.fast)
+    pipeline, _ = open_pipeline(options.engines_dir, options.backend, device, fast=options.fast,
+                                fp8_attention_kernel=options.fp8_attention_kernel)
     if options.gpus > 1:  # one rank of `infer --gpus N`: the DiT runs sequence-parallel over the process group
         from wan_trt.runtime.sequence_parallel import shard_dit_engine
 
