@@ -281,7 +281,7 @@ def _measure_variant(fast, inputs, reference, base_t, flops, cfg: GpuConfig) -> 
         t = time_cuda(lambda: fast(*inputs), cfg.warmup + 1, cfg.repeats)  # +1: compile happens first
     got = fast(*inputs)[0].float()
     return {"timing": t, "memory": mem.to_json(), "options": fast.options.to_json(),
-            "fp8_attention_kernel": type(fast._fp8_attn).__name__ if fast._fp8_attn is not None else None,
+            "fp8_attention_kernel": fast.fp8_kernel_name,
             "fp8_attention_blocks": sorted(fast.fp8_attention),
             "static_attention_scales": bool(fast.attention_scales),
             "rel_l2_vs_diffusers_bf16": relative_l2(got.cpu().numpy(), reference.cpu().numpy()),

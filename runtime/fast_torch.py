@@ -527,6 +527,11 @@ class FastTransformer(torch.nn.Module):
             self._fp8_attn = fp8_attention_kernel(self.options.fp8_attention_kernel)
         return self._fp8_attn
 
+    @property
+    def fp8_kernel_name(self) -> str | None:
+        """The FP8 attention kernel in use (class name), None before the first FP8 attention call."""
+        return type(self._fp8_attn).__name__ if self._fp8_attn is not None else None
+
     # ---- one block ---------------------------------------------------------------------------
     def _self_attention(self, index: int, block, x, shift, scale, rotary, glue: Glue) -> torch.Tensor:
         ops, attn = self.block_ops[index], block.attn1
@@ -791,7 +796,7 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
     torch.cuda.empty_cache()
     log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s)", "FP8" if plan else "bf16",
              options.attention, len(fast.fp8_attention), len(fast.block_ops),
-             f", {type(fast._fp8_attn).__name__}" if fast._fp8_attn is not None else "")
+             f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "")
     engines = {}
     for name, entry in manifest.graphs.items():
         if name == "transformer":
