@@ -13,6 +13,7 @@ from typing import Any
 CPU_OVERHEAD_METRICS = ("overhead_ratio",)
 CPU_TOLERANCE = 0.75  # fail past 1.75× the baseline ratio: a 2× slowdown of the runtime overhead fails
 GPU_TOLERANCE = 0.10
+KERNEL_SUFFIXES = ("_fa3", "_cudnn")  # variants pinned to an FP8 attention kernel (benchmarks/gpu.py)
 GPU_METRICS = tuple(f"dit.sizes.{size}.{variant}.ratio_to_baseline" for size in ("1280x720", "832x480")
                     for variant in ("fast_fp8", "fast_fp8_every_block"))
 
@@ -55,13 +56,42 @@ def check(run: dict[str, Any], baseline: dict[str, Any], metrics: tuple[str, ...
         got, want = run.get("env", {}).get(device_key), baseline.get("env", {}).get(device_key)
         if got != want:
             raise ValueError(f"baseline is for {device_key}={want!r}, this run is {got!r}: compare like with like")
+    rows = []
     for metric in metrics:
         variant = metric.rpartition(".")[0]
-        kernels = [_recorded(data, f"{variant}.fp8_attention_kernel") for data in (run, baseline)]
-        if None not in kernels and kernels[0] != kernels[1]:
-            raise ValueError(f"{variant}: baseline ran the FP8 attention kernel {kernels[1]}, this run {kernels[0]}: "
+        want = _recorded(baseline, f"{variant}.fp8_attention_kernel")
+        found = _run_metric(run, metric, want)
+        got = _recorded(run, f"{found.rpartition('.')[0]}.fp8_attention_kernel")
+        if None not in (got, want) and got != want:
+            raise ValueError(f"{variant}: baseline ran the FP8 attention kernel {want}, this run {got}: "
                              "compare like with like (benchmarks.run gpu --fp8-attention-kernel)")
-    return [GateRow(m, lookup(baseline, m), lookup(run, m), 1.0 + tolerance) for m in metrics]
+        rows.append(GateRow(metric, lookup(baseline, metric), lookup(run, found), 1.0 + tolerance))
+    return rows
+
+
+def _run_metric(run: dict[str, Any], metric: str, kernel: str | None) -> str:
+    """``metric``'s path in the run: as named, else its variant pinned to a kernel (``fast_fp8_fa3`` for
+    ``fast_fp8``: ``benchmarks.run gpu --variants fast_fp8_fa3``), the one that ran ``kernel`` where given."""
+    if _recorded(run, metric) is not None:
+        return metric
+    variant, _, leaf = metric.rpartition(".")
+    pinned = [f"{variant}{suffix}.{leaf}" for suffix in KERNEL_SUFFIXES if _recorded(run, f"{variant}{suffix}.{leaf}") is not None]
+    same = [p for p in pinned if _recorded(run, f"{p.rpartition('.')[0]}.fp8_attention_kernel") == kernel]
+    return (same or pinned or [metric])[0]
+
+
+def merge_runs(runs: list[dict[str, Any]], device_key: str = "gpu") -> dict[str, Any]:
+    """Several GPU runs of one device kind (e.g. one per size) as one: their ``dit.sizes`` together."""
+    devices = {r.get("env", {}).get(device_key) for r in runs}
+    if len(devices) != 1:
+        raise ValueError(f"the runs come from different devices ({', '.join(map(str, devices))}): gate them separately")
+    merged = {**runs[0], "dit": {**runs[0].get("dit", {}), "sizes": {}}}
+    for r in runs:
+        for size, row in r.get("dit", {}).get("sizes", {}).items():
+            if size in merged["dit"]["sizes"]:
+                raise ValueError(f"two runs measure {size}: pass one run per size")
+            merged["dit"]["sizes"][size] = row
+    return merged
 
 
 def _recorded(data: dict[str, Any], path: str) -> Any:

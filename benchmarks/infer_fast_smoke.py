@@ -9,6 +9,11 @@ q/k/v scales, compiled glue) and without it (the fake-quant PyTorch reference), 
 fp32 engines (bf16 fast path vs fp32). Records each command's exit status, wall time and log tail, and
 the PSNR of each fast video against its reference video (both H.264 at the writer's settings). The
 results file is rewritten after every step, so a run cut short still reports what finished.
+
+What ``--work`` already holds is used, not made again (inputs, engines folders, calibration cache): the
+CPU-side steps can run elsewhere first (``--prepare-only``; a GPU machine's transfer limit may allow only
+some of them: e.g. the inputs and the calibration cache, the FP8 build then runs there). ``--engines fp8``
+(or fp32) runs one pair.
 """
 
 from __future__ import annotations
@@ -58,27 +63,39 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", required=True, help="scratch folder for inputs, engines and videos")
     parser.add_argument("--out", required=True, help="results JSON")
+    parser.add_argument("--prepare-only", action="store_true", help="make the inputs and build the engines, then stop")
+    parser.add_argument("--engines", default="fp8,fp32", help="which engine pairs to run: fp8, fp32 or both [fp8,fp32]")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"kind": "infer_fast_smoke", "env": environment(), "preset": "tiny-gpu",
                                "video": f"{WIDTH}x{HEIGHT}, {SEGMENT} frames, {STEPS} steps", "steps": {}}
     inputs = work / "inputs"
-    make_demo_inputs(inputs, width=WIDTH, height=HEIGHT, num_frames=SEGMENT)
     e32, e8, calib = work / "e32", work / "e8", work / "calibration.json"
+    chosen = [p for p in args.engines.split(",") if p]
+    if not chosen or not set(chosen) <= {"fp8", "fp32"}:
+        parser.error(f"--engines {args.engines}: choose fp8, fp32 or fp8,fp32")
+    if not inputs.is_dir():
+        make_demo_inputs(inputs, width=WIDTH, height=HEIGHT, num_frames=SEGMENT)
     infer = ("--input", str(inputs), "--backend", "torch", "--device", "cuda", "--steps", str(STEPS),
              "--segment-frames", str(SEGMENT))
     quick = ("--no-verify", "--no-accuracy-video")  # the builds are proven on the CPU; this is about infer --fast
-    ok = (run_step("build_fp32", wan_trt("build", "--preset", "tiny-gpu", *quick, "--out", str(e32)), results, out)
-          and run_step("calibrate", wan_trt("calibrate", "--engines", str(e32), "--data", str(inputs), "--out",
-                                            str(calib), "--steps", "4", "--segment-frames", str(SEGMENT)),
-                       results, out)
-          and run_step("build_fp8", wan_trt("build", "--preset", "tiny-gpu", "--precision", "fp8", "--calibration",
-                                            str(calib), *quick, "--out", str(e8)), results, out))
-    if ok:
+    needs_e32 = "fp32" in chosen or not (calib.is_file() or e8.is_dir())
+    steps = (("build_fp32", needs_e32 and not e32.is_dir(),
+              ("build", "--preset", "tiny-gpu", *quick, "--out", str(e32))),
+             ("calibrate", "fp8" in chosen and not (calib.is_file() or e8.is_dir()),
+              ("calibrate", "--engines", str(e32), "--data", str(inputs), "--out", str(calib), "--steps", "4",
+               "--segment-frames", str(SEGMENT))),
+             ("build_fp8", "fp8" in chosen and not e8.is_dir(),
+              ("build", "--preset", "tiny-gpu", "--precision", "fp8", "--calibration", str(calib), *quick,
+               "--out", str(e8))))
+    results["reused"] = [name for name, needed, _ in steps if not needed]
+    ok = all(run_step(name, wan_trt(*command), results, out) for name, needed, command in steps if needed)
+    if ok and not args.prepare_only:
         videos = {}
-        for name, engines, fast in (("fp8_fast", e8, True), ("fp8_reference", e8, False),
-                                    ("fp32_fast_bf16", e32, True), ("fp32_reference", e32, False)):
+        runs = (("fp8_fast", e8, True), ("fp8_reference", e8, False),
+                ("fp32_fast_bf16", e32, True), ("fp32_reference", e32, False))
+        for name, engines, fast in (r for r in runs if r[0].split("_")[0] in chosen):
             video = work / f"{name}.mp4"
             flags = ("--fast",) if fast else ()
             if run_step(f"infer_{name}", wan_trt("infer", "--engines", str(engines), "--out", str(video),

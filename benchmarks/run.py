@@ -107,8 +107,10 @@ def cmd_cpu_overhead(args) -> int:
     return 0
 
 
-def _gate_files(run_path, baseline_path, kind: str, tolerance: float | None = None) -> int:
-    run, baseline = json.loads(Path(run_path).read_text()), json.loads(Path(baseline_path).read_text())
+def _gate_files(run_paths, baseline_path, kind: str, tolerance: float | None = None) -> int:
+    runs = [json.loads(Path(p).read_text()) for p in ([run_paths] if isinstance(run_paths, (str, Path)) else run_paths)]
+    run = runs[0] if len(runs) == 1 else gate.merge_runs(runs)
+    baseline = json.loads(Path(baseline_path).read_text())
     if kind == "cpu":
         rows = gate.check(run, baseline, gate.CPU_OVERHEAD_METRICS,
                           gate.CPU_TOLERANCE if tolerance is None else tolerance)
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default=str(RESULTS / "cpu_overhead_run.json"))
     c.add_argument("--baseline", default=None, help=f"gate against this baseline (e.g. {CPU_BASELINE})")
     t = sub.add_parser("gate", help="compare a results file to a committed baseline (ratios)")
-    t.add_argument("--run", required=True)
+    t.add_argument("--run", required=True, nargs="+", help="the run's results JSON (GPU: one file, or one per size)")
     t.add_argument("--baseline", required=True)
     t.add_argument("--kind", choices=["cpu", "gpu"], required=True)
     t.add_argument("--tolerance", type=float, default=None)

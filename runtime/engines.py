@@ -1,8 +1,9 @@
 """Engines: named tensors in, named tensors out, one small interface for every backend.
 
 A backend knows nothing about the model: it gets a graph declaration and runs it. Tensors at the
-interface are torch tensors (CPU here; CUDA tensors on a GPU backend), so the pipeline's
-orchestration code is the same for every backend.
+interface are torch tensors on the host, except the streamed VAE's feature caches, which may stay on
+the engine's device between calls (``pipeline_outputs``), so the pipeline's orchestration code is the
+same for every backend and device.
 
 * ``onnxruntime``: the exported ONNX files in an ORT session (CPU EP; CUDA/TensorRT EPs when
   onnxruntime-gpu is installed and asked for; a silent fall back to CPU is refused).
@@ -20,7 +21,7 @@ from typing import Mapping, Protocol
 import numpy as np
 import torch
 
-from wan_trt.components import GraphSpec
+from wan_trt.components import CACHE_OUTPUT_PREFIX, GraphSpec
 from wan_trt.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,20 @@ class TorchEngine:
         args = [feed[t.name].to(self.device) for t in self.spec.inputs]
         start = time.perf_counter()
         with torch.no_grad():
-            outputs = self.module(*args)
+            outputs = pipeline_outputs(self.spec.output_names, self.module(*args))
         self.seconds += time.perf_counter() - start
-        return dict(zip(self.spec.output_names, outputs))
+        return outputs
+
+
+def pipeline_outputs(names: list[str], outputs, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Named outputs where the pipeline takes them: streamed feature caches (``next_cache*``) stay on the
+    engine's device, to be fed straight back; everything else comes to the host (in ``dtype`` if given)."""
+    result = {}
+    for name, value in zip(names, outputs, strict=True):
+        if not name.startswith(CACHE_OUTPUT_PREFIX):
+            value = (value if dtype is None else value.to(dtype)).cpu()
+        result[name] = value
+    return result
 
 
 def ort_providers(device: str) -> list[str]:

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from wan_trt.calibration.quantize import LayerPlan, QuantPlan
 
 from wan_trt.errors import EngineError
+from wan_trt.runtime.engines import pipeline_outputs
 
 log = logging.getLogger(__name__)
 
@@ -752,9 +753,7 @@ class FastEngine:
         if self.offload:
             self.module.to("cpu")
             torch.cuda.empty_cache()
-        result = {}
-        for name, value in zip(self.spec.output_names, outputs):
-            result[name] = value if name.startswith("next_cache") else value.float().cpu()
+        result = pipeline_outputs(self.spec.output_names, outputs, torch.float32)  # the host copy waits for the GPU
         self.seconds += time.perf_counter() - start
         return result
 

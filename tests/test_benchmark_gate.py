@@ -59,6 +59,26 @@ def test_gate_refuses_another_fp8_attention_kernel():
     assert all(r.ok for r in gate.check(a, old, ("dit.sizes.s.fast_fp8.ratio_to_baseline",), 0.1))
 
 
+def test_gate_takes_kernel_pinned_variants_and_one_run_per_size():
+    """A run of ``--variants fast_fp8_fa3,fast_fp8_cudnn`` is gated on the variant that ran the baseline's
+    kernel; runs of one device, one per size, are gated together; runs of two devices are not."""
+    base = {"env": {"gpu": "H"}, "dit": {"sizes": {"s": {"fast_fp8": {"ratio_to_baseline": 0.6,
+                                                                      "fp8_attention_kernel": "Fa3Fp8Attention"}}}}}
+    metric = ("dit.sizes.s.fast_fp8.ratio_to_baseline",)
+    fa3 = {"ratio_to_baseline": 1.2, "fp8_attention_kernel": "Fa3Fp8Attention"}
+    cudnn = {"ratio_to_baseline": 0.6, "fp8_attention_kernel": "CudnnFp8Attention"}
+    run = {"env": {"gpu": "H"}, "dit": {"sizes": {"s": {"fast_fp8_cudnn": cudnn, "fast_fp8_fa3": fa3}}}}
+    (row,) = gate.check(run, base, metric, 0.1, device_key="gpu")
+    assert row.run == 1.2 and not row.ok  # the FA3 row, 2x slower: fails
+    other_size = {"env": {"gpu": "H"}, "dit": {"sizes": {"t": {"fast_fp8": cudnn}}}}
+    merged = gate.merge_runs([run, other_size])
+    assert set(merged["dit"]["sizes"]) == {"s", "t"}
+    with pytest.raises(ValueError, match="different devices"):
+        gate.merge_runs([run, {**other_size, "env": {"gpu": "G"}}])
+    with pytest.raises(ValueError, match="two runs measure s"):
+        gate.merge_runs([run, run])
+
+
 @pytest.mark.parametrize("name", ["gpu_h100_gate_baseline.json", "gpu_h200_gate_baseline.json"])
 def test_committed_gpu_results_pass_their_gate(name):
     """Each committed GPU gate baseline holds every gated metric and passes against itself; its FP8

@@ -355,3 +355,24 @@ def test_fp8_attention_kernel_needs_fast(tmp_path):
     assert result.exit_code == 2, result.output
     assert "--fp8-attention-kernel fa3 chooses the FP8 attention of --fast" in result.output
     assert not out.exists()
+
+
+def test_pipeline_outputs_bring_all_but_the_caches_to_the_host():
+    """Every engine hands the pipeline host tensors, except the streamed VAE's caches (fed straight back).
+    The reference torch engines on CUDA once returned device tensors and `infer --backend torch --device cuda`
+    failed in the pipeline's first torch.cat (found by benchmarks/infer_fast_smoke.py on the H200)."""
+    from wan_trt.runtime.engines import TorchEngine, pipeline_outputs
+
+    cache, latent = torch.zeros(2, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+    got = pipeline_outputs(["latent", "next_cache_0"], (latent, cache), torch.float32)
+    assert got["next_cache_0"] is cache and got["latent"].dtype == torch.float32 and got["latent"].device.type == "cpu"
+    with pytest.raises(ValueError):  # a graph that returns fewer outputs than it declares is an error, not a drop
+        pipeline_outputs(["latent", "next_cache_0"], (latent,))
+
+    class Doubler(torch.nn.Module):
+        def forward(self, x):
+            return x * 2, x
+
+    spec = type("Spec", (), {"inputs": [type("T", (), {"name": "x"})()], "output_names": ["y", "next_cache_0"]})()
+    out = TorchEngine(Doubler(), spec).run({"x": torch.ones(2)})
+    assert torch.equal(out["y"], torch.full((2,), 2.0)) and set(out) == {"y", "next_cache_0"}
