@@ -122,7 +122,11 @@ def _gate_files(run_paths, baseline_path, kind: str, tolerance: float | None = N
 
 
 def cmd_gate(args) -> int:
-    return _gate_files(args.run, args.baseline, args.kind, args.tolerance)
+    try:
+        return _gate_files(args.run, args.baseline, args.kind, args.tolerance)
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as error:  # one line, not a traceback
+        print(f"gate: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,3 +124,15 @@ def test_cpu_overhead_gate_on_real_timings():
     assert not any(r.ok for r in gate.check(slowed(run, 2.0), run, gate.CPU_OVERHEAD_METRICS, gate.CPU_TOLERANCE))
     print("against the committed baseline:", gate.report(gate.check(run, baseline, gate.CPU_OVERHEAD_METRICS,
                                                                      gate.CPU_TOLERANCE)))
+
+
+def test_gate_command_refuses_bad_files_in_one_line(tmp_path, capsys):
+    from benchmarks.run import main
+
+    h200 = str(BASELINE.parent / "gpu_h200_gate_baseline.json")
+    assert main(["gate", "--kind", "gpu", "--run", str(tmp_path / "missing.json"), "--baseline", h200]) == 2
+    h100 = str(BASELINE.parent / "gpu_h100_gate_baseline.json")
+    assert main(["gate", "--kind", "gpu", "--run", h100, "--baseline", h200]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "missing.json" in err[0] and "like with like" in err[1]
+    assert main(["gate", "--kind", "gpu", "--run", h200, "--baseline", h200]) == 0
