@@ -4,9 +4,9 @@
 
 Runs the user's commands, each a fresh ``wan-trt`` process, on one set of demo inputs: build fp32
 engines, calibrate, build FP8 engines (the default policy), then ``infer --backend torch --device cuda``
-on the FP8 engines with ``--fast`` (FP8 ``_scaled_mm`` Linears, cuDNN FP8 attention with the calibrated
-q/k/v scales, compiled glue) and without it (the fake-quant PyTorch reference), and the same pair on the
-fp32 engines (bf16 fast path vs fp32). Records each command's exit status, wall time and log tail, and
+on the FP8 engines with ``--fast`` (FP8 ``_scaled_mm`` Linears, FP8 attention — FA3 where installed,
+else cuDNN — with the calibrated q/k/v scales, compiled glue) and without it (the fake-quant PyTorch
+reference), and the same pair on the fp32 engines (bf16 fast path vs fp32). Records each command's exit status, wall time and log tail, and
 the PSNR of each fast video against its reference video (both H.264 at the writer's settings). The
 results file is rewritten after every step, so a run cut short still reports what finished.
 
@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     infer = ("--input", str(inputs), "--backend", "torch", "--device", "cuda", "--steps", str(STEPS),
              "--segment-frames", str(SEGMENT))
     quick = ("--no-verify", "--no-accuracy-video")  # the builds are proven on the CPU; this is about infer --fast
-    needs_e32 = "fp32" in chosen or not (calib.is_file() or e8.is_dir())
-    steps = (("build_fp32", needs_e32 and not e32.is_dir(),
+    needs_calibration = "fp8" in chosen and not (calib.is_file() or e8.is_dir())
+    steps = (("build_fp32", ("fp32" in chosen or needs_calibration) and not e32.is_dir(),
               ("build", "--preset", "tiny-gpu", *quick, "--out", str(e32))),
-             ("calibrate", "fp8" in chosen and not (calib.is_file() or e8.is_dir()),
+             ("calibrate", needs_calibration,
               ("calibrate", "--engines", str(e32), "--data", str(inputs), "--out", str(calib), "--steps", "4",
                "--segment-frames", str(SEGMENT))),
              ("build_fp8", "fp8" in chosen and not e8.is_dir(),
