@@ -164,9 +164,15 @@ def test_tiny_gpu_preset_fits_the_fp8_kernels():
     assert relative_l2(fast(*feed)[0], want) <= 1e-5
 
 
-def _fa3_stand_in(calls: list):
-    """FA3's ``flash_attn_func`` contract in fp32 on the CPU: E4M3 ``[B, L, H, D]`` q, k, v, (B, H) descales, bf16 out."""
-    def attention(q, k, v, causal, q_descale, k_descale, v_descale):
+def _fa3_stand_in(calls: list, bf16_calls: list | None = None):
+    """FA3's ``flash_attn_func`` contract in fp32 on the CPU: E4M3 ``[B, L, H, D]`` q, k, v, (B, H) descales, bf16 out;
+    without descales (``bf16_calls`` given) its high-precision forward, output in the inputs' dtype."""
+    def attention(q, k, v, causal, q_descale=None, k_descale=None, v_descale=None):
+        if q_descale is None and bf16_calls is not None:
+            assert q.dtype == k.dtype == v.dtype != ft.FP8 and not causal
+            bf16_calls.append(q.shape)
+            return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(
+                1, 2)
         batch, _, heads, _ = q.shape
         assert q.dtype == k.dtype == v.dtype == ft.FP8 and not causal
         for d in (q_descale, k_descale, v_descale):
@@ -192,15 +198,55 @@ def test_fast_dit_fa3_fp8_attention_path(static):
     options = ft.FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32)
     fast = ft.FastTransformer(graph, plan, options)
     calls: list = []
-    fast._fp8_attn = ft.Fa3Fp8Attention(_fa3_stand_in(calls))
+    bf16_calls: list = []  # the policy-kept blocks' bf16 attention follows the FP8 kernel choice: FA3 too
+    fast._fp8_attn = fast._fa3_bf16 = ft.Fa3Fp8Attention(_fa3_stand_in(calls, bf16_calls))
     if static:
         fast.record_attention_amax()
         fast(*feed)
         fast.use_static_attention()
         calls.clear()
+        bf16_calls.clear()
     got = fast(*feed)[0]
     assert len(calls) == len(fast.fp8_attention) == 8
+    assert len(bf16_calls) == 2 and fast.bf16_kernel_name == "fa3"
     assert 1e-4 < relative_l2(got, want) <= 5e-2
+
+
+def test_fast_dit_fa3_bf16_attention_equals_sdpa():
+    """``bf16_attention_kernel`` fa3 sends every block's self-attention through FA3's high-precision forward (a
+    stand-in here): the same function as SDPA's; auto follows the FP8 kernel choice; unknown names are refused."""
+    graph = _graph()
+    feed = _feed(graph, seed=5)
+    options = ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32)
+    want = ft.FastTransformer(graph, None, options)(*feed)[0]
+    fast = ft.FastTransformer(graph, None, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32,
+                                                          bf16_attention_kernel="fa3"))
+    calls: list = []
+    fast._fa3_bf16 = ft.Fa3Fp8Attention(_fa3_stand_in([], calls))
+    got = fast(*feed)[0]
+    assert len(calls) == 10
+    assert relative_l2(got, want) < 1e-6
+    assert ft.FastTransformer(graph, None, options).bf16_kernel_name == ("fa3" if ft.fa3_available() else "sdpa")
+    pinned = ft.FastTransformer(graph, None, ft.FastOptions(fp8_attention_kernel="cudnn", compile=False))
+    assert pinned.bf16_kernel_name == "sdpa"
+    assert pinned.with_options(fp8_attention_kernel="fa3").bf16_kernel_name == "fa3"
+    with pytest.raises(EngineError, match="choose one of auto, sdpa, fa3"):
+        ft.FastTransformer(graph, None, ft.FastOptions(bf16_attention_kernel="flash"))
+
+
+def test_fp32_residual_stream_is_closer_to_the_fp32_model():
+    """``residual="fp32"`` keeps the residual stream in fp32 between the bf16 ops: on the tiny DiT the bf16 fast
+    path then lands about half as far from the fp32 model as with the reference's bf16 rounding of each update."""
+    graph = _graph()
+    feed = _feed(graph, seed=3)
+    with torch.no_grad():
+        truth = graph(*feed)[0]
+    bf16 = copy.deepcopy(graph).to(torch.bfloat16)
+    err = {res: relative_l2(ft.FastTransformer(bf16, None, ft.FastOptions(compile=False, residual=res))(*feed)[0],
+                            truth) for res in ("model", "fp32")}
+    assert 1e-3 < err["fp32"] < 0.75 * err["model"], err
+    with pytest.raises(EngineError, match="choose model or fp32"):
+        ft.FastTransformer(bf16, None, ft.FastOptions(residual="bf16"))
 
 
 def test_fp8_attention_kernel_choice():
@@ -376,3 +422,19 @@ def test_pipeline_outputs_bring_all_but_the_caches_to_the_host():
     spec = type("Spec", (), {"inputs": [type("T", (), {"name": "x"})()], "output_names": ["y", "next_cache_0"]})()
     out = TorchEngine(Doubler(), spec).run({"x": torch.ones(2)})
     assert torch.equal(out["y"], torch.full((2,), 2.0)) and set(out) == {"y", "next_cache_0"}
+
+
+def test_benchmark_variant_modifiers():
+    """``benchmarks.run gpu --variants NAME+MOD``: a modified variant shares its base's modules and differs only
+    in the option the modifier names; an unknown modifier is refused before anything is built."""
+    from benchmarks import gpu
+
+    graph = _graph()
+    with pytest.raises(ValueError, match="unknown modifier bogus"):
+        gpu._variants(graph, {}, ("fast_bf16+bogus",))
+    base = ft.FastTransformer(graph, None, ft.FastOptions())  # the defaults each modifier changes
+    for modifier, changes in gpu.VARIANT_MODIFIERS.items():
+        variant = base.with_options(**changes)
+        assert variant.model is base.model and variant.block_ops is base.block_ops, modifier
+        for key, value in changes.items():
+            assert getattr(variant.options, key) == value and getattr(base.options, key) != value, modifier

@@ -194,8 +194,9 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               help="--backend torch --device cuda only: bf16, FP8 _scaled_mm Linears and FP8 attention (fp8 "
                    "engines), compiled glue, encoders released after use (README: Speed and memory).")
 @click.option("--fp8-attention-kernel", type=click.Choice(["auto", "cudnn", "fa3"]), default="auto", show_default=True,
-              help="With --fast on fp8 engines: cuDNN's FP8 attention or FlashAttention-3's (flash_attn_3, Hopper); "
-                   "auto takes FA3 where it is installed.")
+              help="With --fast: the attention kernels. fa3 = FlashAttention-3 (flash_attn_3, Hopper) for the FP8 "
+                   "self-attention and for the bf16 one (fp32 engines, policy-kept blocks); cudnn = cuDNN's FP8 "
+                   "attention and SDPA; auto takes FA3 where it is installed.")
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
                    "the raw photo's short side to 224 and centre-cropped (diffusers' WanAnimatePipeline).")
