@@ -52,6 +52,7 @@ class GpuConfig:
     micro: bool = True
     policy: str | None = None  # precision policy JSON [the shipped default]
     fp8_attention_kernel: str = "auto"  # auto | cudnn | fa3, for variants without a _cudnn/_fa3 suffix
+    reference_noise: bool = False  # also run the baseline with SDPA pinned to each bf16 backend (its own floor)
 
 
 def _release(*objs) -> None:
@@ -254,6 +255,8 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                 base_t = time_cuda(lambda: graph(*inputs), cfg.warmup, cfg.repeats)
             reference = graph(*inputs)[0].float()
             row["diffusers_eager_bf16"] = {"timing": base_t, "memory": mem.to_json()}
+            if cfg.reference_noise:
+                row["diffusers_eager_bf16"]["rel_l2_with_sdpa_pinned"] = _reference_noise(graph, inputs, reference)
             for name, fast in variants.items():
                 try:
                     row[name] = _measure_variant(fast, inputs, reference, base_t, row["flops"], cfg)
@@ -276,12 +279,31 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
     return out
 
 
+def _reference_noise(graph, inputs, reference) -> dict[str, float]:
+    """The baseline again with SDPA pinned to one bf16 backend, rel-L2 to the default run: how far two
+    valid bf16 runs of the same model are (0 for the backend the default picks)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel([backend]):
+                got = graph(*inputs)[0].float()
+        except RuntimeError as error:  # the backend refused a shape
+            log.warning("reference with SDPA %s: %s", name, error)
+            continue
+        out[name] = relative_l2(got.cpu().numpy(), reference.cpu().numpy())
+        log.info("baseline with SDPA pinned to %s: rel-L2 %.3e to the default", name, out[name])
+        del got
+    return out
+
+
 def _measure_variant(fast, inputs, reference, base_t, flops, cfg: GpuConfig) -> dict[str, Any]:
     with PeakMemory() as mem:
         t = time_cuda(lambda: fast(*inputs), cfg.warmup + 1, cfg.repeats)  # +1: compile happens first
     got = fast(*inputs)[0].float()
     return {"timing": t, "memory": mem.to_json(), "options": fast.options.to_json(),
-            "fp8_attention_kernel": fast.fp8_kernel_name,
+            "fp8_attention_kernel": fast.fp8_kernel_name, "bf16_attention_kernel": fast.bf16_kernel_name,
             "fp8_attention_blocks": sorted(fast.fp8_attention),
             "static_attention_scales": bool(fast.attention_scales),
             "rel_l2_vs_diffusers_bf16": relative_l2(got.cpu().numpy(), reference.cpu().numpy()),
@@ -290,41 +312,54 @@ def _measure_variant(fast, inputs, reference, base_t, flops, cfg: GpuConfig) -> 
             "achieved_tflops": flops["total_tflop"] / (t["median_ms"] / 1e3)}
 
 
+# diagnostic modifiers: NAME+MODIFIER runs variant NAME with one option changed (the same weights)
+VARIANT_MODIFIERS = {"eager_glue": {"compile": False}, "fp32_residual": {"residual": "fp32"},
+                     "fa3_bf16": {"bf16_attention_kernel": "fa3"}, "sdpa_bf16": {"bf16_attention_kernel": "sdpa"}}
+
+
 def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str = "auto") -> dict[str, Any]:
     """The fast variants: ``fast_bf16``; ``fast_fp8`` (the policy's FP8 Linears and self-attention),
     ``fast_fp8_every_block`` (the every-block policy), either with the suffix ``_cudnn`` or ``_fa3`` to pin
     the FP8 attention kernel (else ``kernel``); ``fast_fp8_linears_bf16_attention`` (the policy's FP8
-    Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights)."""
-    import copy
-
-    from wan_trt.runtime.fast_torch import FastOptions, FastTransformer
-
+    Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights). Any of them ``+eager_glue`` (element-wise
+    glue not compiled), ``+fp32_residual`` (fp32 residual stream): diagnostics of the numerical floor;
+    ``+fa3_bf16`` / ``+sdpa_bf16``: the bf16 self-attention's kernel pinned (else it follows the FP8 one)."""
     out: dict[str, Any] = {}
     by_plan: dict[str, Any] = {}  # plan name -> its first FastTransformer (variants of one plan share FP8 weights)
     for name in names:
-        base, _, pinned = name.rpartition("_") if name.endswith(("_cudnn", "_fa3")) else (name, "", "")
-        fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy", fp8_attention_kernel=pinned or kernel)
-        if name == "fast_bf16":
-            out[name] = FastTransformer(graph, None, FastOptions(attention="bf16")).to("cuda")
-        elif base in ("fast_fp8", "fast_fp8_every_block"):
-            if base in by_plan:  # the same plan with another attention kernel
-                variant = copy.copy(by_plan[base])
-                variant.options, variant._fp8_attn = fp8, None
-                out[name] = variant
-            else:
-                out[name] = by_plan[base] = FastTransformer(graph, plans[base], fp8).to("cuda")
-        elif name == "fast_fp8_linears_bf16_attention":
-            base = out.get("fast_fp8") or FastTransformer(graph, plans["fast_fp8"], fp8).to("cuda")
-            variant = copy.copy(base)  # shares modules and FP8 weights; only the attention differs
-            variant.options = copy.copy(base.options)
-            variant.options.attention = "bf16"
-            variant.fp8_attention = set()
-            variant.attention_scales = {}
-            out[name] = variant
-        else:
-            raise ValueError(f"unknown variant {name}: choose from fast_bf16, fast_fp8, fast_fp8_every_block, "
-                             "fast_fp8_linears_bf16_attention")
-    return out
+        base, *mods = name.split("+")
+        unknown = [m for m in mods if m not in VARIANT_MODIFIERS]
+        if unknown:
+            raise ValueError(f"variant {name}: unknown modifier {unknown[0]}; choose from {', '.join(VARIANT_MODIFIERS)}")
+        if base not in out:
+            out[base] = _base_variant(graph, plans, base, kernel, by_plan)
+        if mods:
+            out[name] = out[base].with_options(**{k: v for m in mods for k, v in VARIANT_MODIFIERS[m].items()})
+    return {name: out[name] for name in names}
+
+
+def _base_variant(graph, plans: dict[str, Any], name: str, kernel: str, by_plan: dict[str, Any]):
+    """One variant without modifiers; FP8 variants of one plan share its weights through ``by_plan``."""
+    from wan_trt.runtime.fast_torch import FastOptions, FastTransformer
+
+    base, _, pinned = name.rpartition("_") if name.endswith(("_cudnn", "_fa3")) else (name, "", "")
+    fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy", fp8_attention_kernel=pinned or kernel)
+    if name == "fast_bf16":
+        return FastTransformer(graph, None, FastOptions(attention="bf16")).to("cuda")
+    if name == "fast_fp8_linears_bf16_attention":
+        base = "fast_fp8"
+    elif base not in ("fast_fp8", "fast_fp8_every_block"):
+        raise ValueError(f"unknown variant {name}: choose from fast_bf16, fast_fp8, fast_fp8_every_block, "
+                         "fast_fp8_linears_bf16_attention")
+    if base not in by_plan:
+        by_plan[base] = FastTransformer(graph, plans[base], fp8).to("cuda")
+        if name != "fast_fp8_linears_bf16_attention":
+            return by_plan[base]
+    if name != "fast_fp8_linears_bf16_attention":  # the same plan with another attention kernel
+        return by_plan[base].with_options(fp8_attention_kernel=fp8.fp8_attention_kernel)
+    variant = by_plan[base].with_options(attention="bf16")
+    variant.fp8_attention, variant.attention_scales = set(), {}
+    return variant
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,13 +41,13 @@ def cmd_gpu(args) -> int:
                     repeats=args.repeats, warmup=args.warmup, num_layers=args.layers,
                     components=not args.no_components, micro=not args.no_micro,
                     variants=tuple(v for v in args.variants.split(",") if v), policy=args.policy,
-                    fp8_attention_kernel=args.fp8_attention_kernel)
+                    fp8_attention_kernel=args.fp8_attention_kernel, reference_noise=args.reference_noise)
     start = time.time()
     results = {"kind": "gpu", "env": environment(),
                "config": {"preset": "animate-14b --random-weights", "sizes": args.sizes, "frames": args.frames,
                           "repeats": args.repeats, "warmup": args.warmup, "num_layers": args.layers or "all",
                           "policy": args.policy or "default", "fp8_attention_kernel": args.fp8_attention_kernel,
-                          "variants": list(cfg.variants), "timing": "CUDA events, median of repeats after warm-up",
+                          "variants": list(cfg.variants), "reference_noise": args.reference_noise, "timing": "CUDA events, median of repeats after warm-up",
                           "baseline": "diffusers modules as shipped, bf16 (+ diffusers' fp32 modules), eager, "
                                       "default SDPA"}}
     try:
@@ -138,13 +138,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--warmup", type=int, default=1)
     g.add_argument("--layers", type=int, default=None, help="fewer DiT blocks (smoke runs)")
-    g.add_argument("--variants", default="fast_bf16,fast_fp8,fast_fp8_every_block")
+    g.add_argument("--variants", default="fast_bf16,fast_fp8,fast_fp8_every_block",
+                   help="fast variants (benchmarks/gpu.py::_variants); NAME+MOD runs NAME with one option changed: "
+                        "+eager_glue, +fp32_residual, +fa3_bf16, +sdpa_bf16")
     g.add_argument("--no-components", action="store_true", help="skip umT5, CLIP and the VAE")
     g.add_argument("--no-micro", action="store_true", help="skip the GEMM/attention micro-benchmarks")
     g.add_argument("--out", default=str(RESULTS / "gpu.json"))
     g.add_argument("--policy", default=None, help="precision policy (JSON file or shipped name) of fast_fp8 [default]")
     g.add_argument("--fp8-attention-kernel", choices=["auto", "cudnn", "fa3"], default="auto",
                    help="FP8 attention kernel of the fast_fp8* variants without a _cudnn/_fa3 suffix")
+    g.add_argument("--reference-noise", action="store_true",
+                   help="also run the baseline with SDPA pinned to flash and to cuDNN (the bf16 reference's own floor)")
     c = sub.add_parser("cpu-overhead", help="runtime overhead per denoising step (tiny preset, CPU)")
     c.add_argument("--steps", type=int, default=12)
     c.add_argument("--runs", type=int, default=3)
