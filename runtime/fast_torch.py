@@ -556,7 +556,8 @@ class FastTransformer(torch.nn.Module):
 
     def with_options(self, **changes) -> FastTransformer:
         """A shallow copy with some options changed: it shares this one's modules and FP8 weights; kernel and
-        glue choices are made again on its first call."""
+        glue choices are made again on its first call. For the options read at call time (kernels, compile,
+        residual); the FP8 attention blocks (``attention``, ``fp8_attention_blocks``) were fixed at construction."""
         import copy
         import dataclasses
 
