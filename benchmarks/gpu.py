@@ -206,6 +206,11 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
         to_inference_dtype,
     )
 
+    import torch._dynamo
+
+    # the compiled glue specializes per shape, dtype and FP8-or-not: two sizes and the diagnostic variants can
+    # exceed dynamo's default 8 per function (it would then run that function eagerly, slower)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     with PeakMemory() as load:
         model = build_transformer(cfg.preset, num_layers=cfg.num_layers)
     graph = stock_processors(TransformerGraph(model))
@@ -321,7 +326,8 @@ def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str 
     """The fast variants: ``fast_bf16``; ``fast_fp8`` (the policy's FP8 Linears and self-attention),
     ``fast_fp8_every_block`` (the every-block policy), either with the suffix ``_cudnn`` or ``_fa3`` to pin
     the FP8 attention kernel (else ``kernel``); ``fast_fp8_linears_bf16_attention`` (the policy's FP8
-    Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights). Any of them ``+eager_glue`` (element-wise
+    Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights). Each calibrates its own static attention
+    scales (bench_dit). Any of them ``+eager_glue`` (element-wise
     glue not compiled), ``+fp32_residual`` (fp32 residual stream): diagnostics of the numerical floor;
     ``+fa3_bf16`` / ``+sdpa_bf16``: the bf16 self-attention's kernel pinned (else it follows the FP8 one)."""
     out: dict[str, Any] = {}
@@ -344,8 +350,8 @@ def _base_variant(graph, plans: dict[str, Any], name: str, kernel: str, by_plan:
 
     base, _, pinned = name.rpartition("_") if name.endswith(("_cudnn", "_fa3")) else (name, "", "")
     fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy", fp8_attention_kernel=pinned or kernel)
-    if name == "fast_bf16":
-        return FastTransformer(graph, None, FastOptions(attention="bf16")).to("cuda")
+    if name == "fast_bf16":  # its self-attention kernel follows ``kernel`` too (bf16_attention_kernel auto)
+        return FastTransformer(graph, None, FastOptions(attention="bf16", fp8_attention_kernel=kernel)).to("cuda")
     if name == "fast_fp8_linears_bf16_attention":
         base = "fast_fp8"
     elif base not in ("fast_fp8", "fast_fp8_every_block"):
@@ -357,9 +363,7 @@ def _base_variant(graph, plans: dict[str, Any], name: str, kernel: str, by_plan:
             return by_plan[base]
     if name != "fast_fp8_linears_bf16_attention":  # the same plan with another attention kernel
         return by_plan[base].with_options(fp8_attention_kernel=fp8.fp8_attention_kernel)
-    variant = by_plan[base].with_options(attention="bf16")
-    variant.fp8_attention, variant.attention_scales = set(), {}
-    return variant
+    return by_plan[base].with_options(attention="bf16", fp8_attention_kernel=fp8.fp8_attention_kernel)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default=str(RESULTS / "gpu.json"))
     g.add_argument("--policy", default=None, help="precision policy (JSON file or shipped name) of fast_fp8 [default]")
     g.add_argument("--fp8-attention-kernel", choices=["auto", "cudnn", "fa3"], default="auto",
-                   help="FP8 attention kernel of the fast_fp8* variants without a _cudnn/_fa3 suffix")
+                   help="attention kernel of the variants without a _cudnn/_fa3 suffix: their FP8 attention, and "
+                        "their bf16 self-attention follows it (fa3: FA3's bf16 forward; cudnn: SDPA)")
     g.add_argument("--reference-noise", action="store_true",
                    help="also run the baseline with SDPA pinned to flash and to cuDNN (the bf16 reference's own floor)")
     c = sub.add_parser("cpu-overhead", help="runtime overhead per denoising step (tiny preset, CPU)")

@@ -396,8 +396,9 @@ class Fa3Fp8Attention:
         try:
             import flash_attn_interface
         except ImportError as error:
-            raise EngineError("--fp8-attention-kernel fa3 needs FlashAttention-3 (flash_attn_3, built from the hopper/ "
-                              f"folder of Dao-AILab/flash-attention; see the README): {error}") from None
+            raise EngineError("the fa3 attention kernel (--fp8-attention-kernel fa3) needs FlashAttention-3 "
+                              "(flash_attn_3, built from the hopper/ folder of Dao-AILab/flash-attention; see the "
+                              f"README): {error}") from None
         if torch.cuda.get_device_capability() != (9, 0):
             raise EngineError(f"FlashAttention-3 runs on Hopper GPUs (compute capability 9.0); this GPU is "
                               f"{torch.cuda.get_device_name()}: use --fp8-attention-kernel cudnn")
@@ -440,6 +441,15 @@ def fp8_attention_kernel(name: str) -> CudnnFp8Attention | Fa3Fp8Attention:
 # ------------------------------------------------------------------------------------------------
 # The fast DiT
 # ------------------------------------------------------------------------------------------------
+
+def _check_options(options: FastOptions) -> None:
+    for name, value, allowed in (("fast attention", options.attention, ATTENTION_MODES),
+                                 ("bf16 attention kernel", options.bf16_attention_kernel, BF16_ATTENTION_KERNELS),
+                                 ("fast residual stream", options.residual, ("model", "fp32")),
+                                 ("FP8 attention blocks", options.fp8_attention_blocks, ("policy", "plan", "all"))):
+        if value not in allowed:
+            raise EngineError(f"{name} '{value}': choose one of {', '.join(allowed)}")
+
 
 @dataclass
 class FastOptions:
@@ -506,13 +516,7 @@ class FastTransformer(torch.nn.Module):
                  release_bf16: bool = False) -> None:
         super().__init__()
         self.options = options or FastOptions()
-        if self.options.attention not in ATTENTION_MODES:
-            raise EngineError(f"fast attention '{self.options.attention}': choose one of {', '.join(ATTENTION_MODES)}")
-        if self.options.bf16_attention_kernel not in BF16_ATTENTION_KERNELS:
-            raise EngineError(f"bf16 attention kernel '{self.options.bf16_attention_kernel}': choose one of "
-                              f"{', '.join(BF16_ATTENTION_KERNELS)}")
-        if self.options.residual not in ("model", "fp32"):
-            raise EngineError(f"fast residual stream '{self.options.residual}': choose model or fp32")
+        _check_options(self.options)
         if plan is not None and plan.precision != "fp8":
             raise EngineError(f"the fast path runs FP8 plans only (this plan is {plan.precision})")
         self.model = graph.transformer
@@ -525,14 +529,7 @@ class FastTransformer(torch.nn.Module):
                     self.add_module(f"fp8_{i}_{name.replace('.', '_')}", op)
             if ops.qkv is not None:
                 self.add_module(f"fp8_{i}_qkv", ops.qkv)
-        quantized_blocks = {i for i, ops in enumerate(self.block_ops)
-                            if ops.qkv is not None or any(isinstance(o, Fp8Linear) for o in ops.ops.values())}
-        if self.options.attention == "fp8":
-            self.fp8_attention = {"all": set(range(len(self.block_ops))), "policy": quantized_blocks,
-                                  "plan": set(plan.attention) if plan is not None else set()}[
-                self.options.fp8_attention_blocks]
-        else:
-            self.fp8_attention = set()
+        self.fp8_attention = self._fp8_attention_blocks()
         if release_bf16 and plan is not None:
             for path in plan.layers:  # transformer.blocks.<i>.<name>: the FP8 copy replaces it
                 parent, _, attr = path.removeprefix("transformer.").rpartition(".")
@@ -554,15 +551,29 @@ class FastTransformer(torch.nn.Module):
             self._fp8_attn = fp8_attention_kernel(self.options.fp8_attention_kernel)
         return self._fp8_attn
 
+    def _fp8_attention_blocks(self) -> set[int]:
+        """The blocks whose self-attention runs in FP8 (``attention`` and ``fp8_attention_blocks``)."""
+        if self.options.attention != "fp8":
+            return set()
+        if self.options.fp8_attention_blocks == "all":
+            return set(range(len(self.block_ops)))
+        if self.options.fp8_attention_blocks == "plan":
+            return set(self.plan.attention) if self.plan is not None else set()
+        return {i for i, ops in enumerate(self.block_ops)  # policy: the blocks with FP8 Linears
+                if ops.qkv is not None or any(isinstance(o, Fp8Linear) for o in ops.ops.values())}
+
     def with_options(self, **changes) -> FastTransformer:
-        """A shallow copy with some options changed: it shares this one's modules and FP8 weights; kernel and
-        glue choices are made again on its first call. For the options read at call time (kernels, compile,
-        residual); the FP8 attention blocks (``attention``, ``fp8_attention_blocks``) were fixed at construction."""
+        """A copy with some options changed that shares this one's modules and FP8 weights (and its static
+        attention scales); kernel and glue choices are made again on its first call."""
         import copy
         import dataclasses
 
         other = copy.copy(self)
         other.options = dataclasses.replace(self.options, **changes)
+        _check_options(other.options)
+        other.fp8_attention = other._fp8_attention_blocks()
+        other.attention_scales = dict(self.attention_scales)
+        other.recorded_amax = None
         other._glue = other._fp8_attn = other._fa3_bf16 = other._bf16_kernel = None
         return other
 
@@ -577,14 +588,19 @@ class FastTransformer(torch.nn.Module):
             self._bf16_kernel = kernel
         return self._bf16_kernel
 
+    def _attention_bf16_kernel(self) -> Fa3Fp8Attention | None:
+        """FA3 when it runs the bf16 self-attention (made, and checked, on the first call), else None (SDPA)."""
+        if self.bf16_kernel_name != "fa3":
+            return None
+        if self._fa3_bf16 is None:
+            self._fa3_bf16 = Fa3Fp8Attention()
+        return self._fa3_bf16
+
     def _attention_bf16(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """bf16 self-attention ``[B, L, H, D]`` → ``[B, L, H*D]``: FA3's bf16 forward (at 75.6k tokens on the
         H200, 169 ms per block against cuDNN's 204) or SDPA."""
-        if self._fa3_bf16 is None and self.bf16_kernel_name == "fa3":
-            self._fa3_bf16 = Fa3Fp8Attention()
-        if self._fa3_bf16 is not None:
-            return self._fa3_bf16.bf16(q, k, v).flatten(2, 3)
-        return sdpa(q, k, v)
+        fa3 = self._attention_bf16_kernel()
+        return fa3.bf16(q, k, v).flatten(2, 3) if fa3 is not None else sdpa(q, k, v)
 
     @property
     def fp8_kernel_name(self) -> str | None:
@@ -852,10 +868,12 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
     if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
         fast.use_static_attention(attention_ranges)
         fast._attention_fp8()  # choose (and check) the kernel now, before any video is decoded
+    if len(fast.fp8_attention) < len(fast.block_ops):
+        fast._attention_bf16_kernel()  # the same for the bf16 self-attention's kernel
     torch.cuda.empty_cache()
-    log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s)", "FP8" if plan else "bf16",
-             options.attention, len(fast.fp8_attention), len(fast.block_ops),
-             f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "")
+    log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s; bf16 on %s)",
+             "FP8" if plan else "bf16", options.attention, len(fast.fp8_attention), len(fast.block_ops),
+             f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "", fast.bf16_kernel_name)
     engines = {}
     for name, entry in manifest.graphs.items():
         if name == "transformer":

@@ -226,12 +226,19 @@ def test_fast_dit_fa3_bf16_attention_equals_sdpa():
     got = fast(*feed)[0]
     assert len(calls) == 10
     assert relative_l2(got, want) < 1e-6
+    calls.clear()  # the same stand-in in place, the kernel pinned to sdpa: FA3 is not called
+    sdpa_pinned = fast.with_options(bf16_attention_kernel="sdpa")
+    sdpa_pinned._fa3_bf16 = fast._fa3_bf16
+    sdpa_pinned(*feed)
+    assert not calls
     assert ft.FastTransformer(graph, None, options).bf16_kernel_name == ("fa3" if ft.fa3_available() else "sdpa")
     pinned = ft.FastTransformer(graph, None, ft.FastOptions(fp8_attention_kernel="cudnn", compile=False))
     assert pinned.bf16_kernel_name == "sdpa"
     assert pinned.with_options(fp8_attention_kernel="fa3").bf16_kernel_name == "fa3"
     with pytest.raises(EngineError, match="choose one of auto, sdpa, fa3"):
         ft.FastTransformer(graph, None, ft.FastOptions(bf16_attention_kernel="flash"))
+    with pytest.raises(EngineError, match="choose one of auto, sdpa, fa3"):
+        pinned.with_options(bf16_attention_kernel="flash")
 
 
 def test_fp32_residual_stream_is_closer_to_the_fp32_model():
@@ -245,7 +252,7 @@ def test_fp32_residual_stream_is_closer_to_the_fp32_model():
     err = {res: relative_l2(ft.FastTransformer(bf16, None, ft.FastOptions(compile=False, residual=res))(*feed)[0],
                             truth) for res in ("model", "fp32")}
     assert 1e-3 < err["fp32"] < 0.75 * err["model"], err
-    with pytest.raises(EngineError, match="choose model or fp32"):
+    with pytest.raises(EngineError, match="choose one of model, fp32"):
         ft.FastTransformer(bf16, None, ft.FastOptions(residual="bf16"))
 
 
@@ -438,3 +445,6 @@ def test_benchmark_variant_modifiers():
         assert variant.model is base.model and variant.block_ops is base.block_ops, modifier
         for key, value in changes.items():
             assert getattr(variant.options, key) == value and getattr(base.options, key) != value, modifier
+    _, plan = _calibrated_plan(graph, _feed(graph))
+    fp8 = ft.FastTransformer(graph, plan, ft.FastOptions(attention="fp8", compile=False))
+    assert len(fp8.fp8_attention) == 8 and not fp8.with_options(attention="bf16").fp8_attention
