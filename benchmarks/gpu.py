@@ -327,9 +327,9 @@ def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str 
     ``fast_fp8_every_block`` (the every-block policy), either with the suffix ``_cudnn`` or ``_fa3`` to pin
     the FP8 attention kernel (else ``kernel``); ``fast_fp8_linears_bf16_attention`` (the policy's FP8
     Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights). Each calibrates its own static attention
-    scales (bench_dit). Any of them ``+eager_glue`` (element-wise
-    glue not compiled), ``+fp32_residual`` (fp32 residual stream): diagnostics of the numerical floor;
-    ``+fa3_bf16`` / ``+sdpa_bf16``: the bf16 self-attention's kernel pinned (else it follows the FP8 one)."""
+    scales (bench_dit). Any of them ``+eager_glue`` (element-wise glue not compiled), ``+fp32_residual``
+    (fp32 residual stream): diagnostics of the numerical floor; ``+fa3_bf16`` / ``+sdpa_bf16``: the bf16
+    self-attention's kernel pinned (else it follows the FP8 one)."""
     out: dict[str, Any] = {}
     by_plan: dict[str, Any] = {}  # plan name -> its first FastTransformer (variants of one plan share FP8 weights)
     for name in names:
@@ -357,13 +357,13 @@ def _base_variant(graph, plans: dict[str, Any], name: str, kernel: str, by_plan:
     elif base not in ("fast_fp8", "fast_fp8_every_block"):
         raise ValueError(f"unknown variant {name}: choose from fast_bf16, fast_fp8, fast_fp8_every_block, "
                          "fast_fp8_linears_bf16_attention")
-    if base not in by_plan:
+    first = base not in by_plan
+    if first:
         by_plan[base] = FastTransformer(graph, plans[base], fp8).to("cuda")
-        if name != "fast_fp8_linears_bf16_attention":
-            return by_plan[base]
-    if name != "fast_fp8_linears_bf16_attention":  # the same plan with another attention kernel
-        return by_plan[base].with_options(fp8_attention_kernel=fp8.fp8_attention_kernel)
-    return by_plan[base].with_options(attention="bf16", fp8_attention_kernel=fp8.fp8_attention_kernel)
+    if name == "fast_fp8_linears_bf16_attention":
+        return by_plan[base].with_options(attention="bf16", fp8_attention_kernel=fp8.fp8_attention_kernel)
+    # the plan's first variant, or the same plan with another attention kernel
+    return by_plan[base] if first else by_plan[base].with_options(fp8_attention_kernel=fp8.fp8_attention_kernel)
 
 
 # ------------------------------------------------------------------------------------------------

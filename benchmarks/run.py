@@ -47,7 +47,8 @@ def cmd_gpu(args) -> int:
                "config": {"preset": "animate-14b --random-weights", "sizes": args.sizes, "frames": args.frames,
                           "repeats": args.repeats, "warmup": args.warmup, "num_layers": args.layers or "all",
                           "policy": args.policy or "default", "fp8_attention_kernel": args.fp8_attention_kernel,
-                          "variants": list(cfg.variants), "reference_noise": args.reference_noise, "timing": "CUDA events, median of repeats after warm-up",
+                          "variants": list(cfg.variants), "reference_noise": args.reference_noise,
+                          "timing": "CUDA events, median of repeats after warm-up",
                           "baseline": "diffusers modules as shipped, bf16 (+ diffusers' fp32 modules), eager, "
                                       "default SDPA"}}
     try:

@@ -428,14 +428,22 @@ def fa3_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-def fp8_attention_kernel(name: str) -> CudnnFp8Attention | Fa3Fp8Attention:
-    """The FP8 attention kernel ``name`` (auto: FA3 where it is installed on a Hopper GPU, else cuDNN)."""
+def resolve_attention_kernel(name: str) -> str:
+    """``FastOptions.fp8_attention_kernel`` → fa3 | cudnn (auto: FA3 where it is installed on a Hopper GPU)."""
     if name not in FP8_ATTENTION_KERNELS:
         raise EngineError(f"FP8 attention kernel '{name}': choose one of {', '.join(FP8_ATTENTION_KERNELS)}")
+    if name != "auto":
+        return name
+    return "fa3" if fa3_available() else "cudnn"
+
+
+def fp8_attention_kernel(name: str) -> CudnnFp8Attention | Fa3Fp8Attention:
+    """The FP8 attention kernel ``name`` (see ``resolve_attention_kernel``)."""
+    resolved = resolve_attention_kernel(name)
     if name == "auto":
-        name = "fa3" if fa3_available() else "cudnn"
-        log.info("FP8 attention kernel: %s (auto%s)", name, "" if name == "fa3" else ": flash_attn_3 not installed")
-    return Fa3Fp8Attention() if name == "fa3" else CudnnFp8Attention()
+        log.info("FP8 attention kernel: %s (auto%s)", resolved,
+                 "" if resolved == "fa3" else ": flash_attn_3 not installed")
+    return Fa3Fp8Attention() if resolved == "fa3" else CudnnFp8Attention()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -582,9 +590,8 @@ class FastTransformer(torch.nn.Module):
         """The bf16 self-attention kernel: fa3 or sdpa (``FastOptions.bf16_attention_kernel`` resolved)."""
         if self._bf16_kernel is None:
             kernel = self.options.bf16_attention_kernel
-            if kernel == "auto":
-                fp8 = self.options.fp8_attention_kernel
-                kernel = "fa3" if fp8 == "fa3" or (fp8 == "auto" and fa3_available()) else "sdpa"
+            if kernel == "auto":  # the FP8 attention's kernel family: FA3, or cuDNN's (SDPA for bf16)
+                kernel = "fa3" if resolve_attention_kernel(self.options.fp8_attention_kernel) == "fa3" else "sdpa"
             self._bf16_kernel = kernel
         return self._bf16_kernel
 
