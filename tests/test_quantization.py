@@ -175,6 +175,18 @@ def test_shipped_policies_by_name():
         load_policy("fastest")
 
 
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "policies").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_benchmark_policies_load_and_name_block_linears(path):
+    """The diagnostic policies under benchmarks/policies/ (the GPU benchmark's --policy) are valid policies
+    whose layers are the DiT blocks' own Linears."""
+    from wan_trt.runtime.fast_torch import BLOCK_LINEARS
+
+    policy = load_policy(path)
+    assert policy.source == str(path) and set(policy.block_layers) <= set(BLOCK_LINEARS)
+    assert json.loads(path.read_text())["description"].startswith("Diagnostic")
+
+
 def test_calibrate_and_inspect_from_the_command_line(tiny_engines, quantized_engines, tmp_path):
     from click.testing import CliRunner
 
