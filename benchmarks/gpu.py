@@ -319,7 +319,9 @@ def _measure_variant(fast, inputs, reference, base_t, flops, cfg: GpuConfig) -> 
 
 # diagnostic modifiers: NAME+MODIFIER runs variant NAME with one option changed (the same weights)
 VARIANT_MODIFIERS = {"eager_glue": {"compile": False}, "fp32_residual": {"residual": "fp32"},
-                     "fa3_bf16": {"bf16_attention_kernel": "fa3"}, "sdpa_bf16": {"bf16_attention_kernel": "sdpa"}}
+                     "fa3_bf16": {"bf16_attention_kernel": "fa3"}, "sdpa_bf16": {"bf16_attention_kernel": "sdpa"},
+                     "no_smoothing": {"attention_smoothing": "none"}, "smooth_k": {"attention_smoothing": "k"},
+                     "smooth_kv": {"attention_smoothing": "kv"}}
 
 
 def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str = "auto") -> dict[str, Any]:
@@ -329,7 +331,8 @@ def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str 
     Linears, bf16 attention: shares ``fast_fp8``'s FP8 weights). Each calibrates its own static attention
     scales (bench_dit). Any of them ``+eager_glue`` (element-wise glue not compiled), ``+fp32_residual``
     (fp32 residual stream): diagnostics of the numerical floor; ``+fa3_bf16`` / ``+sdpa_bf16``: the bf16
-    self-attention's kernel pinned (else it follows the FP8 one)."""
+    self-attention's kernel pinned (else it follows the FP8 one); ``+no_smoothing`` / ``+smooth_k`` /
+    ``+smooth_kv``: the FP8 attention's inputs not smoothed, k only, or k and v (default: v; ``smooth_kv``)."""
     out: dict[str, Any] = {}
     by_plan: dict[str, Any] = {}  # plan name -> its first FastTransformer (variants of one plan share FP8 weights)
     for name in names:

@@ -22,12 +22,33 @@ import torch
 from wan_trt.calibration.policy import BLOCK_PREFIX
 
 TENSORS = ("q", "k", "v", "softmax")
+# the fast path's smoothing of FP8 attention inputs (smooth_kv), and the ranges calibrated for it
+SMOOTHING_MODES = ("none", "k", "v", "kv")
+DEFAULT_SMOOTHING = "v"  # `infer --fast` and FastOptions; see README "Speed and memory" for what it measured
+SMOOTHED_TENSORS = ("k_smooth", "v_smooth")
 _CHUNK_ELEMENTS = 1 << 26  # scores held at once when computing attention chunk by chunk
 
 
 def stats_key(block: int, tensor: str) -> str:
     """The calibration cache's key for one attention input, e.g. ``transformer.blocks.4.attn1.sdpa.q``."""
     return f"{BLOCK_PREFIX}.{block}.attn1.sdpa.{tensor}"
+
+
+def smooth_kv(k: torch.Tensor, v: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Subtract the token mean (per head and channel) of ``[B, L, H, D]`` k and/or v (``mode`` k, v or kv), in fp32.
+
+    Exact for attention: softmax(q·(k − k̄)) = softmax(q·k) (the same shift of every logit in a row),
+    and P·(v − v̄) + v̄ = P·v (rows of P sum to 1). What is left to quantize is the part that varies
+    between tokens, so E4M3's relative rounding of v, and the rounding of FP8 P times v, act on it
+    rather than on the common offset (SageAttention's smoothing). Returns (k, v, v̄ ``[B, 1, H, D]``
+    or None); v̄ goes back on the attention output.
+    """
+    if mode in ("k", "kv"):
+        k = k.float() - k.float().mean(1, keepdim=True)
+    if mode not in ("v", "kv"):
+        return k, v, None
+    v_mean = v.float().mean(1, keepdim=True)
+    return k, v.float() - v_mean, v_mean
 
 
 def split_scale(head_dim: int) -> float:
@@ -59,7 +80,8 @@ def max_probability(q: torch.Tensor, k: torch.Tensor) -> float:
 
 
 class AttentionObserver:
-    """Stands in for the self-attention function while calibrating; records the ranges of its inputs.
+    """Stands in for the self-attention function while calibrating; records the ranges of its inputs
+    (and of k and v smoothed as the fast path's FP8 attention can: ``k_smooth``, ``v_smooth``).
 
     ``observe(name, tensor)`` is a range observer per input (the calibration method's); the softmax
     maximum is recorded exactly (``max_probability``).
@@ -70,7 +92,8 @@ class AttentionObserver:
         self.softmax_amax = 0.0
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        for name, tensor in zip("qkv", (q, k, v)):
+        k_smooth, v_smooth, _ = smooth_kv(k.detach(), v.detach(), "kv")
+        for name, tensor in zip(("q", "k", "v", *SMOOTHED_TENSORS), (q, k, v, k_smooth, v_smooth)):
             self.observe(name, tensor.detach())
         self.softmax_amax = max(self.softmax_amax, max_probability(q.detach(), k.detach()))
         return self.attention(q, k, v)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from wan_trt.calibration.attention import AttentionObserver, self_attention_processors, stats_key
+from wan_trt.calibration.attention import SMOOTHED_TENSORS, AttentionObserver, self_attention_processors, stats_key
 from wan_trt.calibration.cache import CalibrationCache, LayerStats
 from wan_trt.calibration.conv_quant import ConvRangeObserver, observe_convs
 from wan_trt.calibration.histogram import AbsHistogram, entropy_amax, mse_amax
@@ -96,7 +96,7 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
     attention_observers = {}
     processors = self_attention_processors(transformer_module)
     for block, processor in processors.items():
-        for tensor in "qkv":
+        for tensor in ("q", "k", "v", *SMOOTHED_TENSORS):
             observers[stats_key(block, tensor)] = _RangeObserver(method, percentile)
         attention_observers[block] = AttentionObserver(
             lambda name, x, block=block: observers[stats_key(block, name)].observe(x), processor.self_attention)

@@ -15,10 +15,13 @@ The same math as the exported DiT graph (``TransformerGraph``), run the way a Ho
   FP8 fused attention in the blocks the policy quantizes, by one of two kernels (``FastOptions.fp8_attention_kernel``):
   cuDNN's ``sdpa_fp8`` (``nvidia-cudnn-frontend``) or FlashAttention-3's FP8 forward (``flash_attn_3``,
   built from source for Hopper; ``auto`` takes it where it is installed). q, k and v are scaled per
-  tensor: statically from the calibration cache, or from their current amax. cuDNN's FP8 output uses
-  ``scale_o = 224 / amax(v)``, safe because every output row is a convex combination of v's rows, and
-  feeds the FP8 ``to_out`` GEMM without requantizing; FA3's bf16 output is quantized with ``to_out``'s
-  calibrated input scale, as the Q/DQ graph does;
+  tensor: statically from the calibration cache, or from their current amax. By default v's token mean
+  is subtracted before v is quantized and added back to the output (``FastOptions.attention_smoothing``,
+  ``calibration.attention.smooth_kv``: exact in real arithmetic; 720p error 2.08e-2 → 1.18e-2).
+  cuDNN's FP8 output uses ``scale_o = 224 / amax(v)``, safe because every output row is a convex
+  combination of v's rows, and feeds the FP8 ``to_out`` GEMM without requantizing (with v smoothed:
+  v's mean is added and the sum requantized, one fused kernel); FA3's bf16 output is quantized with
+  ``to_out``'s calibrated input scale, as the Q/DQ graph does (plus v's mean, in the same kernel);
 * the element-wise glue (LayerNorm + modulation, qk-RMSNorm + RoPE + FP8 cast, GELU + FP8 cast, the
   cross-attention's q RMSNorm and the sum of its text and image attention outputs) in
   ``torch.compile``-d functions, one fused kernel or two each; each residual update is fused with the
@@ -42,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES, smooth_kv
 from wan_trt.calibration.quantize import LayerPlan, QuantPlan
 
 from wan_trt.errors import EngineError
@@ -205,15 +209,24 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, wq: torch.Tensor, wk: torch.T
 
 
 def qk_norm_rope_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torch.Tensor, wk: torch.Tensor,
-                     eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor,
-                     inv_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``qk_norm_rope`` with static per-tensor scales, straight to E4M3 ``[B, L, H, D]`` q, k, v."""
+                     eps: float, heads: int, cos: torch.Tensor, sin: torch.Tensor, inv_scales: torch.Tensor,
+                     smoothing: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``qk_norm_rope`` (and ``smooth_kv``) with static per-tensor scales, straight to E4M3 ``[B, L, H, D]`` q,
+    k, v; the fourth result is v's subtracted token mean (None unless ``smoothing`` smooths v)."""
     q, k = qk_norm_rope(q, k, wq, wk, eps, heads, cos, sin)
-    v = v.unflatten(-1, (heads, -1))
+    k, v, v_mean = smooth_kv(k, v.unflatten(-1, (heads, -1)), smoothing)
     q8 = (q.float() * inv_scales[0]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     k8 = (k.float() * inv_scales[1]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     v8 = (v.float() * inv_scales[2]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q8, k8, v8
+    return q8, k8, v8, v_mean
+
+
+def add_mean_quant(o: torch.Tensor, descale: torch.Tensor | None, v_mean: torch.Tensor,
+                   act_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The smoothed attention's output ``[B, L, H, D]`` (FP8 with ``descale``, or high precision with None) plus
+    v's mean → ``[B, L, H*D]`` in ``dtype``, or FP8 with ``act_scale`` (``to_out``'s input)."""
+    y = o.float() if descale is None else o.float() * descale.reshape(())
+    return _maybe_quant((y + v_mean).flatten(2, 3), act_scale, dtype)
 
 
 def quant_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,6 +294,8 @@ class Glue:
     rms_norm: Callable = rms_norm
     merge_heads: Callable = merge_heads
     quantize_fp8: Callable = quantize_fp8
+    smooth_kv: Callable = smooth_kv
+    add_mean_quant: Callable = add_mean_quant
 
     @staticmethod
     def compiled() -> Glue:
@@ -294,7 +309,7 @@ class Glue:
                                                                    quant_dynamic, gated_residual, gelu_quant,
                                                                    qk_norm_rope_fp8, residual_norm_affine,
                                                                    residual_norm_modulate, rms_norm, merge_heads,
-                                                                   quantize_fp8)))
+                                                                   quantize_fp8, smooth_kv, add_mean_quant)))
         return _COMPILED
 
 
@@ -454,7 +469,8 @@ def _check_options(options: FastOptions) -> None:
     for name, value, allowed in (("fast attention", options.attention, ATTENTION_MODES),
                                  ("bf16 attention kernel", options.bf16_attention_kernel, BF16_ATTENTION_KERNELS),
                                  ("fast residual stream", options.residual, ("model", "fp32")),
-                                 ("FP8 attention blocks", options.fp8_attention_blocks, ("policy", "plan", "all"))):
+                                 ("FP8 attention blocks", options.fp8_attention_blocks, ("policy", "plan", "all")),
+                                 ("FP8 attention smoothing", options.attention_smoothing, SMOOTHING_MODES)):
         if value not in allowed:
             raise EngineError(f"{name} '{value}': choose one of {', '.join(allowed)}")
 
@@ -473,12 +489,14 @@ class FastOptions:
     # self-attention of the blocks without FP8 attention: sdpa (cuDNN first) | fa3 (FlashAttention-3, bf16) |
     # auto: fa3 where fp8_attention_kernel is fa3, or auto with FA3 installed on a Hopper GPU; else sdpa
     bf16_attention_kernel: str = "auto"
+    # FP8 self-attention: subtract the token mean of k, v or both before quantizing (calibration.attention.smooth_kv)
+    attention_smoothing: str = DEFAULT_SMOOTHING
 
     def to_json(self) -> dict:
         return {"attention": self.attention, "fp8_attention_kernel": self.fp8_attention_kernel,
                 "fp8_attention_blocks": self.fp8_attention_blocks, "compile": self.compile,
                 "fast_accum": self.fast_accum, "dtype": str(self.dtype), "residual": self.residual,
-                "bf16_attention_kernel": self.bf16_attention_kernel}
+                "bf16_attention_kernel": self.bf16_attention_kernel, "attention_smoothing": self.attention_smoothing}
 
 
 BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
@@ -572,7 +590,7 @@ class FastTransformer(torch.nn.Module):
 
     def with_options(self, **changes) -> FastTransformer:
         """A copy with some options changed that shares this one's modules and FP8 weights (and its static
-        attention scales); kernel and glue choices are made again on its first call."""
+        attention scales, unless the smoothing changes); kernel and glue choices are made again on its first call."""
         import copy
         import dataclasses
 
@@ -580,7 +598,9 @@ class FastTransformer(torch.nn.Module):
         other.options = dataclasses.replace(self.options, **changes)
         _check_options(other.options)
         other.fp8_attention = other._fp8_attention_blocks()
-        other.attention_scales = dict(self.attention_scales)
+        # static scales are ranges of what is quantized: smoothing changes that, so they are calibrated again
+        same = other.options.attention_smoothing == self.options.attention_smoothing
+        other.attention_scales = dict(self.attention_scales) if same else {}
         other.recorded_amax = None
         other._glue = other._fp8_attn = other._fa3_bf16 = other._bf16_kernel = None
         return other
@@ -626,10 +646,11 @@ class FastTransformer(torch.nn.Module):
             q, k, v = (_run(ops.ops[f"attn1.to_{c}"], h) for c in "qkv")
         to_out = ops.ops["attn1.to_out.0"]
         static = self.attention_scales.get(index) if index in self.fp8_attention else None
+        smoothing = self.options.attention_smoothing
         if static is not None:  # calibrated q/k/v scales: the FP8 cast is fused into the RMSNorm + RoPE kernel
             inv, descales = static
-            q8, k8, v8 = glue.qk_norm_rope_fp8(q, k, v, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps,
-                                               attn.heads, *rotary, inv)
+            q8, k8, v8, v_mean = glue.qk_norm_rope_fp8(q, k, v, attn.norm_q.weight, attn.norm_k.weight,
+                                                       attn.norm_q.eps, attn.heads, *rotary, inv, smoothing)
             o, do = self._attention_fp8()(q8, k8, v8, *descales)
         else:
             q, k = glue.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, attn.heads,
@@ -637,10 +658,15 @@ class FastTransformer(torch.nn.Module):
             v = v.unflatten(-1, (attn.heads, -1))
             if index not in self.fp8_attention:
                 return _run(to_out, self._attention_bf16(q, k, v.contiguous()).to(self.options.dtype))
+            k, v, v_mean = glue.smooth_kv(k, v, smoothing) if smoothing != "none" else (k, v, None)
             (q8, dq), (k8, dk), (v8, dv) = glue.quant_dynamic(q), glue.quant_dynamic(k), glue.quant_dynamic(v)
             if self.recorded_amax is not None:
                 self._record(index, (dq, dk, dv))
             o, do = self._attention_fp8()(q8, k8, v8, dq, dk, dv)
+        if v_mean is not None:  # v was smoothed: its mean back on the output, fused with to_out's FP8 cast
+            act = _act_scale(to_out)
+            y = glue.add_mean_quant(o, do, v_mean, act, self.options.dtype)
+            return to_out.forward_fp8(y, act) if act is not None else to_out(y)
         o = o.flatten(2, 3)  # E4M3 with its descale do (cuDNN), or bf16 with do None (FA3)
         if do is None:  # to_out quantizes a high-precision output as any FP8 Linear input
             act = _act_scale(to_out)
@@ -838,9 +864,11 @@ class FastEngine:
         return result
 
 
-def fast_plan(graph: torch.nn.Module, directory, manifest) -> tuple[QuantPlan, dict[int, tuple[float, float, float]]]:
+def fast_plan(graph: torch.nn.Module, directory, manifest,
+              smoothing: str = DEFAULT_SMOOTHING) -> tuple[QuantPlan, dict[int, tuple[float, float, float]]]:
     """The FP8 plan of a quantized engines directory (its calibration cache and policy, as the build made it),
-    and the calibrated |q|, |k|, |v| ranges of the blocks whose self-attention it quantizes."""
+    and the calibrated |q|, |k|, |v| ranges of the blocks whose self-attention it quantizes (k's and v's
+    less their token mean where ``smoothing`` subtracts it)."""
     from wan_trt.calibration.attention import stats_key
     from wan_trt.calibration.cache import load_cache
     from wan_trt.calibration.policy import PrecisionPolicy
@@ -851,11 +879,19 @@ def fast_plan(graph: torch.nn.Module, directory, manifest) -> tuple[QuantPlan, d
     cache = load_cache(directory / q["calibration_file"])
     plan = make_plan(linear_layers(graph), cache, policy, q["precision"], int(manifest.preset.transformer["num_layers"]),
                      head_dim=int(graph.transformer.config.attention_head_dim))
-    ranges = {block: tuple(cache.layers[stats_key(block, t)].amax for t in "qkv") for block in plan.attention}
+    names = ("q", "k_smooth" if smoothing in ("k", "kv") else "k", "v_smooth" if smoothing in ("v", "kv") else "v")
+    keys = [[stats_key(block, name) for name in names] for block in sorted(plan.attention)]
+    missing = [key for row in keys for key in row if key not in cache.layers]
+    if missing:
+        raise EngineError(f"{directory / q['calibration_file']} has no range for {missing[0]} "
+                          f"(--fp8-attention-smoothing {smoothing}; caches calibrated before smoothing existed lack "
+                          "them): rebuild the engines (wan-trt build) or pass --fp8-attention-smoothing none")
+    ranges = {block: tuple(cache.layers[key].amax for key in row) for block, row in zip(sorted(plan.attention), keys)}
     return plan, ranges
 
 
-def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: str = "auto") -> dict:
+def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: str = "auto",
+                       fp8_attention_smoothing: str = DEFAULT_SMOOTHING) -> dict:
     """The ``--fast`` engines for an fp32 or fp8 engines directory (see the module docstring)."""
     from wan_trt.runtime.loading import reference_graph_modules
 
@@ -865,12 +901,13 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
     if precision not in ("fp32", "fp8"):
         raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
     modules = reference_graph_modules(manifest)
-    plan, attention_ranges = fast_plan(modules["transformer"], directory, manifest) if precision == "fp8" else (None, {})
+    plan, attention_ranges = (fast_plan(modules["transformer"], directory, manifest, fp8_attention_smoothing)
+                              if precision == "fp8" else (None, {}))
     graph = modules["transformer"]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
     to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
     options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
-                          fp8_attention_kernel=fp8_attention_kernel)
+                          fp8_attention_kernel=fp8_attention_kernel, attention_smoothing=fp8_attention_smoothing)
     fast = FastTransformer(graph, plan, options, release_bf16=True).to("cuda")
     if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
         fast.use_static_attention(attention_ranges)
@@ -878,9 +915,10 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
     if len(fast.fp8_attention) < len(fast.block_ops):
         fast._attention_bf16_kernel()  # the same for the bf16 self-attention's kernel
     torch.cuda.empty_cache()
-    log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s; bf16 on %s)",
+    log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s%s; bf16 on %s)",
              "FP8" if plan else "bf16", options.attention, len(fast.fp8_attention), len(fast.block_ops),
-             f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "", fast.bf16_kernel_name)
+             f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "",
+             f", smoothing {options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
     engines = {}
     for name, entry in manifest.graphs.items():
         if name == "transformer":

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wan_trt.calibration.attention import DEFAULT_SMOOTHING
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.runtime.engines import BACKENDS, Engine, OrtEngine, TorchEngine, ort_providers
 from wan_trt.runtime.manifest import Manifest, read_manifest
@@ -18,18 +19,20 @@ log = logging.getLogger(__name__)
 
 
 def load_engines(directory: Path, manifest: Manifest, backend: str, device: str = "cpu",
-                 fast: bool = False, fp8_attention_kernel: str = "auto") -> dict[str, Engine]:
+                 fast: bool = False, fp8_attention_kernel: str = "auto",
+                 fp8_attention_smoothing: str = DEFAULT_SMOOTHING) -> dict[str, Engine]:
     """Engines for every graph in the manifest on ``backend`` (``onnxruntime`` or ``torch``).
 
     ``fast``: the torch backend's fast GPU path (``runtime/fast_torch.py``), with ``fp8_attention_kernel``
-    (auto, cudnn, fa3) for the FP8 self-attention of fp8 engines; other backends refuse it.
+    (auto, cudnn, fa3) and ``fp8_attention_smoothing`` for the FP8 self-attention of fp8 engines; other
+    backends refuse it.
     """
     if fast:
         if backend != "torch":
             raise BadInputError(f"--fast is a torch-backend option (got --backend {backend}): add --backend torch")
         from wan_trt.runtime.fast_torch import fast_torch_engines
 
-        return fast_torch_engines(manifest, device, directory, fp8_attention_kernel)
+        return fast_torch_engines(manifest, device, directory, fp8_attention_kernel, fp8_attention_smoothing)
     if backend == "onnxruntime":
         bf16 = sorted(name for name, entry in manifest.graphs.items() if entry.dtype == "bf16")
         if bf16 and device == "cpu":
@@ -92,11 +95,12 @@ def reference_graph_modules(manifest: Manifest) -> dict[str, torch.nn.Module]:
 
 
 def open_pipeline(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                  fast: bool = False, fp8_attention_kernel: str = "auto") -> tuple[AnimatePipeline, Manifest]:
+                  fast: bool = False, fp8_attention_kernel: str = "auto",
+                  fp8_attention_smoothing: str = DEFAULT_SMOOTHING) -> tuple[AnimatePipeline, Manifest]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     tokenizer = load_tokenizer(directory / manifest.tokenizer_file)
-    engines = load_engines(directory, manifest, backend, device, fast, fp8_attention_kernel)
+    engines = load_engines(directory, manifest, backend, device, fast, fp8_attention_kernel, fp8_attention_smoothing)
     log.info("opened %s engines for preset '%s' on %s (%s)", manifest.precision, manifest.preset.name, backend, device)
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt),
                                load_prompt_cache(directory, manifest))

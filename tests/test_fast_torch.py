@@ -178,24 +178,29 @@ def _fa3_stand_in(calls: list, bf16_calls: list | None = None):
         for d in (q_descale, k_descale, v_descale):
             assert d.shape == (batch, heads) and d.dtype == torch.float32
         deq = [t.float() * d[:, None, :, None] for t, d in ((q, q_descale), (k, k_descale), (v, v_descale))]
-        calls.append(q.shape)
+        # the shape, and how far k's and v's token means are from 0 relative to their range (smoothing: ~0)
+        calls.append((q.shape, *(float(t.mean(1).abs().max() / t.abs().max()) for t in deq[1:])))
         return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq)).transpose(
             1, 2).to(torch.bfloat16)
     return attention
 
 
 @needs_scaled_mm
+@pytest.mark.parametrize("smoothing", ["none", "k", "kv"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic-scales", "calibrated-scales"])
-def test_fast_dit_fa3_fp8_attention_path(static):
+def test_fast_dit_fa3_fp8_attention_path(static, smoothing):
     """The FA3 branch of FP8 self-attention (bf16 output, quantized by to_out with its calibrated scale), with a
     stand-in for FA3's kernel: every FP8-attention block calls it, and the DiT differs from the same fast DiT
-    with bf16 attention by FP8 rounding only (a wrong layout, descale or output scale is an O(1) error)."""
+    with bf16 attention by FP8 rounding only (a wrong layout, descale or output scale is an O(1) error). With
+    smoothing, the kernel gets k (and v) with a zero token mean, and v's mean comes back on the output (a lost
+    or doubled mean is an O(1) error too)."""
     graph = _graph()
     feed = _feed(graph, seed=7)
     _, plan = _calibrated_plan(graph, feed)
     bf16 = ft.FastTransformer(graph, plan, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
     want = bf16(*feed)[0]
-    options = ft.FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32)
+    options = ft.FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32,
+                             attention_smoothing=smoothing)
     fast = ft.FastTransformer(graph, plan, options)
     calls: list = []
     bf16_calls: list = []  # the policy-kept blocks' bf16 attention follows the FP8 kernel choice: FA3 too
@@ -210,6 +215,34 @@ def test_fast_dit_fa3_fp8_attention_path(static):
     assert len(calls) == len(fast.fp8_attention) == 8
     assert len(bf16_calls) == 2 and fast.bf16_kernel_name == "fa3"
     assert 1e-4 < relative_l2(got, want) <= 5e-2
+    k_mean, v_mean = max(c[1] for c in calls), max(c[2] for c in calls)
+    assert (k_mean < 0.02) == (smoothing != "none") and (v_mean < 0.02) == (smoothing == "kv"), (k_mean, v_mean)
+
+
+def test_smooth_kv_leaves_attention_unchanged():
+    """Subtracting k's token mean does not change softmax(q·kᵀ); v's, added back to the output, does not
+    change P·v (offsets as large as the varying part; smooth_kv computes in fp32); the smoothed k and v have a
+    zero token mean.
+    ``add_mean_quant`` puts the mean back on an FP8 output with its descale too."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 64, 3, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    k, v = k + 2 * torch.randn(1, 1, 3, 16, generator=gen, dtype=torch.float64), v - 3
+    want = ft.sdpa(q, k, v)
+    for mode in ("k", "v", "kv"):
+        ks, vs, v_mean = ft.smooth_kv(k, v, mode)
+        assert (ks.mean(1).abs().max() < 1e-5) == (mode != "v") and (v_mean is None) == (mode == "k")
+        got = ft.sdpa(q, ks.double(), vs.double())
+        if v_mean is not None:
+            assert vs.mean(1).abs().max() < 1e-5
+            got = ft.add_mean_quant(got.unflatten(-1, (3, 16)), None, v_mean, None, torch.float64)
+        assert relative_l2(got, want) < 1e-6, mode  # smooth_kv computes in fp32
+    assert ft.smooth_kv(k, v, "none") == (k, v, None)
+    o = torch.randn(2, 64, 3, 16, generator=gen)
+    descale = torch.tensor(0.01)
+    o8 = ft.quantize_fp8(o, descale)
+    v_mean = torch.randn(2, 1, 3, 16, generator=gen)
+    got = ft.add_mean_quant(o8, descale, v_mean, None, torch.float32)
+    assert torch.allclose(got, (o8.float() * descale + v_mean).flatten(2, 3))
 
 
 def test_fast_dit_fa3_bf16_attention_equals_sdpa():
@@ -355,11 +388,14 @@ def test_qk_norm_rope_fp8_equals_quantized_qk_norm_rope():
     wq, wk = torch.rand(24) + 0.5, torch.rand(24) + 0.5
     cos, sin = torch.randn(1, 30, 1, 12), torch.randn(1, 30, 1, 12)
     inv = torch.tensor([40.0, 60.0, 100.0])
-    q8, k8, v8 = ft.qk_norm_rope_fp8(q, k, v, wq, wk, 1e-6, 2, cos, sin, inv)
     qr, kr = ft.qk_norm_rope(q, k, wq, wk, 1e-6, 2, cos, sin)
-    assert torch.equal(q8.view(torch.uint8), ft.quantize_fp8(qr, 1 / 40.0).view(torch.uint8))
-    assert torch.equal(k8.view(torch.uint8), ft.quantize_fp8(kr, 1 / 60.0).view(torch.uint8))
-    assert torch.equal(v8.view(torch.uint8), ft.quantize_fp8(v.unflatten(-1, (2, -1)), 1 / 100.0).view(torch.uint8))
+    for smoothing in ("none", "kv"):  # kv: the same cast of the smoothed k and v, and v's mean returned
+        q8, k8, v8, v_mean = ft.qk_norm_rope_fp8(q, k, v, wq, wk, 1e-6, 2, cos, sin, inv, smoothing)
+        ks, vs, v_mean_want = ft.smooth_kv(kr, v.unflatten(-1, (2, -1)), smoothing)
+        assert torch.equal(q8.view(torch.uint8), ft.quantize_fp8(qr, 1 / 40.0).view(torch.uint8))
+        assert torch.equal(k8.view(torch.uint8), ft.quantize_fp8(ks, 1 / 60.0).view(torch.uint8))
+        assert torch.equal(v8.view(torch.uint8), ft.quantize_fp8(vs, 1 / 100.0).view(torch.uint8))
+        assert (v_mean is None) == (smoothing == "none") and (v_mean is None or torch.equal(v_mean, v_mean_want))
 
 
 def test_decode_streamed_equals_decoder_graphs():
@@ -397,16 +433,19 @@ def test_infer_fast_needs_torch_backend_on_cuda(tmp_path, extra):
     assert not out.exists()
 
 
-def test_fp8_attention_kernel_needs_fast(tmp_path):
+@pytest.mark.parametrize("option, value, message", [
+    ("--fp8-attention-kernel", "fa3", "--fp8-attention-kernel fa3 chooses the FP8 attention of --fast"),
+    ("--fp8-attention-smoothing", "none", "--fp8-attention-smoothing none sets the FP8 attention of --fast")])
+def test_fp8_attention_options_need_fast(tmp_path, option, value, message):
     from click.testing import CliRunner
 
     from wan_trt.cli import main
 
     out = tmp_path / "out.mp4"
     result = CliRunner().invoke(main, ["infer", "--engines", str(tmp_path / "engines"), "--input", str(tmp_path),
-                                       "--out", str(out), "--fp8-attention-kernel", "fa3"])
+                                       "--out", str(out), option, value])
     assert result.exit_code == 2, result.output
-    assert "--fp8-attention-kernel fa3 chooses the FP8 attention of --fast" in result.output
+    assert message in result.output
     assert not out.exists()
 
 

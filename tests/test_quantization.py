@@ -54,10 +54,13 @@ def test_calibration_cache_round_trips_and_covers_every_dit_linear(calibration, 
         assert stats.amax > 0 and stats.calls == 2 * STEPS  # every denoising step of every sample observed
         assert len(stats.channel_amax) > 0
     for block in range(blocks):  # every block's self-attention inputs, whatever the policy
-        for tensor in ("q", "k", "v", "softmax"):
+        for tensor in ("q", "k", "v", "softmax", "k_smooth", "v_smooth"):  # *_smooth: less their token mean
             stats = cache.layers[stats_key(block, tensor)]
             assert stats.amax > 0 and stats.calls == 2 * STEPS
         assert cache.layers[stats_key(block, "softmax")].amax <= 1.0 + 1e-6
+        for tensor in "kv":  # |x - mean| <= 2 amax(x), and not the same range as x's
+            smoothed, plain = (cache.layers[stats_key(block, t)].amax for t in (f"{tensor}_smooth", tensor))
+            assert smoothed <= 2 * plain and smoothed != plain
     vae_convs = [p for p in cache.layers if p.startswith("vae.")]  # every VAE conv that ran: decoder and encoder
     assert any(p.startswith("vae.decoder.") for p in vae_convs) and any(p.startswith("vae.encoder.") for p in vae_convs)
     assert all(cache.layers[p].amax > 0 and cache.layers[p].calls > 0 for p in vae_convs)
@@ -255,3 +258,33 @@ def test_vae_decoder_convs_get_qdq_and_the_torch_backend_follows(vae_quantized_e
     assert vs_fp32 >= 25.0
     assert vs_torch >= 30.0  # the torch backend quantizes the same convs (end to end, boundary flips compound)
     assert report["quantization"]["vae_decoder_convs"] == convs
+
+
+def test_fast_plan_takes_the_smoothed_attention_ranges(quantized_engines, monkeypatch):
+    """``infer --fast`` reads the FP8 attention's q/k/v scales from the build's calibration cache: k's and v's
+    ranges less their token mean where ``--fp8-attention-smoothing`` smooths them; a cache without those
+    ranges (made before smoothing existed) is one error naming the fixes."""
+    import dataclasses
+
+    import wan_trt.calibration.cache as cache_module
+    from wan_trt.errors import EngineError
+    from wan_trt.runtime.fast_torch import fast_plan
+    from wan_trt.runtime.loading import reference_graph_modules
+    from wan_trt.runtime.manifest import read_manifest
+
+    precision, engines = quantized_engines
+    if precision != "fp8":
+        pytest.skip("the fast path runs FP8 plans only")
+    manifest = read_manifest(engines)
+    graph = reference_graph_modules(manifest)["transformer"]
+    cache = load_cache(engines / manifest.quantization["calibration_file"])
+    for smoothing, names in (("none", "qkv"), ("v", ("q", "k", "v_smooth")), ("kv", ("q", "k_smooth", "v_smooth"))):
+        plan, ranges = fast_plan(graph, engines, manifest, smoothing)
+        assert plan.attention and set(ranges) == set(plan.attention)
+        for block, got in ranges.items():
+            assert got == tuple(cache.layers[stats_key(block, n)].amax for n in names), (smoothing, block)
+    old = dataclasses.replace(cache, layers={k: v for k, v in cache.layers.items() if not k.endswith("_smooth")})
+    monkeypatch.setattr(cache_module, "load_cache", lambda path: old)
+    with pytest.raises(EngineError, match="v_smooth.*rebuild the engines.*--fp8-attention-smoothing none"):
+        fast_plan(graph, engines, manifest, "v")
+    assert fast_plan(graph, engines, manifest, "none")[1]  # the plain ranges are still there

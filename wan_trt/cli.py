@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from wan_trt import __version__
+from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES
 from wan_trt.errors import BadInputError, WanTrtError
 from wan_trt.preflight import SEED, FiniteFloatRange
 from wan_trt.runtime.compare import COMPONENT_TOLERANCE, graph_tolerances
@@ -197,6 +198,11 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               help="With --fast: the attention kernels. fa3 = FlashAttention-3 (flash_attn_3, Hopper) for the FP8 "
                    "self-attention and for the bf16 one (fp32 engines, policy-kept blocks); cudnn = cuDNN's FP8 "
                    "attention and SDPA; auto takes FA3 where it is installed.")
+@click.option("--fp8-attention-smoothing", type=click.Choice(SMOOTHING_MODES), default=DEFAULT_SMOOTHING,
+              show_default=True,
+              help="With --fast and fp8 engines: subtract the token mean of k and/or v before the FP8 attention "
+                   "(exact in real arithmetic; v's mean is added back to the output). Cuts the FP8 attention's "
+                   "error (README: Speed and memory); none = plain per-tensor FP8.")
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
                    "the raw photo's short side to 224 and centre-cropped (diffusers' WanAnimatePipeline).")
@@ -205,7 +211,7 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
           negative_prompt: str, guidance_scale: float, mode: str, relight: bool, background: str | None,
           mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None,
-          gpus: int, fast: bool, fp8_attention_kernel: str, clip_preprocess: str) -> None:
+          gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, clip_preprocess: str) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
 
@@ -216,7 +222,8 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, fallback=fallback,
         input_dir=input_dir,
         ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
-        fp8_attention_kernel=fp8_attention_kernel, clip_preprocess=clip_preprocess,
+        fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing,
+        clip_preprocess=clip_preprocess,
     )
     if gpus > 1:  # torchrun workers (wan_trt.runtime.distributed); rank 0 writes the mp4
         from wan_trt.runtime.distributed import launch_infer

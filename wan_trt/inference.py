@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from wan_trt.calibration.attention import DEFAULT_SMOOTHING
 from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.media import VideoWriter
@@ -51,6 +52,7 @@ class InferenceOptions:
     gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.runtime.distributed)
     fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast_torch)
     fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
+    fp8_attention_smoothing: str = DEFAULT_SMOOTHING  # --fp8-attention-smoothing (with --fast): none | k | v | kv
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
 
 
@@ -62,6 +64,9 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     if options.fp8_attention_kernel != "auto" and not options.fast:
         raise BadInputError(f"--fp8-attention-kernel {options.fp8_attention_kernel} chooses the FP8 attention of --fast: "
                             "add --fast or drop it")
+    if options.fp8_attention_smoothing != DEFAULT_SMOOTHING and not options.fast:
+        raise BadInputError(f"--fp8-attention-smoothing {options.fp8_attention_smoothing} sets the FP8 attention of "
+                            "--fast: add --fast or drop it")
     _check_output_path(options.out_path)
     manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
     if options.relight and not manifest.lora:
@@ -95,7 +100,8 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
 
     device = "cuda" if options.backend == "tensorrt" else options.device
     pipeline, _ = open_pipeline(options.engines_dir, options.backend, device, fast=options.fast,
-                                fp8_attention_kernel=options.fp8_attention_kernel)
+                                fp8_attention_kernel=options.fp8_attention_kernel,
+                                fp8_attention_smoothing=options.fp8_attention_smoothing)
     if options.gpus > 1:  # one rank of `infer --gpus N`: the DiT runs sequence-parallel over the process group
         from wan_trt.runtime.sequence_parallel import shard_dit_engine
 
