@@ -332,7 +332,7 @@ def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str 
     scales (bench_dit). Any of them ``+eager_glue`` (element-wise glue not compiled), ``+fp32_residual``
     (fp32 residual stream): diagnostics of the numerical floor; ``+fa3_bf16`` / ``+sdpa_bf16``: the bf16
     self-attention's kernel pinned (else it follows the FP8 one); ``+no_smoothing`` / ``+smooth_k`` /
-    ``+smooth_kv``: the FP8 attention's inputs not smoothed, k only, or k and v (default: v; ``smooth_kv``)."""
+    ``+smooth_kv``: the FP8 attention's inputs not smoothed, k only, or k and v (``smooth_kv``; default v)."""
     out: dict[str, Any] = {}
     by_plan: dict[str, Any] = {}  # plan name -> its first FastTransformer (variants of one plan share FP8 weights)
     for name in names:

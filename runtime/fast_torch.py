@@ -601,6 +601,10 @@ class FastTransformer(torch.nn.Module):
         # static scales are ranges of what is quantized: smoothing changes that, so they are calibrated again
         same = other.options.attention_smoothing == self.options.attention_smoothing
         other.attention_scales = dict(self.attention_scales) if same else {}
+        if self.attention_scales and not same:
+            log.info("with_options: attention smoothing %s -> %s drops the static q/k/v scales (dynamic until "
+                     "record_attention_amax + use_static_attention)", self.options.attention_smoothing,
+                     other.options.attention_smoothing)
         other.recorded_amax = None
         other._glue = other._fp8_attn = other._fa3_bf16 = other._bf16_kernel = None
         return other
@@ -865,10 +869,11 @@ class FastEngine:
 
 
 def fast_plan(graph: torch.nn.Module, directory, manifest,
-              smoothing: str = DEFAULT_SMOOTHING) -> tuple[QuantPlan, dict[int, tuple[float, float, float]]]:
+              smoothing: str = "auto") -> tuple[QuantPlan, dict[int, tuple[float, float, float]], str]:
     """The FP8 plan of a quantized engines directory (its calibration cache and policy, as the build made it),
-    and the calibrated |q|, |k|, |v| ranges of the blocks whose self-attention it quantizes (k's and v's
-    less their token mean where ``smoothing`` subtracts it)."""
+    the calibrated |q|, |k|, |v| ranges of the blocks whose self-attention it quantizes (k's and v's less
+    their token mean where the smoothing subtracts it), and that smoothing: ``smoothing``, or for auto
+    ``DEFAULT_SMOOTHING`` where the cache has its ranges, else none (logged: a cache from before smoothing)."""
     from wan_trt.calibration.attention import stats_key
     from wan_trt.calibration.cache import load_cache
     from wan_trt.calibration.policy import PrecisionPolicy
@@ -879,19 +884,32 @@ def fast_plan(graph: torch.nn.Module, directory, manifest,
     cache = load_cache(directory / q["calibration_file"])
     plan = make_plan(linear_layers(graph), cache, policy, q["precision"], int(manifest.preset.transformer["num_layers"]),
                      head_dim=int(graph.transformer.config.attention_head_dim))
-    names = ("q", "k_smooth" if smoothing in ("k", "kv") else "k", "v_smooth" if smoothing in ("v", "kv") else "v")
-    keys = [[stats_key(block, name) for name in names] for block in sorted(plan.attention)]
-    missing = [key for row in keys for key in row if key not in cache.layers]
-    if missing:
-        raise EngineError(f"{directory / q['calibration_file']} has no range for {missing[0]} "
-                          f"(--fp8-attention-smoothing {smoothing}; caches calibrated before smoothing existed lack "
-                          "them): rebuild the engines (wan-trt build) or pass --fp8-attention-smoothing none")
-    ranges = {block: tuple(cache.layers[key].amax for key in row) for block, row in zip(sorted(plan.attention), keys)}
-    return plan, ranges
+    def keys(mode: str) -> list[list[str]]:
+        names = ("q", "k_smooth" if mode in ("k", "kv") else "k", "v_smooth" if mode in ("v", "kv") else "v")
+        return [[stats_key(block, name) for name in names] for block in sorted(plan.attention)]
+
+    def missing(mode: str) -> list[str]:
+        return [key for row in keys(mode) for key in row if key not in cache.layers]
+
+    path = directory / q["calibration_file"]
+    if smoothing == "auto":
+        smoothing = DEFAULT_SMOOTHING
+        if missing(smoothing):
+            log.warning("%s predates FP8 attention smoothing (no %s): --fast runs its FP8 attention unsmoothed; "
+                        "re-run wan-trt calibrate and wan-trt build --calibration for about half the error "
+                        "(README: Speed and memory)", path, missing(smoothing)[0])
+            smoothing = "none"
+    if missing(smoothing):
+        raise EngineError(f"{path} has no range for {missing(smoothing)[0]} (--fp8-attention-smoothing {smoothing}; "
+                          "caches calibrated before smoothing existed lack them): re-run wan-trt calibrate and "
+                          "wan-trt build --calibration with the new cache, or pass --fp8-attention-smoothing none")
+    ranges = {block: tuple(cache.layers[key].amax for key in row)
+              for block, row in zip(sorted(plan.attention), keys(smoothing))}
+    return plan, ranges, smoothing
 
 
 def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: str = "auto",
-                       fp8_attention_smoothing: str = DEFAULT_SMOOTHING) -> dict:
+                       fp8_attention_smoothing: str = "auto") -> dict:
     """The ``--fast`` engines for an fp32 or fp8 engines directory (see the module docstring)."""
     from wan_trt.runtime.loading import reference_graph_modules
 
@@ -901,13 +919,13 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
     if precision not in ("fp32", "fp8"):
         raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
     modules = reference_graph_modules(manifest)
-    plan, attention_ranges = (fast_plan(modules["transformer"], directory, manifest, fp8_attention_smoothing)
-                              if precision == "fp8" else (None, {}))
+    plan, attention_ranges, smoothing = (fast_plan(modules["transformer"], directory, manifest, fp8_attention_smoothing)
+                                         if precision == "fp8" else (None, {}, "none"))
     graph = modules["transformer"]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
     to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
     options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
-                          fp8_attention_kernel=fp8_attention_kernel, attention_smoothing=fp8_attention_smoothing)
+                          fp8_attention_kernel=fp8_attention_kernel, attention_smoothing=smoothing)
     fast = FastTransformer(graph, plan, options, release_bf16=True).to("cuda")
     if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
         fast.use_static_attention(attention_ranges)

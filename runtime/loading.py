@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wan_trt.calibration.attention import DEFAULT_SMOOTHING
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.runtime.engines import BACKENDS, Engine, OrtEngine, TorchEngine, ort_providers
 from wan_trt.runtime.manifest import Manifest, read_manifest
@@ -20,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def load_engines(directory: Path, manifest: Manifest, backend: str, device: str = "cpu",
                  fast: bool = False, fp8_attention_kernel: str = "auto",
-                 fp8_attention_smoothing: str = DEFAULT_SMOOTHING) -> dict[str, Engine]:
+                 fp8_attention_smoothing: str = "auto") -> dict[str, Engine]:
     """Engines for every graph in the manifest on ``backend`` (``onnxruntime`` or ``torch``).
 
     ``fast``: the torch backend's fast GPU path (``runtime/fast_torch.py``), with ``fp8_attention_kernel``
@@ -96,7 +95,7 @@ def reference_graph_modules(manifest: Manifest) -> dict[str, torch.nn.Module]:
 
 def open_pipeline(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
                   fast: bool = False, fp8_attention_kernel: str = "auto",
-                  fp8_attention_smoothing: str = DEFAULT_SMOOTHING) -> tuple[AnimatePipeline, Manifest]:
+                  fp8_attention_smoothing: str = "auto") -> tuple[AnimatePipeline, Manifest]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     tokenizer = load_tokenizer(directory / manifest.tokenizer_file)

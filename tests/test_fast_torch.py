@@ -186,7 +186,7 @@ def _fa3_stand_in(calls: list, bf16_calls: list | None = None):
 
 
 @needs_scaled_mm
-@pytest.mark.parametrize("smoothing", ["none", "k", "kv"])
+@pytest.mark.parametrize("smoothing", ["none", "k", "v", "kv"])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic-scales", "calibrated-scales"])
 def test_fast_dit_fa3_fp8_attention_path(static, smoothing):
     """The FA3 branch of FP8 self-attention (bf16 output, quantized by to_out with its calibrated scale), with a
@@ -216,7 +216,37 @@ def test_fast_dit_fa3_fp8_attention_path(static, smoothing):
     assert len(bf16_calls) == 2 and fast.bf16_kernel_name == "fa3"
     assert 1e-4 < relative_l2(got, want) <= 5e-2
     k_mean, v_mean = max(c[1] for c in calls), max(c[2] for c in calls)
-    assert (k_mean < 0.02) == (smoothing != "none") and (v_mean < 0.02) == (smoothing == "kv"), (k_mean, v_mean)
+    assert (k_mean < 0.02) == (smoothing in ("k", "kv")) and (v_mean < 0.02) == (smoothing in ("v", "kv")), (
+        k_mean, v_mean)
+
+
+@needs_scaled_mm
+def test_v_smoothing_takes_a_large_v_offset_out_of_the_fp8_rounding():
+    """With v offset by far more than it varies (+3 on every to_v bias; v's spread is ~0.6), FP8 v rounds the
+    offset: v smoothing halves the DiT's distance to the bf16-attention DiT (FA3 stand-in, no P rounding), and
+    the restored mean matters (dropped, the output is O(1) off)."""
+    graph = _graph()
+    with torch.no_grad():
+        for block in graph.transformer.blocks:
+            block.attn1.to_v.bias += 3.0
+    feed = _feed(graph, seed=7)
+    _, plan = _calibrated_plan(graph, feed)
+    want = ft.FastTransformer(graph, plan, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))(
+        *feed)[0]
+
+    def error(smoothing: str, glue: ft.Glue | None = None) -> float:
+        options = ft.FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32,
+                                 attention_smoothing=smoothing)
+        fast = ft.FastTransformer(graph, plan, options)
+        fast._fp8_attn = fast._fa3_bf16 = ft.Fa3Fp8Attention(_fa3_stand_in([], []))
+        fast._glue = glue
+        return relative_l2(fast(*feed)[0], want)
+
+    plain, smoothed = error("none"), error("v")
+    assert smoothed < 0.6 * plain and plain < 5e-2, (smoothed, plain)  # measured: 6.5e-3 vs 1.4e-2
+    mean_dropped = ft.Glue(add_mean_quant=lambda o, d, v_mean, act, dtype: ft.add_mean_quant(o, d, 0 * v_mean, act,
+                                                                                              dtype))
+    assert error("v", mean_dropped) > 0.3
 
 
 def test_smooth_kv_leaves_attention_unchanged():
@@ -236,13 +266,18 @@ def test_smooth_kv_leaves_attention_unchanged():
             assert vs.mean(1).abs().max() < 1e-5
             got = ft.add_mean_quant(got.unflatten(-1, (3, 16)), None, v_mean, None, torch.float64)
         assert relative_l2(got, want) < 1e-6, mode  # smooth_kv computes in fp32
-    assert ft.smooth_kv(k, v, "none") == (k, v, None)
+    ks, vs, v_mean = ft.smooth_kv(k, v, "none")
+    assert ks is k and vs is v and v_mean is None
     o = torch.randn(2, 64, 3, 16, generator=gen)
     descale = torch.tensor(0.01)
     o8 = ft.quantize_fp8(o, descale)
     v_mean = torch.randn(2, 1, 3, 16, generator=gen)
     got = ft.add_mean_quant(o8, descale, v_mean, None, torch.float32)
     assert torch.allclose(got, (o8.float() * descale + v_mean).flatten(2, 3))
+    act = torch.tensor(0.02)  # cuDNN's FP8 output into an FP8 to_out: requantized with to_out's input scale
+    got = ft.add_mean_quant(o8, descale, v_mean, act, torch.bfloat16)
+    want = ft.quantize_fp8((o8.float() * descale + v_mean).flatten(2, 3), act)
+    assert got.dtype == ft.FP8 and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_fast_dit_fa3_bf16_attention_equals_sdpa():

@@ -260,10 +260,11 @@ def test_vae_decoder_convs_get_qdq_and_the_torch_backend_follows(vae_quantized_e
     assert report["quantization"]["vae_decoder_convs"] == convs
 
 
-def test_fast_plan_takes_the_smoothed_attention_ranges(quantized_engines, monkeypatch):
+def test_fast_plan_takes_the_smoothed_attention_ranges(quantized_engines, monkeypatch, caplog):
     """``infer --fast`` reads the FP8 attention's q/k/v scales from the build's calibration cache: k's and v's
-    ranges less their token mean where ``--fp8-attention-smoothing`` smooths them; a cache without those
-    ranges (made before smoothing existed) is one error naming the fixes."""
+    ranges less their token mean where ``--fp8-attention-smoothing`` smooths them (auto: v). A cache without
+    those ranges (made before smoothing existed): auto runs unsmoothed and says so; asking for smoothing is
+    one error naming the fixes."""
     import dataclasses
 
     import wan_trt.calibration.cache as cache_module
@@ -278,13 +279,18 @@ def test_fast_plan_takes_the_smoothed_attention_ranges(quantized_engines, monkey
     manifest = read_manifest(engines)
     graph = reference_graph_modules(manifest)["transformer"]
     cache = load_cache(engines / manifest.quantization["calibration_file"])
-    for smoothing, names in (("none", "qkv"), ("v", ("q", "k", "v_smooth")), ("kv", ("q", "k_smooth", "v_smooth"))):
-        plan, ranges = fast_plan(graph, engines, manifest, smoothing)
+    for smoothing, names in (("none", "qkv"), ("v", ("q", "k", "v_smooth")), ("kv", ("q", "k_smooth", "v_smooth")),
+                             ("auto", ("q", "k", "v_smooth"))):
+        plan, ranges, used = fast_plan(graph, engines, manifest, smoothing)
+        assert used == ("v" if smoothing == "auto" else smoothing)
         assert plan.attention and set(ranges) == set(plan.attention)
         for block, got in ranges.items():
             assert got == tuple(cache.layers[stats_key(block, n)].amax for n in names), (smoothing, block)
     old = dataclasses.replace(cache, layers={k: v for k, v in cache.layers.items() if not k.endswith("_smooth")})
     monkeypatch.setattr(cache_module, "load_cache", lambda path: old)
-    with pytest.raises(EngineError, match="v_smooth.*rebuild the engines.*--fp8-attention-smoothing none"):
+    with pytest.raises(EngineError, match="v_smooth.*re-run wan-trt calibrate.*--fp8-attention-smoothing none"):
         fast_plan(graph, engines, manifest, "v")
-    assert fast_plan(graph, engines, manifest, "none")[1]  # the plain ranges are still there
+    with caplog.at_level("WARNING"):
+        _, ranges, used = fast_plan(graph, engines, manifest, "auto")
+    assert used == "none" and "predates FP8 attention smoothing" in caplog.text
+    assert ranges == fast_plan(graph, engines, manifest, "none")[1]  # the plain ranges

@@ -198,11 +198,12 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               help="With --fast: the attention kernels. fa3 = FlashAttention-3 (flash_attn_3, Hopper) for the FP8 "
                    "self-attention and for the bf16 one (fp32 engines, policy-kept blocks); cudnn = cuDNN's FP8 "
                    "attention and SDPA; auto takes FA3 where it is installed.")
-@click.option("--fp8-attention-smoothing", type=click.Choice(SMOOTHING_MODES), default=DEFAULT_SMOOTHING,
+@click.option("--fp8-attention-smoothing", type=click.Choice(["auto", *SMOOTHING_MODES]), default="auto",
               show_default=True,
               help="With --fast and fp8 engines: subtract the token mean of k and/or v before the FP8 attention "
                    "(exact in real arithmetic; v's mean is added back to the output). Cuts the FP8 attention's "
-                   "error (README: Speed and memory); none = plain per-tensor FP8.")
+                   f"error (README: Speed and memory); none = plain per-tensor FP8; auto = {DEFAULT_SMOOTHING} where "
+                   "the calibration cache has its ranges, else none (logged).")
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
                    "the raw photo's short side to 224 and centre-cropped (diffusers' WanAnimatePipeline).")

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wan_trt.calibration.attention import DEFAULT_SMOOTHING
 from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.media import VideoWriter
@@ -52,7 +51,7 @@ class InferenceOptions:
     gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.runtime.distributed)
     fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast_torch)
     fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
-    fp8_attention_smoothing: str = DEFAULT_SMOOTHING  # --fp8-attention-smoothing (with --fast): none | k | v | kv
+    fp8_attention_smoothing: str = "auto"  # --fp8-attention-smoothing (with --fast): auto | none | k | v | kv
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
 
 
@@ -64,7 +63,7 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     if options.fp8_attention_kernel != "auto" and not options.fast:
         raise BadInputError(f"--fp8-attention-kernel {options.fp8_attention_kernel} chooses the FP8 attention of --fast: "
                             "add --fast or drop it")
-    if options.fp8_attention_smoothing != DEFAULT_SMOOTHING and not options.fast:
+    if options.fp8_attention_smoothing != "auto" and not options.fast:
         raise BadInputError(f"--fp8-attention-smoothing {options.fp8_attention_smoothing} sets the FP8 attention of "
                             "--fast: add --fast or drop it")
     _check_output_path(options.out_path)
