@@ -27,7 +27,7 @@ from wan_trt.runtime.sequence_parallel import (
 )
 
 from wan_trt.errors import BadInputError
-from wan_trt.metrics import relative_l2
+from wan_trt.metrics import psnr, relative_l2
 from wan_trt.presets import get_preset
 
 # the tiny DiT with 4 attention heads (tiny has 2) so that 2 and 4 ranks divide them; the CLIP K/V width follows
@@ -200,7 +200,11 @@ def test_world_size_must_divide_the_heads():
 
 @pytest.mark.slow
 def test_infer_gpus_2_on_cpu_matches_one_process(tiny_engines, tmp_path):
-    """``wan-trt infer --backend torch --device cpu --gpus 2`` (torchrun, gloo) = the same run in one process."""
+    """``wan-trt infer --backend torch --device cpu --gpus 2`` (torchrun, gloo) = the same run in one process:
+    the same latents up to fp32 rounding (each worker runs one thread, the single process two), so the same
+    pixels ±1, except where that rounding flips one of H.264's near-tie choices in a block (seen: one block
+    of one frame off by up to 7, 60.8 dB). So: ≥ 50 dB PSNR and under 2% of values off by more than 1; a
+    wrong shard or gather costs tens of dB (a one-pixel shift of the video: 22 dB)."""
     from wan_trt.demo_media import make_demo_inputs
     from wan_trt.media import read_video
 
@@ -215,7 +219,8 @@ def test_infer_gpus_2_on_cpu_matches_one_process(tiny_engines, tmp_path):
         assert result.stdout.strip().splitlines()[-1] == str(out)
         frames[gpus] = read_video(out).frames.astype(np.float64)
     assert frames[1].shape == frames[2].shape == (9, 48, 64, 3)
-    assert np.abs(frames[1] - frames[2]).max() <= 1.0  # same latents up to fp32 rounding → same pixels ±1
+    off = np.abs(frames[1] - frames[2])
+    assert psnr(frames[1], frames[2]) >= 50.0 and (off > 1).mean() < 0.02, (psnr(frames[1], frames[2]), off.max())
 
 
 def test_infer_gpus_refuses_other_backends_and_bad_counts(tiny_engines, tmp_path):
