@@ -52,6 +52,12 @@ def smooth_kv(k: torch.Tensor, v: torch.Tensor, mode: str) -> tuple[torch.Tensor
     return k, v.float() - v_mean, v_mean
 
 
+def range_names(smoothing: str) -> tuple[str, str, str]:
+    """The calibration-cache names (``stats_key``) of the q, k and v ranges that FP8 attention with ``smoothing``
+    quantizes: k's and v's less their token mean where ``smooth_kv`` subtracts it."""
+    return "q", "k_smooth" if smoothing in ("k", "kv") else "k", "v_smooth" if smoothing in ("v", "kv") else "v"
+
+
 def split_scale(head_dim: int) -> float:
     """``c``: the exporter multiplies q and kᵀ each by √(1/√d) before their matmul (fp32 value)."""
     return float(torch.tensor(math.sqrt(1.0 / math.sqrt(head_dim)), dtype=torch.float32))

@@ -37,6 +37,7 @@ This module imports diffusers only through the reference models it is given (tor
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES, smooth_kv
+from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES, range_names, smooth_kv
 from wan_trt.calibration.quantize import LayerPlan, QuantPlan
 
 from wan_trt.errors import EngineError
@@ -221,12 +222,12 @@ def qk_norm_rope_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, wq: torc
     return q8, k8, v8, v_mean
 
 
-def add_mean_quant(o: torch.Tensor, descale: torch.Tensor | None, v_mean: torch.Tensor,
-                   act_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The smoothed attention's output ``[B, L, H, D]`` (FP8 with ``descale``, or high precision with None) plus
-    v's mean → ``[B, L, H*D]`` in ``dtype``, or FP8 with ``act_scale`` (``to_out``'s input)."""
+def to_out_input(o: torch.Tensor, descale: torch.Tensor | None, v_mean: torch.Tensor | None,
+                 act_scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The self-attention's output ``[B, L, H, D]`` (FP8 with ``descale``, or high precision with None), plus
+    v's mean where v was smoothed → ``to_out``'s input ``[B, L, H*D]``: FP8 with ``act_scale``, else ``dtype``."""
     y = o.float() if descale is None else o.float() * descale.reshape(())
-    return _maybe_quant((y + v_mean).flatten(2, 3), act_scale, dtype)
+    return _maybe_quant((y if v_mean is None else y + v_mean).flatten(2, 3), act_scale, dtype)
 
 
 def quant_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,9 +294,8 @@ class Glue:
     residual_norm_modulate: Callable = residual_norm_modulate
     rms_norm: Callable = rms_norm
     merge_heads: Callable = merge_heads
-    quantize_fp8: Callable = quantize_fp8
     smooth_kv: Callable = smooth_kv
-    add_mean_quant: Callable = add_mean_quant
+    to_out_input: Callable = to_out_input
 
     @staticmethod
     def compiled() -> Glue:
@@ -305,11 +305,7 @@ class Glue:
             # the fused kernels; inductor otherwise carries fp32 through them and the fast path drifts from the
             # eager reference (tests/test_fast_torch.py::test_compiled_glue_rounds_as_the_reference)
             opts = {"dynamic": False, "fullgraph": True, "options": {"emulate_precision_casts": True}}
-            _COMPILED = Glue(*(torch.compile(f, **opts) for f in (norm_modulate, norm_affine, qk_norm_rope,
-                                                                   quant_dynamic, gated_residual, gelu_quant,
-                                                                   qk_norm_rope_fp8, residual_norm_affine,
-                                                                   residual_norm_modulate, rms_norm, merge_heads,
-                                                                   quantize_fp8, smooth_kv, add_mean_quant)))
+            _COMPILED = Glue(*(torch.compile(f.default, **opts) for f in dataclasses.fields(Glue)))
         return _COMPILED
 
 
@@ -592,7 +588,6 @@ class FastTransformer(torch.nn.Module):
         """A copy with some options changed that shares this one's modules and FP8 weights (and its static
         attention scales, unless the smoothing changes); kernel and glue choices are made again on its first call."""
         import copy
-        import dataclasses
 
         other = copy.copy(self)
         other.options = dataclasses.replace(self.options, **changes)
@@ -667,17 +662,13 @@ class FastTransformer(torch.nn.Module):
             if self.recorded_amax is not None:
                 self._record(index, (dq, dk, dv))
             o, do = self._attention_fp8()(q8, k8, v8, dq, dk, dv)
-        if v_mean is not None:  # v was smoothed: its mean back on the output, fused with to_out's FP8 cast
-            act = _act_scale(to_out)
-            y = glue.add_mean_quant(o, do, v_mean, act, self.options.dtype)
-            return to_out.forward_fp8(y, act) if act is not None else to_out(y)
-        o = o.flatten(2, 3)  # E4M3 with its descale do (cuDNN), or bf16 with do None (FA3)
-        if do is None:  # to_out quantizes a high-precision output as any FP8 Linear input
-            act = _act_scale(to_out)
-            return to_out.forward_fp8(glue.quantize_fp8(o, act), act) if act is not None else to_out(o)
-        if isinstance(to_out, Fp8Linear):
-            return to_out.forward_fp8(o, do)
-        return to_out((o.float() * do.reshape(())).to(self.options.dtype))
+        # o: E4M3 with its descale do (cuDNN), or bf16 with do None (FA3)
+        if do is not None and v_mean is None and isinstance(to_out, Fp8Linear):  # cuDNN's FP8 output as it is
+            return to_out.forward_fp8(o.flatten(2, 3), do)
+        # else to_out's input is made as any FP8 Linear's (v's mean added where v was smoothed), in one kernel
+        act = _act_scale(to_out)
+        y = glue.to_out_input(o, do, v_mean, act, self.options.dtype)
+        return to_out.forward_fp8(y, act) if act is not None else to_out(y)
 
     # ---- static FP8 attention scales -----------------------------------------------------------
     def record_attention_amax(self) -> None:
@@ -881,17 +872,16 @@ def fast_plan(graph: torch.nn.Module, directory, manifest,
 
     q = manifest.quantization
     policy = PrecisionPolicy.from_json(q["policy"])
-    cache = load_cache(directory / q["calibration_file"])
+    path = directory / q["calibration_file"]
+    cache = load_cache(path)
     plan = make_plan(linear_layers(graph), cache, policy, q["precision"], int(manifest.preset.transformer["num_layers"]),
                      head_dim=int(graph.transformer.config.attention_head_dim))
     def keys(mode: str) -> list[list[str]]:
-        names = ("q", "k_smooth" if mode in ("k", "kv") else "k", "v_smooth" if mode in ("v", "kv") else "v")
-        return [[stats_key(block, name) for name in names] for block in sorted(plan.attention)]
+        return [[stats_key(block, name) for name in range_names(mode)] for block in sorted(plan.attention)]
 
     def missing(mode: str) -> list[str]:
         return [key for row in keys(mode) for key in row if key not in cache.layers]
 
-    path = directory / q["calibration_file"]
     if smoothing == "auto":
         smoothing = DEFAULT_SMOOTHING
         if missing(smoothing):

@@ -244,8 +244,7 @@ def test_v_smoothing_takes_a_large_v_offset_out_of_the_fp8_rounding():
 
     plain, smoothed = error("none"), error("v")
     assert smoothed < 0.6 * plain and plain < 5e-2, (smoothed, plain)  # measured: 6.5e-3 vs 1.4e-2
-    mean_dropped = ft.Glue(add_mean_quant=lambda o, d, v_mean, act, dtype: ft.add_mean_quant(o, d, 0 * v_mean, act,
-                                                                                              dtype))
+    mean_dropped = ft.Glue(to_out_input=lambda o, d, v_mean, act, dtype: ft.to_out_input(o, d, None, act, dtype))
     assert error("v", mean_dropped) > 0.3
 
 
@@ -253,7 +252,7 @@ def test_smooth_kv_leaves_attention_unchanged():
     """Subtracting k's token mean does not change softmax(q·kᵀ); v's, added back to the output, does not
     change P·v (offsets as large as the varying part; smooth_kv computes in fp32); the smoothed k and v have a
     zero token mean.
-    ``add_mean_quant`` puts the mean back on an FP8 output with its descale too."""
+    ``to_out_input`` puts the mean back on an FP8 output with its descale too."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 64, 3, 16, generator=gen, dtype=torch.float64) for _ in range(3))
     k, v = k + 2 * torch.randn(1, 1, 3, 16, generator=gen, dtype=torch.float64), v - 3
@@ -264,7 +263,7 @@ def test_smooth_kv_leaves_attention_unchanged():
         got = ft.sdpa(q, ks.double(), vs.double())
         if v_mean is not None:
             assert vs.mean(1).abs().max() < 1e-5
-            got = ft.add_mean_quant(got.unflatten(-1, (3, 16)), None, v_mean, None, torch.float64)
+            got = ft.to_out_input(got.unflatten(-1, (3, 16)), None, v_mean, None, torch.float64)
         assert relative_l2(got, want) < 1e-6, mode  # smooth_kv computes in fp32
     ks, vs, v_mean = ft.smooth_kv(k, v, "none")
     assert ks is k and vs is v and v_mean is None
@@ -272,10 +271,10 @@ def test_smooth_kv_leaves_attention_unchanged():
     descale = torch.tensor(0.01)
     o8 = ft.quantize_fp8(o, descale)
     v_mean = torch.randn(2, 1, 3, 16, generator=gen)
-    got = ft.add_mean_quant(o8, descale, v_mean, None, torch.float32)
+    got = ft.to_out_input(o8, descale, v_mean, None, torch.float32)
     assert torch.allclose(got, (o8.float() * descale + v_mean).flatten(2, 3))
     act = torch.tensor(0.02)  # cuDNN's FP8 output into an FP8 to_out: requantized with to_out's input scale
-    got = ft.add_mean_quant(o8, descale, v_mean, act, torch.bfloat16)
+    got = ft.to_out_input(o8, descale, v_mean, act, torch.bfloat16)
     want = ft.quantize_fp8((o8.float() * descale + v_mean).flatten(2, 3), act)
     assert got.dtype == ft.FP8 and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
