@@ -1,7 +1,12 @@
 # wan-trt with TensorRT and onnxruntime-gpu. Build: docker build -t wan-trt .
-# Run:  docker run --gpus all -v "$PWD:/work" wan-trt build --backend all --out /work/engines
-#       docker run --gpus all -v "$PWD:/work" wan-trt infer --engines /work/engines --backend tensorrt \
-#              --input /work/preprocessed --out /work/animation.mp4
+# Deploy the real model: mount a folder holding the checkpoint (either download layout of
+# Wan2.2-Animate-14B) and a preprocessed folder (wan-trt preprocess, run outside this image: it has no
+# MediaPipe); build bf16 ONNX graphs and TensorRT engines from the checkpoint, then animate:
+#   docker run --gpus all -v "$PWD:/work" wan-trt build --preset animate-14b \
+#          --checkpoint /work/Wan2.2-Animate-14B --precision bf16 --backend all --out /work/engines
+#   docker run --gpus all -v "$PWD:/work" wan-trt infer --engines /work/engines --backend tensorrt \
+#          --input /work/preprocessed --out /work/animation.mp4
+# Not run yet: TensorRT cannot be installed on the project's machines (README.md, docs/cli.md).
 FROM nvcr.io/nvidia/tensorrt:25.10-py3
 
 WORKDIR /opt/wan-trt

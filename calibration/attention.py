@@ -24,7 +24,7 @@ from wan_trt.calibration.policy import BLOCK_PREFIX
 TENSORS = ("q", "k", "v", "softmax")
 # the fast path's smoothing of FP8 attention inputs (smooth_kv), and the ranges calibrated for it
 SMOOTHING_MODES = ("none", "k", "v", "kv")
-# FastOptions' default, and what `infer --fast` (auto) uses where the cache has its ranges (README: Speed and memory)
+# FastOptions' default, and what `infer --fast` (auto) uses where the cache has its ranges (docs/precision.md)
 DEFAULT_SMOOTHING = "v"
 SMOOTHED_TENSORS = ("k_smooth", "v_smooth")
 _CHUNK_ELEMENTS = 1 << 26  # scores held at once when computing attention chunk by chunk

@@ -5,7 +5,7 @@
 * pixels map to [-1, 1] as ``2 * (x / 255) - 1``;
 * CLIP input, two conventions (:data:`CLIP_PREPROCESSING`, chosen per request):
   ``"original"`` (default, the official Wan code): the letter-boxed photo squashed to 224² (bicubic)
-  and normalised with CLIP's mean/std (see README, "Conventions"); ``"diffusers"`` (its
+  and normalised with CLIP's mean/std (see docs/conventions.md); ``"diffusers"`` (its
   WanAnimatePipeline, whose ``image_processor`` is a CLIPImageProcessor): the *raw* photo's short
   side resized to 224 (PIL bicubic), centre-cropped to 224², rescaled by 1/255, normalised;
 * the 4-channel mask packing of the latent conditioning (``get_i2v_mask`` in the reference):

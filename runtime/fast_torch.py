@@ -408,8 +408,8 @@ class Fa3Fp8Attention:
             import flash_attn_interface
         except ImportError as error:
             raise EngineError("the fa3 attention kernel (--fp8-attention-kernel fa3) needs FlashAttention-3 "
-                              "(flash_attn_3, built from the hopper/ folder of Dao-AILab/flash-attention; see the "
-                              f"README): {error}") from None
+                              "(flash_attn_3, built from the hopper/ folder of Dao-AILab/flash-attention; see "
+                              f"docs/cli.md): {error}") from None
         if torch.cuda.get_device_capability() != (9, 0):
             raise EngineError(f"FlashAttention-3 runs on Hopper GPUs (compute capability 9.0); this GPU is "
                               f"{torch.cuda.get_device_name()}: use --fp8-attention-kernel cudnn")
@@ -887,7 +887,7 @@ def fast_plan(graph: torch.nn.Module, directory, manifest,
         if missing(smoothing):
             log.warning("%s predates FP8 attention smoothing (no %s): --fast runs its FP8 attention unsmoothed; "
                         "re-run wan-trt calibrate and wan-trt build --calibration for about half the error "
-                        "(README: Speed and memory)", path, missing(smoothing)[0])
+                        "(docs/precision.md)", path, missing(smoothing)[0])
             smoothing = "none"
     if missing(smoothing):
         raise EngineError(f"{path} has no range for {missing(smoothing)[0]} (--fp8-attention-smoothing {smoothing}; "

@@ -664,7 +664,7 @@ def test_engines_estimate_bounds_the_real_tiny_directory_and_scales_with_the_opt
 
 
 def test_full_size_parameter_counts_and_engines_estimate():
-    """The animate-14b graphs' parameters, counted on the meta device (README: DiT 17.3 B, umT5 5.7 B,
+    """The animate-14b graphs' parameters, counted on the meta device (docs/memory.md: DiT 17.3 B, umT5 5.7 B,
     CLIP 0.6 B, VAE 0.13 B) and the fp32 engines directory they need."""
     real = get_preset("animate-14b")
     modules = preflight.meta_modules(real, real.text_encoder["vocab_size"])
@@ -715,7 +715,7 @@ def _full_size_manifest(precision: str) -> Manifest:
 
 
 def test_device_estimate_reproduces_the_measured_vae_decode():
-    """README: diffusers decodes a 720p × 77 segment in 21.5 GB (fp32) / 10.8 GB (bf16) on an H100."""
+    """docs/memory.md: diffusers decodes a 720p × 77 segment in 21.5 GB (fp32) / 10.8 GB (bf16) on an H100."""
     manifest = _full_size_manifest("fp32")
     for dtype, measured in (("fp32", 21.5e9), ("bf16", 10.8e9)):  # (our bf16 builds keep the VAE in fp32 today)
         manifest.graphs["vae_decoder_step"].dtype = dtype
@@ -729,7 +729,7 @@ def test_device_memory_refusal_suggests_the_largest_smaller_bucket_that_fits():
     at_720p = preflight.estimate_device_bytes(manifest, directory, 1280, 720, 77, text_encoder=False)
     at_480p = preflight.estimate_device_bytes(manifest, directory, 832, 480, 77, text_encoder=False)
     assert at_480p.total < at_720p.total
-    assert manifest.graphs["transformer"].size == pytest.approx(34.6e9, rel=0.01)  # README: the bf16 DiT's weights
+    assert manifest.graphs["transformer"].size == pytest.approx(34.6e9, rel=0.01)  # docs/precision.md: the bf16 DiT's weights
     free = (at_480p.total + at_720p.total) // 2
     with pytest.raises(EngineError) as info:
         preflight.check_device_memory(manifest, directory, 1280, 720, 77, device="cuda", text_encoder=False,

@@ -1,7 +1,7 @@
 """One segment end to end: our runtime against diffusers' WanAnimatePipeline (same tiny weights,
 seed, steps, fp32), and the ONNX Runtime backend against the torch backend.
 
-Convention chosen (README, "Conventions"): CLIP sees the letter-boxed photo squashed to 224²,
+Convention chosen (docs/conventions.md): CLIP sees the letter-boxed photo squashed to 224²,
 as the official Wan code does; diffusers centre-crops the raw photo instead. So the diffusers
 pipeline is given our CLIP features (``image_embeds``); everything else it computes itself.
 """

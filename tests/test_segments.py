@@ -61,7 +61,7 @@ def test_multi_segment_video_equals_diffusers(mode, guide_frames, guidance, torc
         scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                           num_train_timesteps=1000, flow_shift=5.0))
     image_embeds = ours.encode_image(cond.to_unit_range(ref))
-    reference.encode_image = lambda image, device=None: image_embeds  # our CLIP convention (README)
+    reference.encode_image = lambda image, device=None: image_embeds  # our CLIP convention (docs/conventions.md)
     pil = lambda frames: [Image.fromarray(f) for f in frames]  # noqa: E731
     extra = {}
     if mode == "replace":

@@ -193,7 +193,7 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
                    "N must divide the DiT's attention heads (40: 2, 4, 5, 8, ...). With --device cpu: N gloo processes.")
 @click.option("--fast", is_flag=True,
               help="--backend torch --device cuda only: bf16, FP8 _scaled_mm Linears and FP8 attention (fp8 "
-                   "engines), compiled glue, encoders released after use (README: Speed and memory).")
+                   "engines), compiled glue, encoders released after use (docs/precision.md).")
 @click.option("--fp8-attention-kernel", type=click.Choice(["auto", "cudnn", "fa3"]), default="auto", show_default=True,
               help="With --fast: the attention kernels. fa3 = FlashAttention-3 (flash_attn_3, Hopper) for the FP8 "
                    "self-attention and for the bf16 one (fp32 engines, policy-kept blocks); cudnn = cuDNN's FP8 "
@@ -202,7 +202,7 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
               show_default=True,
               help="With --fast and fp8 engines: subtract the token mean of k and/or v before the FP8 attention "
                    "(exact in real arithmetic; v's mean is added back to the output). Cuts the FP8 attention's "
-                   f"error (README: Speed and memory); none = plain per-tensor FP8; auto = {DEFAULT_SMOOTHING} where "
+                   f"error (docs/precision.md); none = plain per-tensor FP8; auto = {DEFAULT_SMOOTHING} where "
                    "the calibration cache has its ranges, else none (logged).")
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
