@@ -1,20 +1,42 @@
-"""Shared fixtures: the tiny preset's engines are exported once per test session (about 2 minutes)."""
+"""Shared fixtures. Every tiny build a test needs (fp32, fp16, bf16, the calibration cache, fp8, int8, FP8 VAE
+convs, FP8 over bf16) is made once and cached on disk, keyed by a hash of the code and library versions, so
+one test session (and every parallel worker of it) makes each at most once and later sessions reuse them.
+
+Tests that need such a build are marked ``slow`` automatically (the suite runs ``-m "not slow"`` first).
+"""
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import logging
 import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 
 from wan_trt.presets import get_preset
 from wan_trt.tokenizer import build_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
+CACHE_ROOT = Path(os.environ.get("WAN_TRT_TEST_CACHE", Path.home() / ".cache" / "wan-trt" / "test-engines"))
+CALIBRATION_STEPS, CALIBRATION_FRAMES = 4, 9  # the shared calibration: 2 demo samples, 64×48, 9 frames, 4 steps
+ALL_BLOCKS_POLICY = ROOT / "calibration" / "all_blocks_policy.json"
+BUILD_FIXTURES = {"tiny_engines", "tiny_build", "manifest", "ort_engines", "torch_engines_", "tiny_build_log"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses a tiny build (directly or through a fixture) is slow: it runs in the second tier."""
+    for item in items:
+        if BUILD_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -22,43 +44,136 @@ def preset():
     return get_preset("tiny")
 
 
-def _engine_sources() -> list[Path]:
-    """The code that decides what an fp32 engines directory contains (a CI checkout always builds afresh)."""
-    files = sorted((ROOT / "export").rglob("*.py")) + sorted((ROOT / "calibration").rglob("*.py"))
-    files += [ROOT / "wan_trt" / f"{name}.py" for name in
-              ("components", "presets", "reference_models", "checkpoints", "tokenizer", "buckets", "__init__")]
-    return files + [ROOT / "runtime" / "manifest.py"]
+def _sources(*folders: str) -> list[Path]:
+    return [file for folder in folders for file in sorted((ROOT / folder).rglob("*.py"))]
 
 
-def _source_key() -> str:
-    """Hash of the engine-building code and the exporting libraries' versions: engines are reused while it holds."""
+def _code_key(files: list[Path]) -> str:
+    """Hash of ``files`` and the exporting libraries' versions: a cached build is reused while it holds."""
     import diffusers
     import onnx
+    import onnxruntime
     import transformers
 
     digest = hashlib.sha256(f"{torch.__version__} {diffusers.__version__} {transformers.__version__} "
-                            f"{onnx.__version__}".encode())
-    for file in _engine_sources():
+                            f"{onnx.__version__} {onnxruntime.__version__}".encode())
+    for file in files:
         digest.update(file.relative_to(ROOT).as_posix().encode() + file.read_bytes())
     return digest.hexdigest()[:16]
 
 
-@pytest.fixture(scope="session")
-def tiny_engines(tmp_path_factory) -> Path:
-    """An engines directory for the tiny preset (seed 0), built through the public build function.
+@functools.cache
+def _fp32_key() -> str:
+    """The code that decides what the fp32 engines directory contains (the cli and export code)."""
+    files = _sources("export", "calibration") + [ROOT / "wan_trt" / f"{name}.py" for name in (
+        "components", "presets", "reference_models", "checkpoints", "tokenizer", "buckets", "preflight", "cli",
+        "__init__")]
+    return _code_key(files + [ROOT / "runtime" / "manifest.py"])
 
-    Exports take about 2 minutes on 2 cores, so the directory is cached under ``WAN_TRT_TEST_CACHE``
-    (default ``~/.cache/wan-trt/test-engines``), keyed by a hash of the code and library versions.
-    """
-    from wan_trt.export.build import build_engines
-    from wan_trt.runtime.manifest import MANIFEST_NAME
 
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
-    cache = Path(os.environ.get("WAN_TRT_TEST_CACHE", Path.home() / ".cache" / "wan-trt" / "test-engines"))
-    out = cache / _source_key()
-    if (out / MANIFEST_NAME).is_file():
+@functools.cache
+def _all_code_key() -> str:
+    """Every package module: calibration runs the whole pipeline, and quantized builds read its cache."""
+    return _code_key(_sources("wan_trt", "export", "calibration", "runtime"))
+
+
+def cached(name: str, key: str, make: Callable[[Path], object]) -> Path:
+    """``CACHE_ROOT/key/name`` (an engines directory or a file), made by ``make(path)`` unless an earlier
+    session or worker finished it (marked by ``name.done``, written last). A file lock makes parallel
+    workers wait for one maker instead of building twice."""
+    out = CACHE_ROOT / key / name
+    done = out.with_name(f"{name}.done")
+    if done.is_file():
         return out
-    return build_engines(get_preset("tiny"), out, seed=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.with_name(f"{name}.lock"))):
+        if not done.is_file():
+            logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+            make(out)
+            done.touch()
+    return out
+
+
+def _cli_build(out: Path) -> None:
+    """``wan-trt build --preset tiny`` in a subprocess, as a user runs it; its exit code and output are kept
+    beside the directory for tests/test_cli.py."""
+    result = subprocess.run([sys.executable, "-m", "wan_trt.cli", "build", "--preset", "tiny", "--out", str(out)],
+                            check=False, capture_output=True, text=True, timeout=1800)
+    log = {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
+    out.with_name(f"{out.name}.cli.json").write_text(json.dumps(log))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _calibration(out: Path) -> None:
+    from wan_trt.calibration.collect import run_calibration
+    from wan_trt.demo_media import make_demo_inputs
+
+    scratch = out.with_name(f"{out.name}.samples")
+    samples = [make_demo_inputs(scratch / f"s{i}", width=64, height=48, num_frames=CALIBRATION_FRAMES, seed=i)
+               for i in range(2)]
+    run_calibration(tiny_build("fp32"), samples, out, steps=CALIBRATION_STEPS, method="max", percentile=99.99,
+                    segment_frames=CALIBRATION_FRAMES)
+
+
+def _build(**options) -> Callable[[Path], object]:
+    def make(out: Path) -> Path:
+        from wan_trt.export.build import build_engines
+
+        return build_engines(get_preset("tiny"), out, seed=0, **options)
+    return make
+
+
+def _quantized(precision: str, policy: Path | None = None, high_precision: str = "fp32") -> Callable[[Path], object]:
+    def make(out: Path) -> Path:
+        from wan_trt.calibration.quantized import QuantizationRequest
+
+        request = QuantizationRequest(precision, tiny_build("calibration"), policy, high_precision=high_precision)
+        return _build(quantization=request)(out)
+    return make
+
+
+def _fp8_with_vae_convs(out: Path) -> Path:
+    from wan_trt.calibration.policy import DEFAULT_POLICY_FILE
+
+    policy = out.with_name(f"{out.name}.policy.json")
+    policy.write_text(json.dumps({**json.loads(DEFAULT_POLICY_FILE.read_text()), "vae_decoder_convs": True}))
+    return _quantized("fp8", policy)(out)
+
+
+# name -> (cache key, maker). Every build is the tiny preset with seed 0 (the same weights).
+TINY_BUILDS: dict[str, tuple[Callable[[], str], Callable[[Path], object]]] = {
+    "fp32": (_fp32_key, _cli_build),
+    "fp16": (_all_code_key, _build(precision="fp16")),
+    "bf16": (_all_code_key, _build(precision="bf16")),
+    "calibration": (_all_code_key, _calibration),  # a cache file: 2 samples, every step, method max
+    "fp8": (_all_code_key, _quantized("fp8")),  # the default policy over fp32
+    "int8": (_all_code_key, _quantized("int8")),
+    "fp8-vae": (_all_code_key, _fp8_with_vae_convs),  # the default policy + the VAE decoder's convs
+    "fp8-over-bf16": (_all_code_key, _quantized("fp8", ALL_BLOCKS_POLICY, "bf16")),  # every block's Linears
+}
+
+
+def tiny_build(kind: str) -> Path:
+    """The cached tiny build ``kind`` (a key of ``TINY_BUILDS``): an engines directory, or the calibration file."""
+    key, make = TINY_BUILDS[kind]
+    return cached(f"{kind}.json" if kind == "calibration" else kind, key(), make)
+
+
+@pytest.fixture(name="tiny_build", scope="session")
+def tiny_build_fixture() -> Callable[[str], Path]:
+    return tiny_build
+
+
+@pytest.fixture(scope="session")
+def tiny_engines() -> Path:
+    """The tiny preset's fp32 engines (seed 0), built by ``wan-trt build`` (about 2 minutes on 2 cores)."""
+    return tiny_build("fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_build_log(tiny_engines) -> dict:
+    """Exit code, stdout and stderr of the ``wan-trt build`` that made ``tiny_engines``."""
+    return json.loads(tiny_engines.with_name(f"{tiny_engines.name}.cli.json").read_text())
 
 
 @pytest.fixture(scope="session")

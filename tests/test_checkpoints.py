@@ -604,6 +604,7 @@ def test_missing_component_or_weight_or_extra_weight(diffusers_dir, original_dir
         load_checkpoint(TINY, t5, vocab_size=VOCAB)
 
 
+@pytest.mark.slow
 def test_cli_build_from_a_checkpoint_with_a_lora_and_run_it(source, diffusers_dir, tmp_path):
     """wan-trt build --checkpoint DIR --lora PATH:SCALE: the engines record both, the torch backend
     rebuilds exactly those weights (hash-checked), and infer runs end to end."""

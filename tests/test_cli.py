@@ -29,16 +29,17 @@ def _wan_trt(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_build_then_infer_from_the_command_line(tmp_path, inputs):
-    engines = tmp_path / "engines"
-    built = _wan_trt("build", "--preset", "tiny", "--out", str(engines))
-    assert built.returncode == 0, built.stderr[-2000:]
-    assert built.stdout.strip() == str(engines)
-    assert "[8/8] exporting transformer" in built.stderr  # progress per component on stderr
+def test_build_then_infer_from_the_command_line(tiny_engines, tiny_build_log, tmp_path, inputs):
+    """``wan-trt build`` as a user runs it (the subprocess that made the shared ``tiny_engines``, its output kept
+    with the cache), then ``wan-trt infer`` on the directory it printed."""
+    assert tiny_build_log["returncode"] == 0, tiny_build_log["stderr"][-2000:]
+    engines = Path(tiny_build_log["stdout"].strip())
+    assert engines == tiny_engines
+    assert "[8/8] exporting transformer" in tiny_build_log["stderr"]  # progress per component on stderr
     manifest = json.loads((engines / "manifest.json").read_text())
     assert set(manifest["graphs"]) == {"text_encoder", "image_encoder", "vae_encoder_first", "vae_encoder_step",
                                        "vae_decoder_first", "vae_decoder_step", "motion_encoder", "transformer"}
-    assert not list(tmp_path.glob(".engines.building-*")), "the staging directory must be gone"
+    assert not list(engines.parent.glob(f".{engines.name}.building-*")), "the staging directory must be gone"
 
     out = tmp_path / "animation.mp4"
     ran = _wan_trt("infer", "--engines", str(engines), "--input", str(inputs), "--out", str(out), *FAST)

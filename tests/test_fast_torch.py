@@ -343,6 +343,7 @@ def test_release_bf16_keeps_the_function_and_drops_the_weights():
     assert torch.equal(fast(*feed)[0], want)
 
 
+@pytest.mark.slow
 def test_compiled_glue_rounds_as_the_reference():
     """The compiled glue keeps the reference's intermediate bf16 roundings (RMSNorm output before RoPE, the
     residual stream before the next LayerNorm): bit-equal to the eager functions. Without inductor's

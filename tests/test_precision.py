@@ -10,38 +10,28 @@ import onnx
 import pytest
 from onnx import TensorProto
 
-from wan_trt.calibration.collect import run_calibration
+from conftest import ALL_BLOCKS_POLICY
 from wan_trt.calibration.policy import load_policy
-from wan_trt.calibration.quantized import QuantizationRequest
-from wan_trt.demo_media import make_demo_inputs
 from wan_trt.errors import EngineError
-from wan_trt.export.build import build_engines
 from wan_trt.export.precision import graph_dtypes
 from wan_trt.metrics import psnr
 from wan_trt.runtime.loading import open_pipeline
 from wan_trt.runtime.manifest import read_manifest
 from wan_trt.runtime.pipeline import GenerationRequest
 
-ALL_BLOCKS_POLICY = Path(__file__).resolve().parent.parent / "calibration" / "all_blocks_policy.json"
 SEGMENT, STEPS = 9, 4
 
 
 @pytest.fixture(scope="module")
-def half_engines(preset, tmp_path_factory) -> dict[str, Path]:
+def half_engines(tiny_build) -> dict[str, Path]:
     """fp16 and bf16 builds of the tiny preset (seed 0, the same weights as ``tiny_engines``)."""
-    root = tmp_path_factory.mktemp("half")
-    return {p: build_engines(preset, root / p, precision=p) for p in ("fp16", "bf16")}
+    return {p: tiny_build(p) for p in ("fp16", "bf16")}
 
 
 @pytest.fixture(scope="module")
-def fp8_over_bf16(tiny_engines, preset, tmp_path_factory) -> Path:
-    scratch = tmp_path_factory.mktemp("fp8bf16")
-    samples = [make_demo_inputs(scratch / f"s{i}", width=64, height=48, num_frames=SEGMENT, seed=i) for i in range(2)]
-    calibration = scratch / "calib.json"
-    run_calibration(tiny_engines, samples, calibration, steps=STEPS, method="max", percentile=99.99,
-                    segment_frames=SEGMENT)
-    request = QuantizationRequest("fp8", calibration, ALL_BLOCKS_POLICY, high_precision="bf16")
-    return build_engines(preset, scratch / "e", quantization=request)
+def fp8_over_bf16(tiny_build) -> Path:
+    """FP8 Q/DQ in every block's Linears (``all_blocks_policy.json``) over a bf16 graph."""
+    return tiny_build("fp8-over-bf16")
 
 
 def _initializer_types(path: Path) -> dict[str, int]:

@@ -10,12 +10,11 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import as_torch
+from conftest import CALIBRATION_STEPS, as_torch
 from wan_trt.calibration.attention import stats_key
 from wan_trt.calibration.cache import load_cache
-from wan_trt.calibration.collect import run_calibration
 from wan_trt.calibration.conv_quant import count_conv_qdq
-from wan_trt.calibration.policy import DEFAULT_POLICY_FILE, load_policy
+from wan_trt.calibration.policy import load_policy
 from wan_trt.calibration.qdq import count_qdq_by_block
 from wan_trt.calibration.quantized import QuantizationRequest
 from wan_trt.components import segment_sizes
@@ -26,26 +25,21 @@ from wan_trt.metrics import psnr, relative_l2
 from wan_trt.runtime.loading import open_pipeline
 from wan_trt.runtime.pipeline import GenerationRequest
 
-SEGMENT, STEPS = 9, 4
+STEPS = CALIBRATION_STEPS
 
 
 @pytest.fixture(scope="module")
-def calibration(tiny_engines, tmp_path_factory) -> Path:
-    scratch = tmp_path_factory.mktemp("calib")
-    samples = [make_demo_inputs(scratch / f"s{i}", width=64, height=48, num_frames=SEGMENT, seed=i) for i in range(2)]
-    out = scratch / "calib.json"
-    run_calibration(tiny_engines, samples, out, steps=STEPS, method="max", percentile=99.99, segment_frames=SEGMENT)
-    return out
+def calibration(tiny_build) -> Path:
+    """The shared calibration cache: 2 demo samples (64×48, 9 frames), every one of 4 steps, method max."""
+    return tiny_build("calibration")
 
 
 @pytest.fixture(scope="module", params=["fp8", "int8"])
-def quantized_engines(request, calibration, preset, tmp_path_factory) -> tuple[str, Path]:
-    out = tmp_path_factory.mktemp(f"engines_{request.param}") / "e"
-    build_engines(preset, out, quantization=QuantizationRequest(request.param, calibration))
-    return request.param, out
+def quantized_engines(request, tiny_build) -> tuple[str, Path]:
+    return request.param, tiny_build(request.param)
 
 
-def test_calibration_cache_round_trips_and_covers_every_dit_linear(calibration, manifest):
+def test_calibration_cache_round_trips_and_covers_every_dit_linear(calibration, manifest, tmp_path):
     cache = load_cache(calibration)
     assert cache.weights_hash == manifest.weights_hash and cache.steps == STEPS and len(cache.samples) == 2
     blocks = manifest.preset.transformer["num_layers"]
@@ -64,7 +58,7 @@ def test_calibration_cache_round_trips_and_covers_every_dit_linear(calibration, 
     vae_convs = [p for p in cache.layers if p.startswith("vae.")]  # every VAE conv that ran: decoder and encoder
     assert any(p.startswith("vae.decoder.") for p in vae_convs) and any(p.startswith("vae.encoder.") for p in vae_convs)
     assert all(cache.layers[p].amax > 0 and cache.layers[p].calls > 0 for p in vae_convs)
-    copy = calibration.with_name("again.json")
+    copy = tmp_path / "again.json"
     cache.save(copy)
     assert load_cache(copy).to_json() == cache.to_json()
 
@@ -226,14 +220,9 @@ def test_build_cli_needs_calibration_for_fp8(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vae_quantized_engines(calibration, preset, tmp_path_factory) -> Path:
+def vae_quantized_engines(tiny_build) -> Path:
     """FP8 engines whose policy also quantizes the VAE decoder's convolutions."""
-    folder = tmp_path_factory.mktemp("engines_vae")
-    policy = folder / "policy.json"
-    policy.write_text(json.dumps({**json.loads(DEFAULT_POLICY_FILE.read_text()), "vae_decoder_convs": True}))
-    out = folder / "e"
-    build_engines(preset, out, quantization=QuantizationRequest("fp8", calibration, policy))
-    return out
+    return tiny_build("fp8-vae")
 
 
 def test_vae_decoder_convs_get_qdq_and_the_torch_backend_follows(vae_quantized_engines, fp32_video):

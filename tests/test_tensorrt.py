@@ -210,17 +210,26 @@ def test_a_changed_onnx_is_refused_and_a_missing_plan_detected(engines_copy):
         build_tensorrt_engines(engines_copy, manifest, options, ENV, build=FakeBuilder().build)
 
 
-def test_full_build_with_tensorrt_is_atomic(preset, tmp_path, tiny_engines):
-    from wan_trt.export.build import build_engines
+def test_full_build_with_tensorrt_is_atomic(preset, tmp_path, tiny_engines, monkeypatch):
+    """A TensorRT step that fails leaves the previous directory as it was; one that succeeds records every engine.
 
+    The ONNX export is ``tiny_engines``' own files copied (the same preset and seed; exporting is what
+    ``tiny_engines`` itself proves): this test is about the TensorRT stage of the build."""
+    import wan_trt.export.build as build_module
+
+    def copy_exported(spec, module, path):
+        return Path(shutil.copyfile(tiny_engines / f"{spec.name}.onnx", path))
+
+    monkeypatch.setattr(build_module, "export_graph", copy_exported)
     out = Path(shutil.copytree(tiny_engines, tmp_path / "engines"))
     before = (out / "manifest.json").read_bytes()
     options = TrtOptions(buckets=(Bucket(64, 48, 9),))
     with pytest.raises(RuntimeError, match="builder failed"):
-        build_engines(preset, out, tensorrt=options, trt_builder=FakeBuilder(fail_on="transformer"), verify=False)
+        build_module.build_engines(preset, out, tensorrt=options, trt_builder=FakeBuilder(fail_on="transformer"),
+                                   verify=False)
     assert (out / "manifest.json").read_bytes() == before  # the previous engines are untouched
     assert not list(tmp_path.glob(".engines.*")), "no staging directory left behind"
-    build_engines(preset, out, tensorrt=options, trt_builder=FakeBuilder(), verify=False)
+    build_module.build_engines(preset, out, tensorrt=options, trt_builder=FakeBuilder(), verify=False)
     manifest = read_manifest(out)
     assert manifest.tensorrt and manifest.tensorrt["environment"]["compute_capability"] == "9.0"
     assert {e["graph"] for e in manifest.tensorrt["engines"]} == set(manifest.graphs)

@@ -5,8 +5,6 @@ fake-quant module layer by layer and end to end, and the fake-quant error agains
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx
 import pytest
@@ -19,7 +17,7 @@ from wan_trt.calibration.conv_quant import (CHANNEL_MULTIPLE, ConvLayerPlan, Con
 from wan_trt.components import graph_specs
 from wan_trt.errors import BadInputError
 from wan_trt.export.graphs import VaeDecoderFirst, VaeDecoderStep, cache_layouts
-from wan_trt.export.onnx_export import EXPORT_SIZES, export_graph
+from wan_trt.export.onnx_export import EXPORT_SIZES
 from wan_trt.metrics import relative_l2
 from wan_trt.runtime.engines import OrtEngine, TorchEngine
 from wan_trt.tokenizer import build_tiny_tokenizer
@@ -32,17 +30,18 @@ QUANT_ERROR_BOUND = {"fp8": 0.3, "int8": 0.15}  # fake-quant vs fp32, whole deco
 
 
 @pytest.fixture(scope="module")
-def vae_graphs(preset, tmp_path_factory):
-    """The decoder's step and first-chunk graph modules (one VAE), their specs, their fp32 ONNX files
-    and the conv input ranges observed on sample inputs of both."""
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)
+def vae_graphs(preset, tiny_engines, manifest, tmp_path_factory):
+    """The decoder's step and first-chunk graph modules (one VAE), their specs, their fp32 ONNX files (those
+    of ``tiny_engines``: the same seed-0 weights, checked by hash) and the conv input ranges observed on
+    sample inputs of both."""
     models = fresh_reference_models()
+    assert models.weights_hash() == manifest.weights_hash
     encoder_slots, decoder_slots = cache_layouts(models)
     specs = graph_specs(preset, encoder_slots, decoder_slots, build_tiny_tokenizer().get_vocab_size())
     modules = {"vae_decoder_step": VaeDecoderStep(models.vae).eval(),
                "vae_decoder_first": VaeDecoderFirst(models.vae).eval()}
     out = tmp_path_factory.mktemp("vae_qdq")
-    files = {name: export_graph(specs[name], modules[name], out / f"{name}.onnx") for name in GRAPHS}
+    files = {name: tiny_engines / manifest.graphs[name].file for name in GRAPHS}
     with observe_convs(modules["vae_decoder_step"]) as observer:
         for name in GRAPHS:
             for seed in CALIBRATION_SEEDS:
