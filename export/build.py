@@ -113,9 +113,8 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
             _write_accuracy(staging, fp32_reference, quant.precision if quant else precision, dtypes, graphs, specs,
                             {**modules, "transformer": quant.reference} if quant else modules, preset, tokenizer,
                             quant_entry)
-        backends = ONNX_BACKENDS + (("tensorrt",) if tensorrt is not None else ())
         manifest = directory_manifest(sources, precision=quant.precision if quant else precision, graphs=graphs,
-                                      backends=backends, quantization=quant_entry)
+                                      backends=ONNX_BACKENDS, quantization=quant_entry)
         if tensorrt is not None:
             previous = _previous_trt(Path(refit_from) if refit_from else out_dir)
             manifest.tensorrt = build_tensorrt_engines(staging, manifest, tensorrt, trt_env, previous,

@@ -6,7 +6,7 @@ fingerprint), each graph's I/O declaration and, where the directory holds ONNX f
 and SHA-256, the precision, the backends the directory serves and the versions of the tools that built it.
 
 Format 2 added ``backends`` (a ``--backend torch`` build has no graph files and serves only the torch
-backend) and ``checkpoint_fingerprint``; format 1 manifests still read (every format-1 directory
+backend; tensorrt is served where the ``tensorrt`` section lists engines) and ``checkpoint_fingerprint``; format 1 manifests still read (every format-1 directory
 holds ONNX files, so it serves onnxruntime and torch, and tensorrt where it lists TensorRT engines).
 """
 
@@ -58,13 +58,14 @@ class Manifest:
     tensorrt: dict[str, Any] | None = None  # environment, options, engines (graph, bucket, file, hashes, profile)
     prompt_cache_file: str | None = None  # text embeddings of the default prompts (npz)
     lora: dict[str, Any] | None = None  # a LoRA merged into the DiT before export: file, scale
-    backends: tuple[str, ...] | None = None  # the `infer --backend`s it serves; None: from its files (format 1)
+    backends: tuple[str, ...] | None = None  # ONNX_BACKENDS or TORCH_BACKENDS; None: ONNX_BACKENDS (format 1)
     checkpoint_fingerprint: dict[str, Any] | None = None  # wan_trt.checkpoint_fingerprint, for --checkpoint builds
 
     def served_backends(self) -> tuple[str, ...]:
-        if self.backends is not None:
-            return tuple(self.backends)
-        return ONNX_BACKENDS + (("tensorrt",) if self.tensorrt else ())
+        """The `infer --backend`s it serves: its build's, and tensorrt where it lists TensorRT engines (the
+        ``tensorrt`` section is the one record of those; the JSON's list repeats it for readers)."""
+        built = tuple(b for b in (self.backends or ONNX_BACKENDS) if b != "tensorrt")
+        return built + (("tensorrt",) if self.tensorrt else ())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -112,7 +113,8 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format_version") not in READABLE_FORMATS:
             raise EngineError(
-                f"'{path}' has format version {data.get('format_version')!r}, this wan-trt reads {FORMAT_VERSION}: {rebuild}"
+                f"'{path}' has format version {data.get('format_version')!r}, this wan-trt reads "
+                f"{' and '.join(map(str, READABLE_FORMATS))}: {rebuild}"
             )
         graphs = {
             name: GraphEntry(GraphSpec.from_json(entry["spec"]), entry.get("file"), int(entry.get("size", 0)),

@@ -167,12 +167,38 @@ def test_format_1_manifests_still_read(tiny_engines, tmp_path):
     assert manifest.served_backends() == ("onnxruntime", "torch") and manifest.checkpoint_fingerprint is None
 
 
+def test_tensorrt_is_served_where_the_manifest_lists_engines(tiny_engines, tmp_path):
+    data = json.loads((tiny_engines / MANIFEST_NAME).read_text())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert read_manifest(tmp_path, check_files=False).served_backends() == ("onnxruntime", "torch")
+    data["tensorrt"] = {"engines": []}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert read_manifest(tmp_path, check_files=False).served_backends() == ("onnxruntime", "torch", "tensorrt")
+
+
 def test_a_manifest_without_files_that_claims_onnx_is_corrupt(torch_dir, tmp_path):
     data = json.loads((torch_dir / MANIFEST_NAME).read_text())
     data["backends"] = ["onnxruntime", "torch"]
     (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(EngineError, match="corrupt"):
         read_manifest(tmp_path, check_files=False)
+
+
+def test_bf16_torch_build_records_the_onnx_builds_dtypes_and_the_torch_backend_follows(preset, torch_dir, tmp_path):
+    from wan_trt.export.precision import HalfPrecisionGraph, graph_dtypes
+    from wan_trt.runtime.loading import torch_engines
+
+    engines = build_torch_engines(preset, tmp_path / "bf16", precision="bf16")
+    manifest = read_manifest(engines)
+    assert manifest.precision == "bf16"
+    assert {n: e.dtype for n, e in manifest.graphs.items()} == graph_dtypes("bf16", list(manifest.graphs))
+    assert manifest.graphs["transformer"].dtype == "bf16" and manifest.graphs["image_encoder"].dtype == "fp32"
+    with np.load(engines / "prompt_embeds.npz") as half, np.load(torch_dir / "prompt_embeds.npz") as full:
+        assert not np.array_equal(half["prompt_0"], full["prompt_0"])  # umT5 ran in bf16
+        np.testing.assert_allclose(half["prompt_0"], full["prompt_0"], atol=0.1)
+    modules = {name: engine.module for name, engine in torch_engines(manifest, "cpu", engines).items()}
+    assert isinstance(modules["transformer"], HalfPrecisionGraph) and modules["transformer"].dtype == "bf16"
+    assert not isinstance(modules["image_encoder"], HalfPrecisionGraph)
 
 
 # ------------------------------------------------------------------------------------- fp8 / int8
