@@ -149,7 +149,7 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
 
     manifest = read_manifest(engines_dir)
     samples = [(str(folder), load_driving_inputs(str(folder))) for folder in data]
-    engines = torch_engines(manifest)
+    engines = torch_engines(manifest, "cpu", engines_dir)
     tokenizer = load_tokenizer(engines_dir / manifest.tokenizer_file)
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt))
     cache = calibrate(pipeline, engines["transformer"].module, manifest, samples,

@@ -47,7 +47,7 @@ class QuantizedTransformer:
     calibration_path: Path
     policy: PrecisionPolicy
     plan: QuantPlan
-    reference: torch.nn.Module  # the TransformerGraph with fake-quant Linears: what the Q/DQ graph computes
+    reference: torch.nn.Module | None  # the TransformerGraph with fake-quant Linears: what the Q/DQ graph computes
 
     @staticmethod
     def check_request(request: QuantizationRequest, weights_hash: str) -> None:
@@ -63,29 +63,36 @@ class QuantizedTransformer:
 
     @staticmethod
     def prepare(request: QuantizationRequest, weights_hash: str, transformer_graph: torch.nn.Module,
-                preset: Preset) -> "QuantizedTransformer":
+                preset: Preset, *, reference: bool = True) -> "QuantizedTransformer":
+        """The plan (and with ``reference`` the fake-quant copy of the DiT graph, for proving the Q/DQ graph;
+        a torch-backend build needs only the plan: the runtime makes the copy from the manifest)."""
         if request.precision not in QUANTIZED_PRECISIONS:
             raise BadInputError(f"--precision {request.precision}: quantized precisions are {', '.join(QUANTIZED_PRECISIONS)}")
         cache = load_cache(request.calibration)
         cache.check_weights(weights_hash, request.calibration)
         policy = load_policy(request.policy)
-        reference = fake_quant_reference(transformer_graph, cache, policy, request.precision, request.alpha,
-                                         int(preset.transformer["num_layers"]), request.high_precision)
-        plan = reference.plan
-        return QuantizedTransformer(request.precision, cache, Path(request.calibration), policy, plan, reference)
+        args = (cache, policy, request.precision, request.alpha, int(preset.transformer["num_layers"]),
+                request.high_precision)
+        fake_quant = fake_quant_reference(transformer_graph, *args) if reference else None
+        plan = fake_quant.plan if fake_quant is not None else quant_plan(transformer_graph, *args)
+        return QuantizedTransformer(request.precision, cache, Path(request.calibration), policy, plan, fake_quant)
 
     def write(self, onnx_path: Path, engines_dir: Path) -> None:
         """Rewrite the exported fp32 DiT graph with Q/DQ in place; keep the cache beside it."""
         summary = write_qdq(onnx_path, onnx_path, self.plan)
         for path, tensor in summary.activation_tensors.items():
             self.cache.layers[path].onnx_tensor = tensor  # an attention input's key names its tensor too
+        self.save_cache(engines_dir)
+
+    def save_cache(self, engines_dir: Path) -> None:
+        """The calibration cache in the engines directory, where the runtime reads it (``manifest_entry``)."""
         self.cache.save(engines_dir / CALIBRATION_FILE)
 
-    def manifest_entry(self) -> dict[str, Any]:
+    def manifest_entry(self, vae_decoder_convs: int = 0) -> dict[str, Any]:
         return {"precision": self.precision, "policy": self.policy.to_json(), "calibration_file": CALIBRATION_FILE,
                 "calibration_method": self.cache.method, "smoothquant_alpha": self.plan.alpha,
                 "high_precision": self.plan.scale_dtype, "quantized_layers": len(self.plan.layers),
-                "fp8_attention_blocks": sorted(self.plan.attention)}
+                "fp8_attention_blocks": sorted(self.plan.attention), "vae_decoder_convs": vae_decoder_convs}
 
 
 @dataclass
@@ -130,12 +137,30 @@ def fake_quant_reference(transformer_graph: torch.nn.Module, cache: CalibrationC
     by their path in the DiT graph itself either way.
     """
     reference = copy.deepcopy(transformer_graph)
-    core = getattr(reference, "inner", reference)
-    plan = make_plan(linear_layers(core), cache, policy, precision, num_blocks, alpha, high_precision,
-                     head_dim=int(core.transformer.config.attention_head_dim))
-    apply_fake_quant(core, plan)
+    plan = quant_plan(reference, cache, policy, precision, alpha, num_blocks, high_precision)
+    apply_fake_quant(getattr(reference, "inner", reference), plan)
     reference.plan = plan
     return reference
+
+
+def quant_plan(transformer_graph: torch.nn.Module, cache: CalibrationCache, policy: PrecisionPolicy, precision: str,
+               alpha: float, num_blocks: int, high_precision: str = "fp32") -> QuantPlan:
+    """The DiT graph's quantization plan (``transformer_graph`` may be a ``HalfPrecisionGraph``; unchanged)."""
+    core = getattr(transformer_graph, "inner", transformer_graph)
+    return make_plan(linear_layers(core), cache, policy, precision, num_blocks, alpha, high_precision,
+                     head_dim=int(core.transformer.config.attention_head_dim))
+
+
+def prepare_quantization(request: QuantizationRequest, weights_hash: str, modules: dict[str, torch.nn.Module],
+                         preset: Preset, *, reference: bool = True
+                         ) -> tuple[QuantizedTransformer, QuantizedVaeDecoder | None]:
+    """A quantized build's DiT plan and, where the policy quantizes them, the VAE decoder's convs'."""
+    quant = QuantizedTransformer.prepare(request, weights_hash, modules["transformer"], preset, reference=reference)
+    vae_quant = None
+    if quant.policy.vae_decoder_convs:
+        vae_quant = QuantizedVaeDecoder.prepare(quant.cache, quant.precision, modules["vae_decoder_step"],
+                                                quant.calibration_path)
+    return quant, vae_quant
 
 
 def quantize_vae_for_manifest(decoder_graph: torch.nn.Module, engines_dir: Path, manifest) -> None:
@@ -153,3 +178,28 @@ def reference_for_manifest(transformer_graph: torch.nn.Module, engines_dir: Path
     cache = load_cache(engines_dir / q["calibration_file"])
     return fake_quant_reference(transformer_graph, cache, policy, q["precision"], q.get("smoothquant_alpha") or 0.5,
                                 int(manifest.preset.transformer["num_layers"]), q.get("high_precision", "fp32"))
+
+
+def planned_layer_precisions(manifest) -> dict[str, str]:
+    """What ``qdq.layer_precisions`` reads from a DiT ONNX graph, for a directory without one (``build
+    --backend torch``): each DiT Linear's precision and each self-attention matmul's, as the torch backend
+    computes them from the manifest's policy and dtype (the DiT's structure from the preset, on meta)."""
+    from wan_trt.checkpoints import empty_transformer
+
+    with torch.device("meta"):
+        transformer = empty_transformer(manifest.preset)
+    q = manifest.quantization or {}
+    float_type = manifest.graphs["transformer"].dtype
+    keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+    num_blocks = int(manifest.preset.transformer["num_layers"])
+    quantized = set(PrecisionPolicy.from_json(q["policy"]).quantized_layers(num_blocks)) if q else set()
+    result = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.startswith("motion_encoder."):
+            path = f"transformer.{name}"
+            result[path] = q["precision"] if path in quantized else "fp32" if keep & set(name.split(".")) else float_type
+    attention = set(q.get("fp8_attention_blocks", ()))
+    for block in range(num_blocks):
+        for role in ("q·k", "softmax·v"):
+            result[f"transformer.blocks.{block}.attn1 {role}"] = "fp8" if block in attention else float_type
+    return result

@@ -1,57 +1,39 @@
-"""``wan-trt build``: reference modules → every declared graph as ONNX → an engines directory.
+"""``wan-trt build`` (ONNX, TensorRT): reference modules → every declared graph as ONNX → an engines directory.
 
-The directory is built in a temporary sibling and renamed into place only when complete, so an
-interrupted or failed build never leaves a half-written directory, and an existing one stays usable
-until the new one replaces it.
+Written atomically (``staging.py``); the steps every build shares — the weights and graph modules
+(``sources.py``), the tokenizer, prompt cache and manifest (``directory.py``), the quantization plan
+and its calibration cache — are the same code as ``wan-trt build --backend torch``'s (``torch_build.py``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from wan_trt import __version__
-from wan_trt.components import GraphSpec, graph_specs
-from wan_trt.errors import BadInputError, EngineError
-from wan_trt.metrics import relative_l2
 from wan_trt.calibration.quantized import (QDQ_TOLERANCE, VAE_DECODER_GRAPHS, QuantizationRequest,
-                                          QuantizedTransformer, QuantizedVaeDecoder)
+                                          QuantizedTransformer, prepare_quantization)
+from wan_trt.components import GraphSpec
+from wan_trt.errors import BadInputError, EngineError
 from wan_trt.export.accuracy import ACCURACY_FILE, Fp32Reference, write_accuracy
-from wan_trt.export.graphs import cache_layouts, graph_modules
+from wan_trt.export.directory import directory_manifest, write_text_files
 from wan_trt.export.onnx_export import EXPORT_SIZES, export_graph
-from wan_trt.export.precision import (FLOAT_PRECISIONS, HALF_QDQ_TOLERANCE, HALF_TOLERANCE, HalfPrecisionGraph,
-                                      as_fp32_graph, graph_dtypes, onnx_float_types)
+from wan_trt.export.precision import (HALF_QDQ_TOLERANCE, HALF_TOLERANCE, HalfPrecisionGraph, as_fp32_graph,
+                                      onnx_float_types)
+from wan_trt.export.sources import float_dtypes, in_dtypes, load_sources
+from wan_trt.export.staging import check_out_dir, staged_directory
 from wan_trt.export.tensorrt import TrtOptions, build_tensorrt_engines, current_environment
+from wan_trt.metrics import relative_l2
 from wan_trt.presets import Preset
-from wan_trt.reference_models import build_reference_models
 from wan_trt.runtime.engines import OrtEngine, TorchEngine
-from wan_trt.runtime.manifest import GraphEntry, Manifest, file_sha256, write_manifest
-from wan_trt.presets import DEFAULT_PROMPT
-from wan_trt.tokenizer import build_tiny_tokenizer, clean_prompt, tokenize
+from wan_trt.runtime.manifest import ONNX_BACKENDS, GraphEntry, file_sha256, write_manifest
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
-PROMPT_CACHE_FILE = "prompt_embeds.npz"
-CACHED_PROMPTS = (DEFAULT_PROMPT, "")  # the default prompt and the default (empty) negative prompt
 BUILD_TOLERANCE = 1e-4  # rel-L2 of each ONNX graph in ORT vs its PyTorch module, checked at build time
 FP16_RUN_TOLERANCE = 2e-2  # an fp16 graph in ORT (fp16 kernels) vs the module in PyTorch fp16: two roundings
-
-
-def tool_versions() -> dict[str, str]:
-    import diffusers
-    import onnx
-    import onnxruntime
-    import transformers
-
-    return {"wan_trt": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
@@ -74,52 +56,30 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
     ``refit(plan, onnx)``.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
-        raise BadInputError(f"--out '{out_dir}' exists and is not an engines directory: choose a new or empty path")
+    check_out_dir(out_dir)
     trt_env = None
     if tensorrt is not None:  # before any slow work: is TensorRT here at all?
         trt_env = trt_builder.environment() if trt_builder else current_environment()
     if refit_from is not None and (tensorrt is None or _previous_trt(Path(refit_from)) is None):
         raise BadInputError(f"--refit-from '{refit_from}' has no TensorRT engines to refit: build them with "
                             "wan-trt build --backend tensorrt --refittable")
-    tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint else build_tiny_tokenizer()
-    vocab_size = int(preset.text_encoder.get("vocab_size", tokenizer.get_vocab_size()))
-    log.info("building reference modules for preset '%s' (%s)", preset.name,
-             f"checkpoint {checkpoint}" if checkpoint else f"seed {seed}")
-    models = build_reference_models(preset, seed=seed, vocab_size=vocab_size, checkpoint=checkpoint,
-                                    random_weights=random_weights, lora=lora, lora_scale=lora_scale)
-    encoder_caches, decoder_caches = cache_layouts(models)
-    specs = graph_specs(preset, encoder_caches, decoder_caches, vocab_size)
-    modules = graph_modules(models)
-    weights_hash = models.weights_hash()
-    if precision not in FLOAT_PRECISIONS:
-        raise BadInputError(f"--precision {precision}: float precisions are {', '.join(FLOAT_PRECISIONS)} "
-                            "(fp8/int8 come with a calibration cache)")
-    float_precision = quantization.high_precision if quantization is not None else precision
-    if float_precision not in FLOAT_PRECISIONS:
-        raise BadInputError(f"--high-precision {float_precision}: choose one of {', '.join(FLOAT_PRECISIONS)}")
-    dtypes = graph_dtypes(float_precision, list(specs))
+    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, lora=lora,
+                           lora_scale=lora_scale)
+    specs, modules, tokenizer = sources.specs, sources.modules, sources.tokenizer
+    dtypes = float_dtypes(precision, quantization, list(specs))
     fp32_reference = None
-    if quantization is not None or float_precision != "fp32":
+    if quantization is not None or any(dtype != "fp32" for dtype in dtypes.values()):
         if quantization is not None:  # fail on a bad cache or policy before minutes of reference runs
-            QuantizedTransformer.check_request(quantization, weights_hash)
+            QuantizedTransformer.check_request(quantization, sources.weights_hash)
         with_video = accuracy_video if accuracy_video is not None else not preset.needs_checkpoint
         fp32_reference = Fp32Reference.capture(modules, specs, preset, tokenizer, with_video)
-    modules = {name: HalfPrecisionGraph(module, dtypes[name], specs[name].input_names) if dtypes[name] != "fp32" else module
-               for name, module in modules.items()}
+    modules = in_dtypes(modules, dtypes, specs)
     quant = vae_quant = None
     if quantization is not None:
-        quant = QuantizedTransformer.prepare(quantization, weights_hash, modules["transformer"], preset)
-        if quant.policy.vae_decoder_convs:
-            vae_quant = QuantizedVaeDecoder.prepare(quant.cache, quant.precision, modules["vae_decoder_step"],
-                                                    quant.calibration_path)
+        quant, vae_quant = prepare_quantization(quantization, sources.weights_hash, modules, preset)
     quantized_convs = 0
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out_dir)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-{os.getpid()}-", dir=out_dir.parent))
-    try:
-        tokenizer.save(str(staging / TOKENIZER_FILE))
+    with staged_directory(out_dir) as staging:
         graphs: dict[str, GraphEntry] = {}
         for number, (name, spec) in enumerate(specs.items(), start=1):
             log.info("[%d/%d] exporting %s", number, len(specs), name)
@@ -145,31 +105,22 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                 log.info("[%d/%d] %s: ORT vs PyTorch rel-L2 %.2e (%.1f s)", number, len(specs), name, error,
                          time.monotonic() - start)
             graphs[name] = GraphEntry(spec, path.name, path.stat().st_size, file_sha256(path), dtypes[name])
-        _write_prompt_cache(staging / PROMPT_CACHE_FILE, tokenizer, modules["text_encoder"])
-        quant_entry = {**quant.manifest_entry(), "vae_decoder_convs": quantized_convs} if quant else None
+        write_text_files(staging, sources, modules["text_encoder"])
+        quant_entry = quant.manifest_entry(quantized_convs) if quant else None
         if vae_quant is not None:  # from here on the (shared) VAE computes what its Q/DQ graphs compute
             vae_quant.apply_to(modules["vae_decoder_step"])
         if fp32_reference is not None:
             _write_accuracy(staging, fp32_reference, quant.precision if quant else precision, dtypes, graphs, specs,
                             {**modules, "transformer": quant.reference} if quant else modules, preset, tokenizer,
                             quant_entry)
-        manifest = Manifest(preset=preset, seed=seed, weights_hash=weights_hash,
-                            precision=quant.precision if quant else precision, tokenizer_file=TOKENIZER_FILE,
-                            graphs=graphs, versions=tool_versions(),
-                            checkpoint=str(Path(checkpoint).resolve()) if checkpoint else None,
-                            quantization=quant_entry,
-                            lora={"file": str(Path(lora).resolve()), "scale": lora_scale} if lora else None,
-                            prompt_cache_file=PROMPT_CACHE_FILE)
+        manifest = directory_manifest(sources, precision=quant.precision if quant else precision, graphs=graphs,
+                                      backends=ONNX_BACKENDS, quantization=quant_entry)
         if tensorrt is not None:
             previous = _previous_trt(Path(refit_from) if refit_from else out_dir)
             manifest.tensorrt = build_tensorrt_engines(staging, manifest, tensorrt, trt_env, previous,
                                                        build=trt_builder.build if trt_builder else None,
                                                        refit=trt_builder.refit if trt_builder else None)
         write_manifest(staging, manifest)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("engines written to %s", out_dir)
     return out_dir
 
@@ -191,31 +142,6 @@ def _write_accuracy(staging: Path, reference: Fp32Reference, precision: str, dty
     finally:
         if runnable != path:
             runnable.unlink(missing_ok=True)
-
-
-def checkpoint_tokenizer(checkpoint: str):
-    """The umT5 tokenizer shipped with a checkpoint (its ``tokenizer.json``)."""
-    from tokenizers import Tokenizer
-
-    from wan_trt.checkpoints import detect_layout
-
-    layout = detect_layout(checkpoint)
-    if layout.tokenizer_file is None:
-        raise BadInputError(f"checkpoint '{checkpoint}' has no {layout.tokenizer_dir / 'tokenizer.json'}: "
-                            "use a download that includes the umT5 tokenizer's tokenizer.json")
-    return Tokenizer.from_file(str(layout.tokenizer_file))
-
-
-def _write_prompt_cache(path: Path, tokenizer, text_encoder: torch.nn.Module) -> None:
-    """Text embeddings of the default prompts, so the umT5 engine runs only for a custom prompt."""
-    import numpy as np
-
-    embeds = {}
-    for prompt in CACHED_PROMPTS:
-        ids, mask = tokenize(tokenizer, prompt)
-        with torch.no_grad():
-            embeds[f"prompt_{len(embeds)}"] = text_encoder(torch.from_numpy(ids), torch.from_numpy(mask))[0].numpy()
-    np.savez(path, prompts=np.array([clean_prompt(p) for p in CACHED_PROMPTS]), **embeds)
 
 
 def _previous_trt(out_dir: Path):
@@ -263,31 +189,3 @@ def _check(spec: GraphSpec, got: dict, want: dict, tolerance: float) -> float:
     if not error <= tolerance:
         raise RuntimeError(f"{spec.name}: the exported ONNX differs from PyTorch (rel-L2 {error:.2e} > {tolerance})")
     return error
-
-
-def _remove_stale_staging(out_dir: Path) -> None:
-    """Delete staging directories left by builds that were killed (their process no longer exists)."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.building-*"):
-        try:
-            pid = int(stale.name.split("-")[-2])
-            os.kill(pid, 0)  # raises if there is no such process
-        except (ValueError, IndexError, ProcessLookupError):
-            log.info("removing %s, left by an interrupted build", stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move ``staging`` onto ``target``; an existing target is kept until the new one is in place."""
-    if not target.exists():
-        staging.rename(target)
-        return
-    backup = target.with_name(f".{target.name}.old-{int(time.time())}")
-    target.rename(backup)
-    try:
-        staging.rename(target)
-    except BaseException:
-        backup.rename(target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

@@ -10,7 +10,7 @@ import torch
 
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.runtime.engines import BACKENDS, Engine, OrtEngine, TorchEngine, ort_providers
-from wan_trt.runtime.manifest import Manifest, read_manifest
+from wan_trt.runtime.manifest import Manifest, build_command, built_with, read_manifest, require_backend
 from wan_trt.runtime.pipeline import AnimatePipeline
 from wan_trt.tokenizer import load_tokenizer, tokenize
 
@@ -26,9 +26,11 @@ def load_engines(directory: Path, manifest: Manifest, backend: str, device: str 
     (auto, cudnn, fa3) and ``fp8_attention_smoothing`` for the FP8 self-attention of fp8 engines; other
     backends refuse it.
     """
+    if fast and backend != "torch":
+        raise BadInputError(f"--fast is a torch-backend option (got --backend {backend}): add --backend torch")
+    if backend in BACKENDS:
+        require_backend(directory, manifest, backend)
     if fast:
-        if backend != "torch":
-            raise BadInputError(f"--fast is a torch-backend option (got --backend {backend}): add --backend torch")
         from wan_trt.runtime.fast_torch import fast_torch_engines
 
         return fast_torch_engines(manifest, device, directory, fp8_attention_kernel, fp8_attention_smoothing)
@@ -58,7 +60,7 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
     For quantized engines the DiT is the fake-quant model built from the directory's calibration cache
     and policy: it computes what the Q/DQ graph computes.
     """
-    modules = reference_graph_modules(manifest)
+    modules = reference_graph_modules(manifest, directory)
     if any(entry.dtype != "fp32" for entry in manifest.graphs.values()):
         from wan_trt.export.precision import HalfPrecisionGraph
 
@@ -75,11 +77,13 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
             for name, entry in manifest.graphs.items()}
 
 
-def reference_graph_modules(manifest: Manifest) -> dict[str, torch.nn.Module]:
-    """The fp32 graph modules of the manifest's weights (rebuilt; refused if the weights hash differs)."""
+def reference_graph_modules(manifest: Manifest, directory: Path | None = None) -> dict[str, torch.nn.Module]:
+    """The fp32 graph modules of the manifest's weights (rebuilt; refused if the checkpoint folder changed
+    since the build, checked first by its fingerprint, or if the weights hash differs)."""
     from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
     from wan_trt.reference_models import build_reference_models
 
+    check_checkpoint_unchanged(manifest, directory)
     vocab = manifest.graphs["text_encoder"].spec.vocab_size
     lora = manifest.lora or {}
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
@@ -91,6 +95,21 @@ def reference_graph_modules(manifest: Manifest) -> dict[str, torch.nn.Module]:
             f"engines' weights hash {manifest.weights_hash}: rebuild the engines with this wan-trt version"
         )
     return graph_modules(models)
+
+
+def check_checkpoint_unchanged(manifest: Manifest, directory: Path | None) -> None:
+    """EngineError naming the checkpoint folder and the rebuild command when it changed since the build
+    (``wan_trt.checkpoint_fingerprint``; a manifest without a fingerprint is left to the weights hash)."""
+    from wan_trt.checkpoint_fingerprint import fingerprint_change
+
+    if not manifest.checkpoint or not manifest.checkpoint_fingerprint:
+        return
+    change = fingerprint_change(manifest.checkpoint_fingerprint, manifest.checkpoint)
+    if change:
+        engines = directory or Path("ENGINES")
+        raise EngineError(f"checkpoint folder '{manifest.checkpoint}' changed since the engines in '{engines}' were "
+                          f"built ({change}): rebuild them with: "
+                          f"{build_command(manifest, engines, built_with(manifest), str(engines))}")
 
 
 def open_pipeline(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from synthetic_checkpoints import noisy_tiny_models, write_diffusers_checkpoint, write_tokenizer
 from wan_trt.checkpoints import (
     DIFFUSERS, ORIGINAL, StrictLoader, detect_layout, empty_transformer, load_checkpoint, load_lora_file,
     load_original_transformer_tensors, merge_lora, parse_lora_arg,
@@ -203,32 +204,12 @@ def clip_to_wan_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 @pytest.fixture(scope="module")
 def source():
-    models = build_reference_models(TINY, seed=0, vocab_size=VOCAB)
-    # Fresh modules initialise many tensors to the same constant (norm weights 1, biases 0): add noise so
-    # that every tensor is distinct and a swapped pair (norm_q/norm_k, K/V, …) cannot go unnoticed.
-    generator = torch.Generator().manual_seed(99)
-    with torch.no_grad():
-        for name in ("text_encoder", "image_encoder", "vae", "transformer"):
-            for param in getattr(models, name).parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-    return models
-
-
-def _write_tokenizer(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    build_tiny_tokenizer().save(str(folder / "tokenizer.json"))
+    return noisy_tiny_models()
 
 
 @pytest.fixture(scope="module")
 def diffusers_dir(source, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ckpt") / "diffusers"
-    source.transformer.save_pretrained(root / "transformer", max_shard_size="150KB")  # sharded: index.json
-    source.vae.save_pretrained(root / "vae")
-    source.text_encoder.save_pretrained(root / "text_encoder")
-    source.image_encoder.save_pretrained(root / "image_encoder")
-    _write_tokenizer(root / "tokenizer")
-    (root / "model_index.json").write_text(json.dumps({"_class_name": "WanAnimatePipeline"}))
-    return root
+    return write_diffusers_checkpoint(source, tmp_path_factory.mktemp("ckpt") / "diffusers")
 
 
 def _write_original_transformer(root: Path, original: dict[str, torch.Tensor], shards: int = 2) -> None:
@@ -259,7 +240,7 @@ def original_dir(source, tmp_path_factory) -> Path:
     torch.save(umt5_to_original(source.text_encoder.state_dict()), root / "models_t5_umt5-xxl-enc-bf16.pth")
     torch.save(clip_to_wan_original(source.image_encoder.state_dict()),
                root / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
-    _write_tokenizer(root / "google" / "umt5-xxl")
+    write_tokenizer(root / "google" / "umt5-xxl")
     return root
 
 

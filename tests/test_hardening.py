@@ -56,9 +56,9 @@ def test_interrupted_build_keeps_previous_engines_usable(how, tiny_engines, tmp_
         assert not staging.exists(), "SIGTERM unwinds and removes the staging directory"
     else:
         assert staging.exists()  # nothing can clean up after kill -9 ...
-        from wan_trt.export.build import _remove_stale_staging
+        from wan_trt.export.staging import remove_stale_staging
 
-        _remove_stale_staging(out)  # ... so the next build removes it
+        remove_stale_staging(out)  # ... so the next build removes it
         assert not staging.exists()
     inputs = make_demo_inputs(tmp_path / "in", width=48, height=32, num_frames=5)
     result = CliRunner().invoke(main, ["infer", "--engines", str(out), "--input", str(inputs), "--out",

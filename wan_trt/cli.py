@@ -71,8 +71,9 @@ def main(verbose: bool) -> None:
 @click.option("--random-weights", is_flag=True, help="Random weights at full size (speed/memory work).")
 @click.option("--lora", default=None, metavar="PATH[:SCALE]",
               help="Merge a LoRA (e.g. relighting_lora.ckpt) into the DiT before export; its own engine variant.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "all"]), default="onnxruntime",
-              show_default=True, help="onnxruntime: the verified ONNX files; tensorrt/all: plus TensorRT engines.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "all", "torch"]), default="onnxruntime",
+              show_default=True, help="onnxruntime: the verified ONNX files; tensorrt/all: plus TensorRT engines; "
+                                      "torch: no ONNX, only what infer --backend torch (and --fast) reads (minutes).")
 @click.option("--bucket", "buckets", multiple=True,
               help="TensorRT shape bucket WIDTHxHEIGHTxFRAMES, repeatable [the preset's: 832x480, 1280x720, both "
                    "orientations, x77].")
@@ -104,27 +105,33 @@ def main(verbose: bool) -> None:
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Engines directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
-def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str | None, backend: str,
-          buckets: tuple[str, ...],
+@click.pass_context
+def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weights: bool, lora: str | None,
+          backend: str, buckets: tuple[str, ...],
           opt_level: int, workspace: float | None, refittable: bool, weight_streaming: bool, precision: str,
           calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
           verify: bool, high_precision: str, accuracy_video: bool | None, refit_from: str | None) -> None:
-    """Export every component to ONNX and write an engines directory with a manifest."""
+    """Export every component to ONNX and write an engines directory with a manifest (--backend torch: no
+    ONNX, the manifest, tokenizer, prompt cache and calibration for the torch backend)."""
     from wan_trt.buckets import Bucket, default_buckets
     from wan_trt.calibration.quantized import QuantizationRequest
-    from wan_trt.export.build import build_engines
     from wan_trt.export.tensorrt import TrtOptions
     from wan_trt.preflight import check_build
     from wan_trt.presets import get_preset
 
     model = get_preset(preset)
     tensorrt = None
+    given = {name for name in ("opt_level", "verify", "accuracy_video")
+             if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if backend in ("tensorrt", "all"):
         chosen = [Bucket.parse(b) for b in buckets] or default_buckets(model.buckets, model.segment_frames)
         tensorrt = TrtOptions(tuple(chosen), opt_level, workspace, refittable, weight_streaming)
-    elif buckets or refittable or weight_streaming or workspace or refit_from:
-        raise BadInputError("--bucket/--refittable/--refit-from/--weight-streaming/--workspace apply to --backend "
-                            "tensorrt or all")
+    elif buckets or refittable or weight_streaming or workspace or refit_from or (backend == "torch" and "opt_level" in given):
+        raise BadInputError("--bucket/--opt-level/--refittable/--refit-from/--weight-streaming/--workspace apply to "
+                            f"--backend tensorrt or all (got --backend {backend})")
+    if backend == "torch" and given & {"verify", "accuracy_video"}:
+        raise BadInputError("--verify/--no-verify/--accuracy-video/--no-accuracy-video check ONNX graphs: "
+                            "--backend torch exports none; drop them")
     if refit_from and not refittable:
         raise BadInputError("--refit-from needs --refittable (only refittable engines can be refitted)")
     if refit_from and not (Path(refit_from) / "manifest.json").is_file():
@@ -149,7 +156,18 @@ def build(preset: str, checkpoint: str | None, random_weights: bool, lora: str |
         lora_path, lora_scale = parse_lora_arg(lora)
     check_build(model, Path(out_dir), precision=precision, policy=policy, calibration=calibration,  # disk, files
                 lora=(lora_path, lora_scale) if lora else None, trt_buckets=len(tensorrt.buckets) if tensorrt else 0,
-                checkpoint=checkpoint, random_weights=random_weights, high_precision=high_precision)
+                checkpoint=checkpoint, random_weights=random_weights, high_precision=high_precision,
+                graph_files=backend != "torch")
+    if backend == "torch":
+        from wan_trt.export.torch_build import build_torch_engines
+
+        path = build_torch_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
+                                   lora=lora_path, lora_scale=lora_scale, quantization=quantization,
+                                   precision=precision if quantization is None else "fp32")
+        click.echo(str(path))
+        return
+    from wan_trt.export.build import build_engines
+
     path = build_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
                          lora=lora_path, lora_scale=lora_scale, verify=verify, quantization=quantization,
                          tensorrt=tensorrt, precision=precision if quantization is None else "fp32",
@@ -353,12 +371,20 @@ def inspect(engines_dir: str) -> None:
 
     directory = Path(engines_dir)
     manifest = read_manifest(directory)
-    click.echo(f"preset {manifest.preset.name}, precision {manifest.precision}, weights {manifest.weights_hash}")
+    click.echo(f"preset {manifest.preset.name}, precision {manifest.precision}, weights {manifest.weights_hash}, "
+               f"backends {', '.join(manifest.served_backends())}")
     for name, entry in manifest.graphs.items():
-        click.echo(f"  {name:<20} {entry.file:<24} {entry.size / 1e6:9.2f} MB")
+        where = f"{entry.file:<24} {entry.size / 1e6:9.2f} MB" if entry.file else f"(no file: torch, {entry.dtype})"
+        click.echo(f"  {name:<20} {where}")
     click.echo("DiT Linear layers and self-attention matmuls:")
     entry = manifest.graphs["transformer"]
-    for path, precision in layer_precisions(directory / entry.file, entry.dtype).items():
+    if entry.file:
+        precisions = layer_precisions(directory / entry.file, entry.dtype)
+    else:
+        from wan_trt.calibration.quantized import planned_layer_precisions
+
+        precisions = planned_layer_precisions(manifest)
+    for path, precision in precisions.items():
         click.echo(f"  {precision:<5} {path}")
 
 

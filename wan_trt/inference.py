@@ -19,7 +19,7 @@ from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_comp
 from wan_trt.runtime.distributed import is_main_rank
 from wan_trt.runtime.guard import guard_engines
 from wan_trt.runtime.loading import open_pipeline, torch_engines
-from wan_trt.runtime.manifest import read_manifest
+from wan_trt.runtime.manifest import read_manifest, require_backend
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
                             "--fast: add --fast or drop it")
     _check_output_path(options.out_path)
     manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
+    require_backend(options.engines_dir, manifest, options.backend)
     if options.relight and not manifest.lora:
         raise EngineError(f"--relight: the engines in '{options.engines_dir}' have no LoRA merged; build the relighting "
                           f"variant with: wan-trt build --lora relighting_lora.ckpt --out ENGINES_RELIGHT")

@@ -12,12 +12,14 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
   rest in the ``--high-precision`` type), plus 8 MiB per graph (graph structure, constant tables), the
   prompt-embedding cache and, for fp8/int8, the fp32 DiT that exists while it is rewritten with Q/DQ.
   ``--backend tensorrt|all`` adds one engine per graph, and one per bucket for the VAE graphs and
-  the DiT, each the size of the graph's weights. All × 1.1.
+  the DiT, each the size of the graph's weights; ``--backend torch`` writes no graph files, only the
+  prompt-embedding and calibration caches. All × 1.1.
 * **output video** (``infer``): frames × width × height × 1.5 bytes (uncompressed yuv420p, which
   x264 at the writer's settings stays far below) + 1 MiB.
 * **device memory** (``infer`` on ``cuda``/``tensorrt``): the weights of every graph the run keeps
   resident (ONNX Runtime sessions and TensorRT engines are opened on first use and kept; the text
-  encoder only when a prompt is not in the build's cache) — the manifest's file sizes — plus the
+  encoder only when a prompt is not in the build's cache) — the manifest's file sizes, or for a
+  directory without graph files the parameter counts × bytes of each graph's dtype — plus the
   larger of the two activation peaks (they never overlap), plus 1 GiB for the CUDA context and
   workspaces (per GPU: with ``infer --gpus N`` every GPU holds all the weights and 1/N of the DiT's tokens):
 
@@ -61,7 +63,7 @@ DIT_ACTIVATION_WIDTHS = 8  # copies of the token stream alive in one DiT block, 
 VAE_ACTIVATION_FACTOR = 16  # fitted to diffusers' measured 720p x 77 decode (docs/memory.md)
 VAE_CHUNK_FRAMES = 4
 RUNTIME_OVERHEAD = GIB  # CUDA context, cuBLAS/cuDNN workspaces
-CACHED_PROMPT_COUNT = 2  # the default prompt and the empty negative prompt (export.build.CACHED_PROMPTS)
+CACHED_PROMPT_COUNT = 2  # the default prompt and the empty negative prompt (export.directory.CACHED_PROMPTS)
 TEXT_TOKENS = 512
 
 #: Every graph the pipeline calls; the VAE graphs and the DiT get one TensorRT engine per bucket
@@ -218,13 +220,15 @@ def graph_bytes_per_param(name: str, precision: str) -> int:
 
 
 def estimate_engines_bytes(counts: dict[str, int], precision: str, *, high_precision: str = "fp32", quantized: int = 0,
-                           trt_buckets: int = 0, text_dim: int = 0) -> int:
+                           trt_buckets: int = 0, text_dim: int = 0, graph_files: bool = True,
+                           calibration_bytes: int = 0) -> int:
     """Disk an engines directory needs at its peak while being built (see the module docstring).
 
-    ``high_precision``: with fp8/int8, the float type of everything the policy leaves unquantized."""
+    ``high_precision``: with fp8/int8, the float type of everything the policy leaves unquantized.
+    ``graph_files`` False: a ``--backend torch`` directory, which holds no graph files."""
     floats = high_precision if precision in QUANTIZED_PRECISIONS else precision
-    total = CACHED_PROMPT_COUNT * TEXT_TOKENS * text_dim * 4  # prompt_embeds.npz
-    for name, params in counts.items():
+    total = CACHED_PROMPT_COUNT * TEXT_TOKENS * text_dim * 4 + calibration_bytes  # prompt_embeds.npz, calibration
+    for name, params in (counts.items() if graph_files else ()):
         weights = params * graph_bytes_per_param(name, floats)
         if name == "transformer" and precision in QUANTIZED_PRECISIONS:
             total += weights  # the float export exists while it is rewritten with Q/DQ
@@ -238,8 +242,11 @@ def estimate_engines_bytes(counts: dict[str, int], precision: str, *, high_preci
 def check_build(preset, out_dir: Path, *, precision: str = "fp32", policy: str | None = None,
                 calibration: str | None = None, lora: tuple[str, float] | None = None, trt_buckets: int = 0,
                 checkpoint: str | None = None, random_weights: bool = False, high_precision: str = "fp32",
-                free: int | None = None) -> int:
-    """Everything ``build`` can check before loading weights or exporting; returns the disk estimate."""
+                graph_files: bool = True, free: int | None = None) -> int:
+    """Everything ``build`` can check before loading weights or exporting; returns the disk estimate.
+
+    ``graph_files`` False: ``build --backend torch`` (no ONNX files: the disk is the prompt and
+    calibration caches')."""
     if checkpoint is None and preset.needs_checkpoint and not random_weights:
         raise BadInputError(f"preset '{preset.name}' needs real weights: pass --checkpoint DIR, or --random-weights "
                             "for speed/memory work")
@@ -262,11 +269,17 @@ def check_build(preset, out_dir: Path, *, precision: str = "fp32", policy: str |
     counts = graph_parameter_counts(modules)
     quantized = quantized_parameter_count(modules["transformer"], quantized_policy) if quantized_policy else 0
     needed = estimate_engines_bytes(counts, precision, high_precision=high_precision, quantized=quantized,
-                                    trt_buckets=trt_buckets,
-                                    text_dim=int(preset.text_encoder["d_model"]))
-    what = f"the engines of preset '{preset.name}' ({precision}{', TensorRT' if trt_buckets else ''})"
+                                    trt_buckets=trt_buckets, text_dim=int(preset.text_encoder["d_model"]),
+                                    graph_files=graph_files,
+                                    calibration_bytes=_file_size(calibration))
+    kind = "TensorRT" if trt_buckets else "ONNX" if graph_files else "torch"
+    what = f"the {kind} engines of preset '{preset.name}' ({precision})"
     check_disk(out_dir.parent, needed, what, free)
     return needed
+
+
+def _file_size(path: str | None) -> int:
+    return Path(path).stat().st_size if path and Path(path).is_file() else 0
 
 
 def _tiny_vocab() -> int:
@@ -300,12 +313,24 @@ def graph_file_bytes(directory: Path, entry) -> int:
     return int(entry.size) + (data.stat().st_size if data.is_file() else 0)
 
 
+def graph_weight_bytes(manifest, directory: Path) -> dict[str, int]:
+    """Each graph's weight bytes: its files' size, or for a directory without graph files (``build
+    --backend torch``) its parameter count (meta modules) × bytes per parameter of its dtype."""
+    unfiled = [name for name, entry in manifest.graphs.items() if not entry.file]
+    counts = {}
+    if unfiled:
+        vocab = int(manifest.graphs["text_encoder"].spec.vocab_size)
+        counts = graph_parameter_counts(meta_modules(manifest.preset, vocab))
+    return {name: (graph_file_bytes(directory, entry) if entry.file else counts[name] * BYTES_PER_PARAM[entry.dtype])
+            for name, entry in manifest.graphs.items()}
+
+
 def estimate_device_bytes(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
                           batch: int = 1, text_encoder: bool = True, gpus: int = 1) -> DeviceEstimate:
     """Peak device memory of one run at ``width`` × ``height`` (see the module docstring for the formula), per
     GPU: with ``gpus`` > 1 (sequence parallel) every GPU holds all weights and 1/``gpus`` of the DiT's tokens."""
-    names = [n for n in manifest.graphs if text_encoder or n != "text_encoder"]
-    weights = sum(graph_file_bytes(directory, manifest.graphs[n]) for n in names)
+    sizes = graph_weight_bytes(manifest, directory)
+    weights = sum(size for name, size in sizes.items() if text_encoder or name != "text_encoder")
 
     def act_bytes(graph: str) -> int:  # the manifest records the float type each graph computes in
         return 2 if getattr(manifest.graphs.get(graph), "dtype", "fp32") in ("fp16", "bf16") else 4
@@ -368,11 +393,11 @@ def check_engines_for_request(manifest, directory: Path, backend: str, width: in
     missing = [name for name in PIPELINE_GRAPHS if name not in manifest.graphs]
     if missing:
         raise EngineError(f"the manifest of '{directory}' lists no {', '.join(missing)}: rebuild with: {rebuild}")
+    from wan_trt.runtime.manifest import require_backend
+
+    require_backend(directory, manifest, backend)
     if backend != "tensorrt":
         return
-    if not manifest.tensorrt:
-        raise EngineError(f"'{directory}' has no TensorRT engines: build them with: "
-                          f"wan-trt build --backend tensorrt --out {directory}")
     from wan_trt.buckets import Bucket, select_bucket
 
     built = sorted({Bucket.parse(e["bucket"]) for e in manifest.tensorrt.get("engines", [])

@@ -1,0 +1,351 @@
+"""``wan-trt build --backend torch``: a directory without ONNX files that the torch backend, ``--fast``'s
+planning, ``calibrate`` and ``inspect`` read as they read an ONNX directory of the same weights, and
+that the other backends refuse in one line naming the build command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import fresh_reference_models
+from synthetic_checkpoints import noisy_tiny_models, write_diffusers_checkpoint
+from wan_trt import preflight
+from wan_trt.calibration.collect import run_calibration
+from wan_trt.calibration.policy import SHIPPED_POLICIES
+from wan_trt.calibration.quantized import QuantizationRequest
+from wan_trt.cli import main
+from wan_trt.demo_media import make_demo_inputs
+from wan_trt.errors import BadInputError, EngineError
+from wan_trt.export.torch_build import build_torch_engines
+from wan_trt.media import read_video
+from wan_trt.runtime.manifest import MANIFEST_NAME, read_manifest
+
+SMALL = ["--steps", "2", "--segment-frames", "5"]
+
+
+def _files(directory: Path) -> set[str]:
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*")}
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("wan-trt: error:")]
+
+
+@pytest.fixture(scope="module")
+def torch_dir(preset, tmp_path_factory) -> Path:
+    return build_torch_engines(preset, tmp_path_factory.mktemp("torch") / "engines", seed=0)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    return make_demo_inputs(tmp_path_factory.mktemp("demo") / "in", width=48, height=32, num_frames=5)
+
+
+def test_writes_no_onnx_only_what_the_torch_backend_reads(torch_dir, tiny_engines):
+    assert _files(torch_dir) == {MANIFEST_NAME, "tokenizer.json", "prompt_embeds.npz"}
+    ours, onnx = read_manifest(torch_dir), read_manifest(tiny_engines)
+    assert ours.served_backends() == ("torch",) and "onnxruntime" in onnx.served_backends()
+    assert ours.weights_hash == onnx.weights_hash and ours.precision == "fp32" and ours.seed == 0
+    assert "onnx" not in ours.versions and ours.versions["torch"] == onnx.versions["torch"]
+    assert list(ours.graphs) == list(onnx.graphs)
+    for name, entry in ours.graphs.items():
+        assert entry.file is None and entry.dtype == onnx.graphs[name].dtype
+        assert entry.spec.to_json() == onnx.graphs[name].spec.to_json()
+    assert (torch_dir / "tokenizer.json").read_bytes() == (tiny_engines / "tokenizer.json").read_bytes()
+    with np.load(torch_dir / "prompt_embeds.npz") as got, np.load(tiny_engines / "prompt_embeds.npz") as want:
+        assert sorted(got.files) == sorted(want.files)
+        for key in want.files:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.slow
+def test_infer_torch_writes_the_video_the_onnx_directory_gives(torch_dir, tiny_engines, inputs, tmp_path):
+    videos = {}
+    for label, engines in (("torch-dir", torch_dir), ("onnx-dir", tiny_engines)):
+        out = tmp_path / f"{label}.mp4"
+        result = CliRunner().invoke(main, ["infer", "--engines", str(engines), "--input", str(inputs), "--out",
+                                           str(out), "--backend", "torch", "--seed", "3", *SMALL])
+        assert result.exit_code == 0, result.output
+        videos[label] = read_video(out).frames
+    assert videos["torch-dir"].shape == (5, 32, 48, 3)
+    assert videos["torch-dir"].std() > 1  # a video, not a blank
+    np.testing.assert_array_equal(videos["torch-dir"], videos["onnx-dir"])  # same modules, weights, prompt cache
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
+def test_other_backends_refuse_a_torch_directory_naming_the_build(torch_dir, inputs, tmp_path, backend):
+    out = tmp_path / "a.mp4"
+    result = CliRunner().invoke(main, ["infer", "--engines", str(torch_dir), "--input", str(inputs), "--out",
+                                       str(out), "--backend", backend, *SMALL])
+    assert result.exit_code == 3, result.output
+    lines = _error_lines(result)
+    assert len(lines) == 1 and f"wan-trt build --preset tiny --backend {backend} --out" in lines[0], result.stderr
+    assert "--backend torch" in lines[0] and not out.exists()
+
+
+def test_compare_refuses_onnxruntime_on_a_torch_directory(torch_dir):
+    result = CliRunner().invoke(main, ["compare", "--engines", str(torch_dir), "--backends", "torch,onnxruntime"])
+    assert result.exit_code == 3 and len(_error_lines(result)) == 1, result.output
+    assert "--backend onnxruntime" in result.stderr
+
+
+@pytest.mark.parametrize("option", [["--bucket", "64x48x5"], ["--refittable"], ["--weight-streaming"],
+                                    ["--workspace", "1"], ["--opt-level", "2"], ["--no-verify"],
+                                    ["--accuracy-video"]])
+def test_onnx_and_tensorrt_options_with_backend_torch_are_one_line(option, tmp_path):
+    out = tmp_path / "e"
+    result = CliRunner().invoke(main, ["build", "--backend", "torch", *option, "--out", str(out)])
+    assert result.exit_code == 2 and len(_error_lines(result)) == 1, result.output
+    assert option[0] in _error_lines(result)[0] and not out.exists()
+
+
+def test_cli_build_backend_torch(tmp_path):
+    out = tmp_path / "e"
+    result = CliRunner().invoke(main, ["build", "--backend", "torch", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(out) and _files(out) == {MANIFEST_NAME, "tokenizer.json", "prompt_embeds.npz"}
+
+
+def test_failed_build_leaves_nothing_and_keeps_the_previous_directory(preset, torch_dir, tmp_path, monkeypatch):
+    out = Path(shutil.copytree(torch_dir, tmp_path / "engines"))
+    before = {name: (out / name).read_bytes() for name in _files(out)}
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk gone")
+
+    monkeypatch.setattr("wan_trt.export.torch_build.write_manifest", fail)
+    with pytest.raises(RuntimeError, match="disk gone"):
+        build_torch_engines(preset, out, seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]  # no staging sibling left
+    assert {name: (out / name).read_bytes() for name in _files(out)} == before
+    with pytest.raises(RuntimeError, match="disk gone"):
+        build_torch_engines(preset, tmp_path / "new", seed=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines"]
+
+
+def test_out_that_is_not_an_engines_directory_is_refused(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["build", "--backend", "torch", "--out", str(tmp_path / "folder")])
+    assert result.exit_code == 2 and "is not an engines directory" in result.stderr
+    assert _files(tmp_path / "folder") == {"notes.txt"}
+
+
+def test_disk_estimate_has_no_graph_files(preset, tmp_path):
+    onnx = preflight.check_build(preset, tmp_path / "a", free=1 << 40)
+    torch_only = preflight.check_build(preset, tmp_path / "a", graph_files=False, free=1 << 40)
+    prompts = preflight.CACHED_PROMPT_COUNT * preflight.TEXT_TOKENS * int(preset.text_encoder["d_model"]) * 4
+    assert torch_only == int(prompts * preflight.DISK_MARGIN) < onnx
+    with pytest.raises(BadInputError, match="torch engines"):
+        preflight.check_build(preset, tmp_path / "a", graph_files=False, free=prompts // 2)
+
+
+def test_device_estimate_counts_the_weights_without_files(torch_dir, tiny_engines):
+    ours = preflight.estimate_device_bytes(read_manifest(torch_dir), torch_dir, 832, 480, 77)
+    onnx = preflight.estimate_device_bytes(read_manifest(tiny_engines), tiny_engines, 832, 480, 77)
+    models = fresh_reference_models()
+    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())  # noqa: E731
+    vae = models.vae
+    params = (count(models.text_encoder, models.image_encoder, models.transformer)
+              + 2 * count(vae.encoder, vae.quant_conv) + 2 * count(vae.decoder, vae.post_quant_conv))
+    assert ours.weights == 4 * params  # fp32 parameters (each VAE graph holds its half); ONNX files add tables
+    assert (ours.dit_activations, ours.vae_activations) == (onnx.dit_activations, onnx.vae_activations)
+
+
+def test_format_1_manifests_still_read(tiny_engines, tmp_path):
+    data = json.loads((tiny_engines / MANIFEST_NAME).read_text())
+    data["format_version"] = 1
+    del data["backends"], data["checkpoint_fingerprint"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    manifest = read_manifest(tmp_path, check_files=False)
+    assert manifest.served_backends() == ("onnxruntime", "torch") and manifest.checkpoint_fingerprint is None
+
+
+def test_tensorrt_is_served_where_the_manifest_lists_engines(tiny_engines, tmp_path):
+    data = json.loads((tiny_engines / MANIFEST_NAME).read_text())
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert read_manifest(tmp_path, check_files=False).served_backends() == ("onnxruntime", "torch")
+    data["tensorrt"] = {"engines": []}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    assert read_manifest(tmp_path, check_files=False).served_backends() == ("onnxruntime", "torch", "tensorrt")
+
+
+def test_a_manifest_without_files_that_claims_onnx_is_corrupt(torch_dir, tmp_path):
+    data = json.loads((torch_dir / MANIFEST_NAME).read_text())
+    data["backends"] = ["onnxruntime", "torch"]
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="corrupt"):
+        read_manifest(tmp_path, check_files=False)
+
+
+def test_bf16_torch_build_records_the_onnx_builds_dtypes_and_the_torch_backend_follows(preset, torch_dir, tmp_path):
+    from wan_trt.export.precision import HalfPrecisionGraph, graph_dtypes
+    from wan_trt.runtime.loading import torch_engines
+
+    engines = build_torch_engines(preset, tmp_path / "bf16", precision="bf16")
+    manifest = read_manifest(engines)
+    assert manifest.precision == "bf16"
+    assert {n: e.dtype for n, e in manifest.graphs.items()} == graph_dtypes("bf16", list(manifest.graphs))
+    assert manifest.graphs["transformer"].dtype == "bf16" and manifest.graphs["image_encoder"].dtype == "fp32"
+    with np.load(engines / "prompt_embeds.npz") as half, np.load(torch_dir / "prompt_embeds.npz") as full:
+        assert not np.array_equal(half["prompt_0"], full["prompt_0"])  # umT5 ran in bf16
+        np.testing.assert_allclose(half["prompt_0"], full["prompt_0"], atol=0.1)
+    modules = {name: engine.module for name, engine in torch_engines(manifest, "cpu", engines).items()}
+    assert isinstance(modules["transformer"], HalfPrecisionGraph) and modules["transformer"].dtype == "bf16"
+    assert not isinstance(modules["image_encoder"], HalfPrecisionGraph)
+
+
+# ------------------------------------------------------------------------------------- fp8 / int8
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_engines, torch_dir, inputs, tmp_path_factory) -> Path:
+    """One cache from the ONNX directory and one from the torch directory: the same weights, so the same ranges."""
+    scratch = tmp_path_factory.mktemp("calib")
+    caches = {}
+    for label, engines in (("onnx", tiny_engines), ("torch", torch_dir)):
+        caches[label] = scratch / f"{label}.json"
+        run_calibration(engines, [inputs], caches[label], steps=2, method="max", percentile=99.99, segment_frames=5)
+    assert json.loads(caches["onnx"].read_text()) == json.loads(caches["torch"].read_text())
+    return caches["onnx"]
+
+
+@pytest.fixture(scope="module")
+def fp8_dirs(preset, calibration, tmp_path_factory) -> dict[str, Path]:
+    from wan_trt.export.build import build_engines
+
+    root = tmp_path_factory.mktemp("fp8")
+    policy = json.loads(SHIPPED_POLICIES["every-block"].read_text())
+    (root / "policy.json").write_text(json.dumps({**policy, "vae_decoder_convs": True}))  # the VAE's convs too
+    request = QuantizationRequest("fp8", calibration, root / "policy.json")
+    return {"torch": build_torch_engines(preset, root / "torch", quantization=request),
+            "onnx": build_engines(preset, root / "onnx", quantization=request, verify=False, accuracy_video=False)}
+
+
+@pytest.mark.slow
+def test_fp8_torch_build_records_the_quantization_as_the_onnx_build(fp8_dirs):
+    ours, onnx = (read_manifest(fp8_dirs[k]) for k in ("torch", "onnx"))
+    assert ours.precision == onnx.precision == "fp8" and ours.quantization["fp8_attention_blocks"]
+    assert ours.quantization["vae_decoder_convs"] > 0
+    assert ours.quantization == onnx.quantization
+    assert _files(fp8_dirs["torch"]) == {MANIFEST_NAME, "tokenizer.json", "prompt_embeds.npz", "calibration.json"}
+    got, want = (json.loads((fp8_dirs[k] / "calibration.json").read_text()) for k in ("torch", "onnx"))
+    for layers in (got["layers"], want["layers"]):
+        for stats in layers.values():
+            stats.pop("onnx_tensor", None)  # the ONNX build names each range's tensor in its graph
+    assert got == want
+
+
+@pytest.mark.slow
+def test_fp8_torch_backend_computes_the_same_fake_quant_dit(fp8_dirs):
+    import torch
+
+    from wan_trt.components import segment_sizes
+    from wan_trt.runtime.loading import torch_engines
+
+    outputs = {}
+    for label, directory in fp8_dirs.items():
+        engines = torch_engines(read_manifest(directory), "cpu", directory)
+        spec = engines["transformer"].spec
+        feed = {k: torch.from_numpy(v) for k, v in spec.sample_inputs(segment_sizes(5, 32, 48), seed=4).items()}
+        outputs[label] = engines["transformer"].run(feed)["velocity"]
+        assert type(engines["transformer"].module.transformer.blocks[1].attn1.to_q).__name__ == "FakeQuantLinear"
+    torch.testing.assert_close(outputs["torch"], outputs["onnx"], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fp8_fast_plan_and_inspect_match_the_onnx_directory(fp8_dirs):
+    from wan_trt.runtime.fast_torch import fast_plan
+    from wan_trt.runtime.loading import reference_graph_modules
+
+    plans = {}
+    for label, directory in fp8_dirs.items():
+        manifest = read_manifest(directory)
+        plan, ranges, smoothing = fast_plan(reference_graph_modules(manifest, directory)["transformer"], directory,
+                                            manifest)
+        plans[label] = ({p: (l.act_scale, l.weight_scale.tolist()) for p, l in plan.layers.items()}, ranges, smoothing)
+    assert plans["torch"] == plans["onnx"] and plans["torch"][0]
+    printed = {}
+    for label, directory in fp8_dirs.items():
+        result = CliRunner().invoke(main, ["inspect", str(directory)])
+        assert result.exit_code == 0, result.output
+        printed[label] = {line.split()[-1] for line in result.stdout.splitlines() if line.strip().startswith("fp8 ")}
+        printed[label] |= {" ".join(line.split()[1:]) for line in result.stdout.splitlines()
+                           if line.strip().startswith("fp8 ") and "attn1 " in line}
+    assert printed["torch"] == printed["onnx"] and len(printed["torch"]) > 0
+
+
+def test_fp8_torch_build_refuses_a_cache_of_other_weights(preset, calibration, tmp_path):
+    with pytest.raises(BadInputError, match="re-run wan-trt calibrate"):
+        build_torch_engines(preset, tmp_path / "e", seed=1, quantization=QuantizationRequest("fp8", calibration))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fp8_torch_build_refuses_a_missing_cache_and_a_bad_policy(tmp_path):
+    (tmp_path / "policy.json").write_text("{}")
+    for extra, named in (([], "--calibration"), (["--calibration", str(tmp_path / "none.json")], "none.json"),
+                         (["--calibration", str(tmp_path / "none.json"), "--policy", str(tmp_path / "policy.json")],
+                          "policy.json")):
+        result = CliRunner().invoke(main, ["build", "--backend", "torch", "--precision", "fp8", *extra,
+                                           "--out", str(tmp_path / "e")])
+        assert result.exit_code == 2 and len(_error_lines(result)) == 1, result.output
+        assert named in _error_lines(result)[0]
+    assert list(tmp_path.iterdir()) == [tmp_path / "policy.json"]
+
+
+# ---------------------------------------------------------------------------------------- checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory) -> Path:
+    return write_diffusers_checkpoint(noisy_tiny_models(), tmp_path_factory.mktemp("ckpt") / "diffusers")
+
+
+def test_a_changed_checkpoint_is_refused_naming_the_folder(preset, checkpoint_dir, inputs, tmp_path):
+    from wan_trt.runtime.loading import torch_engines
+
+    checkpoint = Path(shutil.copytree(checkpoint_dir, tmp_path / "ckpt"))
+    engines = build_torch_engines(preset, tmp_path / "engines", checkpoint=str(checkpoint))
+    manifest = read_manifest(engines)
+    assert manifest.checkpoint == str(checkpoint.resolve())
+    assert "transformer/diffusion_pytorch_model.safetensors.index.json" in manifest.checkpoint_fingerprint["files"]
+    torch_engines(manifest, "cpu", engines)  # unchanged: loads (and the weights hash matches)
+
+    shard = sorted((checkpoint / "transformer").glob("*.safetensors"))[0]
+    stat = shard.stat()
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # rewritten in place, say
+    for argv in (["infer", "--engines", str(engines), "--input", str(inputs), "--out", str(tmp_path / "a.mp4"),
+                  "--backend", "torch", *SMALL],
+                 ["calibrate", "--engines", str(engines), "--data", str(inputs), "--out", str(tmp_path / "c.json"),
+                  "--steps", "1", "--segment-frames", "5"]):
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 3, result.output
+        lines = _error_lines(result)
+        assert len(lines) == 1 and f"checkpoint folder '{checkpoint.resolve()}' changed" in lines[0], result.stderr
+        assert f"transformer/{shard.name} was modified" in lines[0]
+        assert f"--checkpoint {checkpoint.resolve()} --backend torch --out {engines}" in lines[0]
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "c.json").exists()
+
+
+def test_fingerprint_sees_added_removed_and_edited_weight_files_only(checkpoint_dir, tmp_path):
+    from wan_trt.checkpoint_fingerprint import checkpoint_fingerprint, fingerprint_change
+
+    checkpoint = Path(shutil.copytree(checkpoint_dir, tmp_path / "ckpt"))
+    recorded = checkpoint_fingerprint(checkpoint)
+    assert "vae/diffusion_pytorch_model.safetensors" in recorded["files"]
+    (checkpoint / "README.md").write_text("notes")
+    (checkpoint / ".cache").mkdir()
+    (checkpoint / ".cache" / "x.json").write_text("{}")
+    assert fingerprint_change(recorded, checkpoint) is None
+    (checkpoint / "vae" / "extra.safetensors").write_bytes(b"0")
+    assert fingerprint_change(recorded, checkpoint) == "vae/extra.safetensors was added"
+    (checkpoint / "vae" / "extra.safetensors").unlink()
+    (checkpoint / "vae" / "config.json").unlink()
+    assert fingerprint_change(recorded, checkpoint) == "vae/config.json was removed"
+    assert fingerprint_change(recorded, tmp_path / "gone") == "the folder no longer exists"
