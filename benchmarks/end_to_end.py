@@ -40,16 +40,22 @@ def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) 
     return done.returncode == 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks.timing import environment, write_json
-    from wan_trt.demo_media import make_demo_inputs
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def segment_arguments(description: str) -> argparse.ArgumentParser:
+    """The options this benchmark shares with ``benchmarks.diffusers_pipeline`` (same work folder and inputs)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--work", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--sizes", default="832x480,1280x720")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--frames", type=int, default=77)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.timing import environment, write_json
+    from wan_trt.demo_media import make_demo_inputs
+
+    parser = segment_arguments(__doc__.splitlines()[0])
     parser.add_argument("--skip-build", action="store_true")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
