@@ -173,6 +173,25 @@ def test_device_estimate_counts_the_weights_without_files(torch_dir, tiny_engine
     assert (ours.dit_activations, ours.vae_activations) == (onnx.dit_activations, onnx.vae_activations)
 
 
+def test_fast_device_estimate_covers_the_measured_full_size_peak(torch_dir):
+    """``infer --fast`` counts bf16 weights and the loading peak: for ``animate-14b`` at 832×480×77 the estimate
+    is at least the 45.0 GiB an H100 measured (benchmarks/results/end_to_end_h100.json), and 1280×720 fits
+    the H100's 78.7 GiB free, which the fp32-weights estimate refused."""
+    import dataclasses
+
+    from wan_trt.presets import get_preset
+
+    manifest = dataclasses.replace(read_manifest(torch_dir), preset=get_preset("animate-14b"))
+    fast_480 = preflight.estimate_device_bytes(manifest, torch_dir, 832, 480, 77, text_encoder=False, fast=True)
+    fast_720 = preflight.estimate_device_bytes(manifest, torch_dir, 1280, 720, 77, text_encoder=False, fast=True)
+    assert fast_480.total >= 45.0 * 2**30
+    assert fast_480.loading > fast_480.weights  # the whole model, before the encoders leave the GPU
+    assert fast_720.total <= 78.6 * 2**30
+    tiny = preflight.estimate_device_bytes(read_manifest(torch_dir), torch_dir, 832, 480, 77)
+    tiny_fast = preflight.estimate_device_bytes(read_manifest(torch_dir), torch_dir, 832, 480, 77, fast=True)
+    assert tiny_fast.dit_activations * 2 == tiny.dit_activations  # bf16, not the fp32 engines' dtype
+
+
 def test_format_1_manifests_still_read(tiny_engines, tmp_path):
     data = json.loads((tiny_engines / MANIFEST_NAME).read_text())
     data["format_version"] = 1

@@ -324,7 +324,9 @@ class StrictLoader:
         if tuple(tensor.shape) != self.shapes[canonical]:
             raise BadInputError(f"{source}: {named} has shape {tuple(tensor.shape)}, {self.what} needs "
                                 f"{self.shapes[canonical]}: the checkpoint does not fit this preset")
-        value = tensor.to(device=self.device, dtype=self._target_dtype(canonical, tensor)).contiguous()
+        # a meta tensor (a key/shape dry run) has no data to move; it stays on meta
+        device = tensor.device if tensor.is_meta else self.device
+        value = tensor.to(device=device, dtype=self._target_dtype(canonical, tensor)).contiguous()
         param = None
         for owner, attr, is_param in self.slots[canonical]:
             if is_param:

@@ -112,18 +112,19 @@ def _keep_fp32(module: torch.nn.Module) -> tuple[str, ...]:
 def _cast(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
     """Move ``module`` to ``device`` and cast its float tensors to ``dtype``, keeping the fp32-kept ones."""
     keep = _keep_fp32(module)
-    for mod_name, sub in module.named_modules():
+    done: dict[int, torch.Tensor] = {}  # tied tensors (umT5's shared / embed_tokens) stay one tensor
+    for mod_name, sub in module.named_modules(remove_duplicate=False):
         for store in (sub._parameters, sub._buffers):
             for name, value in list(store.items()):
                 if value is None:
                     continue
-                full = f"{mod_name}.{name}" if mod_name else name
-                target = torch.float32 if any(k in full.split(".") for k in keep) else dtype
-                moved = value.data.to(device=device, dtype=target if value.is_floating_point() else value.dtype)
-                if isinstance(value, torch.nn.Parameter):
-                    store[name] = torch.nn.Parameter(moved, requires_grad=False)
-                else:
-                    store[name] = moved
+                if id(value) not in done:
+                    full = f"{mod_name}.{name}" if mod_name else name
+                    target = torch.float32 if any(k in full.split(".") for k in keep) else dtype
+                    moved = value.data.to(device=device, dtype=target if value.is_floating_point() else value.dtype)
+                    is_param = isinstance(value, torch.nn.Parameter)
+                    done[id(value)] = torch.nn.Parameter(moved, requires_grad=False) if is_param else moved
+                store[name] = done[id(value)]
 
 
 def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch.device | str, dtype: torch.dtype,
