@@ -22,7 +22,6 @@ caches) is reused: run the parts in separate commands (``--parts full`` after ``
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import subprocess
@@ -143,11 +142,9 @@ def full_part(work: Path, results: dict[str, Any], out: Path, sizes: list[str], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.timing import environment, write_json
+    from benchmarks.timing import benchmark_parser, environment, write_json
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="scratch folder for engines, inputs and caches")
-    parser.add_argument("--out", required=True, help="results JSON")
+    parser = benchmark_parser(__doc__.splitlines()[0], "scratch folder for engines, inputs and caches")
     parser.add_argument("--parts", default="tiny,attention,full", help="which of tiny, attention, full [all]")
     parser.add_argument("--sizes", default="832x480", help="full part: WIDTHxHEIGHT, comma-separated [832x480]")
     parser.add_argument("--steps", type=int, default=20, help="full part: denoising steps [20]")

@@ -42,9 +42,9 @@ def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) 
 
 def segment_arguments(description: str) -> argparse.ArgumentParser:
     """The options this benchmark shares with ``benchmarks.diffusers_pipeline`` (same work folder and inputs)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--out", required=True)
+    from benchmarks.timing import benchmark_parser
+
+    parser = benchmark_parser(description, "scratch folder for engines, inputs and videos")
     parser.add_argument("--sizes", default="832x480,1280x720")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--frames", type=int, default=77)
