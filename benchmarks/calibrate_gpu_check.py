@@ -22,41 +22,15 @@ caches) is reused: run the parts in separate commands (``--parts full`` after ``
 
 from __future__ import annotations
 
-import re
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import benchmarks  # noqa: F401  (maps wan_trt.* subpackages on a plain checkout)
+from benchmarks.end_to_end import run_step
 from benchmarks.infer_fast_smoke import wan_trt
 
 TINY_SIZE, TINY_FRAMES, TINY_STEPS = (128, 96), 17, 4
-_STEP_LINE = re.compile(r"step (\d+)/(\d+) \(([\d.]+) s\)")
-_PEAK_LINE = re.compile(r"GPU peak ([\d.]+) GiB")
-
-
-def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) -> subprocess.CompletedProcess:
-    from benchmarks.timing import write_json
-
-    start = time.time()
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    record: dict[str, Any] = {"command": "wan-trt " + " ".join(command[3:]), "rc": done.returncode,
-                              "wall_s": round(time.time() - start, 1), "stderr_tail": done.stderr[-2500:]}
-    seconds = [float(m.group(3)) for m in _STEP_LINE.finditer(done.stderr)]
-    if seconds:  # the first step of a sample includes the encoders and VAE encode: the median is the DiT's
-        record["steps_logged"] = len(seconds)
-        record["step_s_median"] = round(statistics.median(seconds), 2)
-        record["step_s_max"] = round(max(seconds), 2)
-    peak = _PEAK_LINE.search(done.stderr)
-    if peak:
-        record["gpu_peak_gib"] = float(peak.group(1))
-    results["steps"][name] = record
-    write_json(out, results)
-    print(f"{name}: rc {done.returncode}, {record['wall_s']} s", file=sys.stderr, flush=True)
-    return done
 
 
 def tiny_part(work: Path, results: dict[str, Any], out: Path) -> bool:
