@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                "precision": args.precision, "steps_per_segment": args.steps, "frames": args.frames,
                                "inputs": "synthetic demo inputs (wan_trt.demo_media)", "steps": {}, "runs": {}}
     fp32_engines = work / "engines-fp32"
-    if not args.skip_build and not fp32_engines.is_dir():
+    needs_fp32 = args.precision == "bf16" or not args.calibration  # fp8 with a cache given: no fp32 build
+    if needs_fp32 and not args.skip_build and not fp32_engines.is_dir():
         if run_step("build_torch_fp32", wan_trt("build", "--preset", "animate-14b", "--random-weights",
                                                 "--backend", "torch", "--out", str(fp32_engines)),
                     results, out).returncode:
