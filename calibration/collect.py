@@ -33,6 +33,7 @@ from wan_trt.errors import BadInputError
 from wan_trt.presets import DEFAULT_PROMPT
 from wan_trt.runtime.manifest import Manifest
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class _RangeObserver:
 
 
 def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, manifest: Manifest,
-              samples: list[tuple[str, DrivingInputs]], *, steps: int, method: str = "max",
+              samples: list[tuple[str, DrivingInputs]], *, sampling: Sampling, method: str = "max",
               percentile: float = 99.99, segment_frames: int | None = None, target: str = "fp8",
               guidance_scale: float = 1.0, vae_module: torch.nn.Module | None = None) -> CalibrationCache:
     """Observe the DiT's Linear and attention inputs (and the convs of ``vae_module``, a VAE graph module)
@@ -104,7 +105,7 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
     conv_ranges: ConvRangeObserver | None = None
     try:
         with observe_convs(vae_module) if vae_module is not None else contextlib.nullcontext() as conv_ranges:
-            _generate_all(pipeline, manifest, samples, steps, segment_frames, guidance_scale)
+            _generate_all(pipeline, manifest, samples, sampling, segment_frames, guidance_scale)
     finally:
         for handle in handles:
             handle.remove()
@@ -122,16 +123,17 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
         layers[path] = LayerStats(amax=amax, channel_amax=[], calls=conv_ranges.calls[path])
     return CalibrationCache(weights_hash=manifest.weights_hash, preset=manifest.preset.name, method=method,
                             percentile=percentile if method == "percentile" else None,
-                            samples=[name for name, _ in samples], steps=steps, layers=layers,
-                            target=target if method == "mse" else None, guidance_scale=guidance_scale)
+                            samples=[name for name, _ in samples], steps=sampling.steps, layers=layers,
+                            target=target if method == "mse" else None, guidance_scale=guidance_scale,
+                            sampling=sampling.to_json())
 
 
-def _generate_all(pipeline: AnimatePipeline, manifest: Manifest, samples: list[tuple[str, DrivingInputs]], steps: int,
-                  segment_frames: int | None, guidance_scale: float) -> None:
+def _generate_all(pipeline: AnimatePipeline, manifest: Manifest, samples: list[tuple[str, DrivingInputs]],
+                  sampling: Sampling, segment_frames: int | None, guidance_scale: float) -> None:
     for name, inputs in samples:
-        log.info("calibrating on %s (%d frames, %d steps)", name, inputs.num_frames, steps)
+        log.info("calibrating on %s (%d frames, %s)", name, inputs.num_frames, sampling.describe())
         request = GenerationRequest(ref_image=inputs.ref_image, pose_frames=inputs.pose.frames,
-                                    face_frames=inputs.face.frames, prompt=DEFAULT_PROMPT, steps=steps,
+                                    face_frames=inputs.face.frames, prompt=DEFAULT_PROMPT, sampling=sampling,
                                     guidance_scale=guidance_scale,
                                     segment_frames=segment_frames or manifest.preset.segment_frames)
         for _ in pipeline.generate(request):
@@ -140,21 +142,29 @@ def _generate_all(pipeline: AnimatePipeline, manifest: Manifest, samples: list[t
 
 def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: int | None, method: str,
                     percentile: float, segment_frames: int | None, target: str = "fp8",
-                    guidance_scale: float = 1.0) -> CalibrationCache:
-    """The CLI's entry: fp32 engines dir (for the weights) + preprocessed folders → cache file."""
+                    guidance_scale: float | None = None, recipe: str | None = None, sampler: str | None = None,
+                    shift: float | None = None, sigmas: str | None = None) -> CalibrationCache:
+    """The CLI's entry: fp32 engines dir (for the weights) + preprocessed folders → cache file.
+
+    The sampling is resolved as for ``infer`` (``wan_trt.recipes.resolve``: the options over the recipe over
+    the preset's defaults) and recorded in the cache."""
     from wan_trt.driving_inputs import load_driving_inputs
+    from wan_trt.recipes import check_recipe_engines, resolve
     from wan_trt.runtime.loading import torch_engines
-    from wan_trt.runtime.manifest import read_manifest
+    from wan_trt.runtime.manifest import built_with, read_manifest
     from wan_trt.tokenizer import load_tokenizer, tokenize
 
     manifest = read_manifest(engines_dir)
+    settings = resolve(recipe, sampler=sampler, steps=steps, shift=shift, sigmas=sigmas,
+                       guidance_scale=guidance_scale, preset=manifest.preset)
+    check_recipe_engines(settings, manifest, engines_dir, built_with(manifest))
     samples = [(str(folder), load_driving_inputs(str(folder))) for folder in data]
     engines = torch_engines(manifest, "cpu", engines_dir)
     tokenizer = load_tokenizer(engines_dir / manifest.tokenizer_file)
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt))
     cache = calibrate(pipeline, engines["transformer"].module, manifest, samples,
-                      steps=steps or manifest.preset.steps, method=method, percentile=percentile,
-                      segment_frames=segment_frames, target=target, guidance_scale=guidance_scale,
+                      sampling=settings.sampling, method=method, percentile=percentile,
+                      segment_frames=segment_frames, target=target, guidance_scale=settings.guidance_scale,
                       vae_module=engines["vae_decoder_step"].module)
     cache.save(out)
     log.info("calibration cache for %d layers written to %s", len(cache.layers), out)
