@@ -53,7 +53,7 @@ def spaced_sigmas(spacing: str, steps: int, shift: float, num_train_timesteps: i
     if spacing == "unipc":
         s = np.linspace(1.0, 1.0 / big_t, n + 1)[:-1]
     elif spacing == "dpmpp":
-        s = np.linspace(1.0 - 1.0 / big_t, 0.0, n + 1)[:-1]
+        s = np.flip(1.0 - np.linspace(1.0, 1.0 / big_t, n + 1))[:-1]  # diffusers' float64 values, bit for bit
     elif spacing == "simple":
         stride = big_t / n  # ComfyUI's float stride and truncation, so the picks land on the same table entries
         s = np.array([(big_t - int(i * stride)) / big_t for i in range(n)])
