@@ -77,9 +77,16 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
             for name, entry in manifest.graphs.items()}
 
 
-def reference_graph_modules(manifest: Manifest, directory: Path | None = None) -> dict[str, torch.nn.Module]:
-    """The fp32 graph modules of the manifest's weights (rebuilt; refused if the checkpoint folder changed
-    since the build, checked first by its fingerprint, or if the weights hash differs)."""
+def reference_graph_modules(manifest: Manifest, directory: Path | None = None, device: str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+    """The graph modules of the manifest's weights, rebuilt on ``device`` in ``dtype`` (diffusers' fp32-kept
+    modules stay fp32); refused if the checkpoint folder changed since the build (its fingerprint, checked
+    first) or if the weights hash differs.
+
+    Bounded loading: no fp32 copy of the model on the host when ``device`` is a GPU. There the weights of a
+    checkpoint are not hashed again (23.7 B parameters at full size: minutes): the folder's fingerprint
+    stands for them. ``counter`` random weights are checked by their recipe's digest.
+    """
     from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
     from wan_trt.reference_models import build_reference_models
 
@@ -88,8 +95,12 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None) -
     lora = manifest.lora or {}
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
                                     checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint,
-                                    lora=lora.get("file"), lora_scale=lora.get("scale", 1.0))
-    if models.weights_hash() != manifest.weights_hash:
+                                    lora=lora.get("file"), lora_scale=lora.get("scale", 1.0),
+                                    device=device, dtype=dtype)
+    fingerprinted = bool(manifest.checkpoint and manifest.checkpoint_fingerprint)
+    if fingerprinted and torch.device(device).type != "cpu":
+        log.info("checkpoint weights not re-hashed on %s: the folder's fingerprint matches the build's", device)
+    elif models.weights_hash() != manifest.weights_hash:
         raise EngineError(
             f"the PyTorch weights rebuilt for preset '{manifest.preset.name}' (seed {manifest.seed}) do not match the "
             f"engines' weights hash {manifest.weights_hash}: rebuild the engines with this wan-trt version"

@@ -251,13 +251,17 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
                    "the raw photo's short side to 224 and centre-cropped (diffusers' WanAnimatePipeline).")
+@click.option("--timings", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+              help="Also write the run's seconds per stage (load, encoders, VAE, DiT, mp4) and memory peaks as JSON "
+                   "(the same figures as the last log line).")
 def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
           out_path: str, backend: str, device: str, seed: int, recipe: str | None, sampler: str | None,
           steps: int | None, shift: float | None, sigmas: str | None, prompt: str | None,
           negative_prompt: str, guidance_scale: float | None, mode: str, relight: bool, background: str | None,
           mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None,
-          gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, clip_preprocess: str) -> None:
+          gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, clip_preprocess: str,
+          timings: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
 
@@ -270,6 +274,7 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
         fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing,
         clip_preprocess=clip_preprocess, recipe=recipe, sampler=sampler, shift=shift, sigmas=sigmas,
+        timings=timings,
     )
     if gpus > 1:  # torchrun workers (wan_trt.runtime.distributed); rank 0 writes the mp4
         from wan_trt.runtime.distributed import launch_infer
