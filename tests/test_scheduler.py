@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -347,7 +348,7 @@ def test_unipc_on_explicit_sigmas_matches_diffusers() -> None:
     ours = FlowUniPCScheduler(shift=5.0)
     timesteps = ours.set_timesteps(sigmas=EXPLICIT)
     ref = reference(1.0)
-    ref.set_timesteps(sigmas=EXPLICIT[:-1])
+    ref.set_timesteps(sigmas=np.array(EXPLICIT[:-1]))  # diffusers takes an array (it scales it)
     assert torch.equal(timesteps, ref.timesteps) and torch.equal(ours.sigmas, ref.sigmas)
     model, x_init = make_model(seed=25), initial_latents(seed=26)
     assert_trajectories_match(run_ours_on(ours, model, x_init), run_reference_on(ref, model, x_init))
@@ -371,7 +372,7 @@ def test_euler_on_explicit_sigmas_matches_diffusers() -> None:
     ours = FlowEulerSampler(shift=5.0)
     ours.set_timesteps(sigmas=EXPLICIT)
     ref = euler_reference(1.0)
-    ref.set_timesteps(sigmas=EXPLICIT[:-1])
+    ref.set_timesteps(sigmas=np.array(EXPLICIT[:-1]))  # diffusers takes an array (it scales it)
     assert torch.equal(ours.sigmas, ref.sigmas) and torch.equal(ours.timesteps, ref.timesteps)
     model, x_init = make_model(seed=29), initial_latents(seed=30)
     assert_trajectories_match(run_ours_on(ours, model, x_init), run_reference_on(ref, model, x_init))
