@@ -13,7 +13,6 @@ with the DiT's calls timed separately (CUDA-synchronised hooks); not timed: buil
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -44,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
+    from benchmarks.end_to_end import segment_arguments
     from benchmarks.timing import environment, write_json
     from wan_trt.demo_media import make_demo_inputs
     from wan_trt.driving_inputs import load_driving_inputs
@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from wan_trt.reference_models import build_reference_models
     from wan_trt.tokenizer import build_tiny_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--sizes", default="832x480,1280x720")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--frames", type=int, default=77)
+    parser = segment_arguments(__doc__.splitlines()[0])
     parser.add_argument("--preset", default="animate-14b", help="(tiny with --device cpu: a smoke test of this script)")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)

@@ -175,7 +175,7 @@ def test_device_estimate_counts_the_weights_without_files(torch_dir, tiny_engine
 
 def test_fast_device_estimate_covers_the_measured_full_size_peak(torch_dir):
     """``infer --fast`` counts bf16 weights and the loading peak: for ``animate-14b`` at 832×480×77 the estimate
-    is at least the 45.0 GiB an H100 measured (benchmarks/results/end_to_end_h100.json), and 1280×720 fits
+    is at least the 45.0 GiB an H100 measured (benchmarks/results/end_to_end_h100_480_fast_bf16*.json), and 1280×720 fits
     the H100's 78.7 GiB free, which the fp32-weights estimate refused."""
     import dataclasses
 

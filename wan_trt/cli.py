@@ -304,14 +304,19 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
 @click.option("--guidance-scale", type=FiniteFloatRange(1.0), default=None,
               help="> 1: calibrate with classifier-free guidance on, observing both branches [the recipe's, else 1].")
 @click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the bf16 reference rebuilt on one GPU (the ranges of bf16 activations; docs/precision.md).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16"]), default="auto", show_default=True,
+              help="The DiT's arithmetic: auto = bf16 on cuda, the engines' own on the CPU (fp32 engines: fp32); "
+                   "bf16 on the CPU runs the GPU's code path.")
 def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: str | None, sampler: str | None,
               steps: int | None, shift: float | None, sigmas: str | None, method: str, percentile: float, target: str,
-              guidance_scale: float | None, segment_frames: int | None) -> None:
+              guidance_scale: float | None, segment_frames: int | None, device: str, dtype: str) -> None:
     """Record the DiT's activation and attention ranges over every denoising step of the calibration samples
     (and the VAE convolutions' input ranges)."""
     import tempfile
 
-    from wan_trt.calibration.collect import run_calibration
+    from wan_trt.calibration.collect import check_calibration_device, run_calibration
     from wan_trt.demo_media import make_demo_inputs
     from wan_trt.preflight import check_calibrate
     from wan_trt.recipes import resolve
@@ -320,6 +325,7 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: st
     sampling = dict(recipe=recipe, sampler=sampler, steps=steps, shift=shift, sigmas=sigmas,
                     guidance_scale=guidance_scale)
     resolve(**sampling)  # bad values fail before the engines are read
+    check_calibration_device(device, dtype)
     check_calibrate(read_manifest(Path(engines_dir)), Path(engines_dir), Path(out_path), segment_frames)
     with tempfile.TemporaryDirectory(prefix="wan-trt-calib-") as scratch:
         folders = [Path(d) for d in data]
@@ -327,7 +333,7 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: st
             log.info("no --data given: calibrating on 2 synthetic demo samples")
             folders = [make_demo_inputs(Path(scratch) / f"sample{i}", seed=i, num_frames=21) for i in range(2)]
         run_calibration(Path(engines_dir), folders, Path(out_path), method=method, percentile=percentile,
-                        segment_frames=segment_frames, target=target, **sampling)
+                        segment_frames=segment_frames, target=target, device=device, dtype=dtype, **sampling)
     click.echo(out_path)
 
 

@@ -39,6 +39,7 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -196,6 +197,19 @@ def graph_parameter_counts(modules: dict[str, Any]) -> dict[str, int]:
             "motion_encoder": motion, "transformer": _numel(transformer) - motion}
 
 
+_COUNTS: dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]] = {}
+
+
+def parameter_counts(preset, vocab_size: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Parameters per module and per graph (``graph_parameter_counts``) of ``preset``'s reference modules,
+    built on the meta device once per preset and vocabulary (several seconds at full size)."""
+    key = (json.dumps(preset.to_json(), sort_keys=True), vocab_size)
+    if key not in _COUNTS:
+        modules = meta_modules(preset, vocab_size)
+        _COUNTS[key] = ({name: _numel(module) for name, module in modules.items()}, graph_parameter_counts(modules))
+    return _COUNTS[key]
+
+
 def quantized_parameter_count(transformer, policy, option: str = "--policy") -> int:
     """Weights of the Linear layers the policy quantizes; a layer the DiT does not have is one BadInputError."""
     linears = {f"transformer.{name}": m for name, m in transformer.named_modules()}
@@ -325,7 +339,7 @@ def graph_weight_bytes(manifest, directory: Path) -> dict[str, int]:
     counts = {}
     if unfiled:
         vocab = int(manifest.graphs["text_encoder"].spec.vocab_size)
-        counts = graph_parameter_counts(meta_modules(manifest.preset, vocab))
+        counts = parameter_counts(manifest.preset, vocab)[1]
     return {name: (graph_file_bytes(directory, entry) if entry.file else counts[name] * BYTES_PER_PARAM[entry.dtype])
             for name, entry in manifest.graphs.items()}
 
@@ -338,7 +352,7 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
     text and image encoders wait on the host and visit the GPU one at a time."""
     if fast:
         vocab = int(manifest.graphs["text_encoder"].spec.vocab_size)
-        counts = {name: _numel(module) for name, module in meta_modules(manifest.preset, vocab).items()}
+        counts = parameter_counts(manifest.preset, vocab)[0]
         visiting = max(counts["image_encoder"], counts["text_encoder"] if text_encoder else 0)
         weights = 2 * (counts["transformer"] + counts["vae"] + visiting)
         loading = 2 * sum(counts.values())

@@ -35,7 +35,9 @@ class ReferenceModels:
     image_encoder: torch.nn.Module  # transformers.CLIPVisionModel
     vae: torch.nn.Module  # diffusers.AutoencoderKLWan
     transformer: torch.nn.Module  # diffusers.WanAnimateTransformer3DModel
-    known_hash: str | None = None  # set where the weights are determined by their recipe (``counter`` scheme)
+    # set where the weights are determined by their recipe (``counter`` scheme), or hashed before a cast
+    # (``torch`` random weights asked for in another dtype: the hash of the fp32 values a build stamps)
+    known_hash: str | None = None
 
     def weights_hash(self) -> str:
         """A short content hash of all weights (to stamp manifests and calibration caches); for ``counter``
@@ -79,8 +81,15 @@ def build_reference_models(
     elif preset.random_init == "counter":
         models = _counter_models(preset, seed=seed, vocab_size=vocab_size, device=device, dtype=dtype,
                                  components=set(components), lora=lora, lora_scale=lora_scale)
-    else:
+    else:  # drawn in fp32 on the CPU: a LoRA is merged and the hash taken there, as a build stamps them
         models = _random_models(preset, seed=seed, vocab_size=vocab_size)
+        if lora is not None:
+            from wan_trt.checkpoints import merge_lora
+
+            merge_lora(models.transformer, lora, lora_scale)
+            lora = None
+        if dtype != torch.float32:
+            models.known_hash = models.weights_hash()
         for name in COMPONENTS:
             _cast(getattr(models, name), dtype, device)
     if lora is not None:
