@@ -62,6 +62,7 @@ def tiny_pipeline(seed: int = 0):
 
 def _request(preset: Preset, steps: int, frames: int, width: int, height: int, guidance: float):
     from wan_trt.runtime.pipeline import GenerationRequest
+    from wan_trt.runtime.samplers import Sampling
 
     rng = np.random.default_rng(0)
     face = preset.face_size
@@ -69,7 +70,7 @@ def _request(preset: Preset, steps: int, frames: int, width: int, height: int, g
         ref_image=rng.integers(0, 256, (height, width, 3), dtype=np.uint8),
         pose_frames=rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8),
         face_frames=rng.integers(0, 256, (frames, face, face, 3), dtype=np.uint8),
-        guidance_scale=guidance, steps=steps, segment_frames=frames, seed=0)
+        guidance_scale=guidance, sampling=Sampling(steps=steps), segment_frames=frames, seed=0)
 
 
 def measure_overhead(pipeline=None, preset: Preset | None = None, *, steps: int = 12, frames: int = 5,

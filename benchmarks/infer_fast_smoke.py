@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = (("build_fp32", ("fp32" in chosen or needs_calibration) and not e32.is_dir(),
               ("build", "--preset", "tiny-gpu", *quick, "--out", str(e32))),
              ("calibrate", needs_calibration,
-              ("calibrate", "--engines", str(e32), "--data", str(inputs), "--out", str(calib), "--steps", "4",
+              ("calibrate", "--engines", str(e32), "--data", str(inputs), "--out", str(calib), "--steps", str(STEPS),
                "--segment-frames", str(SEGMENT))),
              ("build_fp8", "fp8" in chosen and not e8.is_dir(),
               ("build", "--preset", "tiny-gpu", "--precision", "fp8", "--calibration", str(calib), *quick,

@@ -3,19 +3,25 @@
 JSON, keyed by module path (``transformer.blocks.4.attn1.to_q``), each entry holding the per-tensor
 ``amax`` (by the chosen method) and the per-input-channel ``channel_amax`` (for SmoothQuant), plus the
 ONNX tensor that feeds the layer in the fp32 graph where known. Stamped with the weights hash, the
-preset and the sample set (a cache for other weights is refused), and with the device and the DiT's
-arithmetic (``fp32``/``bf16``) it was measured in (absent from caches made before they were recorded).
+preset, the sample set, the sampling (sampler, steps, shift and the sigmas they give), the device and the
+DiT's arithmetic (``fp32``/``bf16``) it was measured in (the last three absent from caches made before they
+were recorded); a cache for other weights is refused, and ``infer`` refuses quantized engines whose cache was
+made for another schedule.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wan_trt.errors import BadInputError
 from wan_trt.json_files import write_json_atomic
+from wan_trt.runtime.samplers import Sampling, same_schedule
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -40,6 +46,7 @@ class CalibrationCache:
     percentile: float | None = None
     target: str | None = None  # mse: the format the error was minimised for (fp8 or int8)
     guidance_scale: float = 1.0  # > 1: both CFG branches were observed
+    sampling: dict[str, Any] | None = None  # Sampling.to_json(); None in caches made before it was recorded
     device: str | None = None  # cpu or cuda; None: a cache from before it was recorded
     dtype: str | None = None  # the DiT's arithmetic while observed (fp32, bf16); None: as for device
 
@@ -48,7 +55,7 @@ class CalibrationCache:
             "format_version": FORMAT_VERSION, "weights_hash": self.weights_hash, "preset": self.preset,
             "method": self.method, "percentile": self.percentile, "target": self.target,
             "guidance_scale": self.guidance_scale, "device": self.device, "dtype": self.dtype,
-            "samples": self.samples, "steps": self.steps,
+            "samples": self.samples, "steps": self.steps, "sampling": self.sampling,
             "layers": {k: vars(v) for k, v in self.layers.items()},
         }
 
@@ -63,6 +70,19 @@ class CalibrationCache:
                 "re-run wan-trt calibrate for these weights"
             )
 
+    def check_schedule(self, sampling: Sampling, path: str | Path) -> None:
+        """BadInputError when the cache was calibrated on another sampler or other sigmas than ``sampling``'s."""
+        if self.sampling is None:
+            log.warning("calibration cache '%s' was made before caches recorded their schedule: its ranges may "
+                        "not cover %s (re-run wan-trt calibrate with those options to be sure)", path,
+                        sampling.describe())
+            return
+        if not same_schedule(self.sampling, sampling.to_json()):
+            raise BadInputError(
+                f"these engines' calibration cache '{path}' was made for {self.sampling['options']}, this run asks "
+                f"for {sampling.describe()}: run with those options, or calibrate with {sampling.describe()} "
+                "and rebuild the engines with that cache")
+
 
 def load_cache(path: str | Path) -> CalibrationCache:
     path = Path(path)
@@ -74,7 +94,7 @@ def load_cache(path: str | Path) -> CalibrationCache:
             weights_hash=data["weights_hash"], preset=data["preset"], method=data["method"],
             samples=list(data["samples"]), steps=int(data["steps"]), percentile=data.get("percentile"),
             target=data.get("target"), guidance_scale=float(data.get("guidance_scale", 1.0)),
-            device=data.get("device"), dtype=data.get("dtype"),
+            sampling=data.get("sampling"), device=data.get("device"), dtype=data.get("dtype"),
             layers={k: LayerStats(**v) for k, v in data["layers"].items()},
         )
     except FileNotFoundError:

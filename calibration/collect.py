@@ -41,6 +41,7 @@ from wan_trt.errors import BadInputError, EngineError
 from wan_trt.presets import DEFAULT_PROMPT
 from wan_trt.runtime.manifest import Manifest
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ class RangeObserver:
 
 
 def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, manifest: Manifest,
-              samples: list[tuple[str, DrivingInputs]], *, steps: int, method: str = "max",
+              samples: list[tuple[str, DrivingInputs]], *, sampling: Sampling, method: str = "max",
               percentile: float = 99.99, segment_frames: int | None = None, target: str = "fp8",
               guidance_scale: float = 1.0, vae_module: torch.nn.Module | None = None, device: str = "cpu",
               dtype: str = "fp32") -> CalibrationCache:
@@ -127,7 +128,7 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
     conv_ranges: ConvRangeObserver | None = None
     try:
         with observe_convs(vae_module) if vae_module is not None else contextlib.nullcontext() as conv_ranges:
-            _generate_all(pipeline, manifest, samples, steps, segment_frames, guidance_scale)
+            _generate_all(pipeline, manifest, samples, sampling, segment_frames, guidance_scale)
     finally:
         for handle in handles:
             handle.remove()
@@ -144,16 +145,16 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
         layers[path] = LayerStats(amax=amax, channel_amax=[], calls=conv_ranges.calls[path])
     return CalibrationCache(weights_hash=manifest.weights_hash, preset=manifest.preset.name, method=method,
                             percentile=percentile if method == "percentile" else None,
-                            samples=[name for name, _ in samples], steps=steps, layers=layers,
+                            samples=[name for name, _ in samples], steps=sampling.steps, layers=layers,
                             target=target if method == "mse" else None, guidance_scale=guidance_scale,
-                            device=torch.device(device).type, dtype=dtype)
+                            sampling=sampling.to_json(), device=torch.device(device).type, dtype=dtype)
 
 
-def _generate_all(pipeline: AnimatePipeline, manifest: Manifest, samples: list[tuple[str, DrivingInputs]], steps: int,
-                  segment_frames: int | None, guidance_scale: float) -> None:
+def _generate_all(pipeline: AnimatePipeline, manifest: Manifest, samples: list[tuple[str, DrivingInputs]],
+                  sampling: Sampling, segment_frames: int | None, guidance_scale: float) -> None:
     for number, (name, inputs) in enumerate(samples, 1):
-        log.info("calibrating on %s (%d/%d: %d frames, %d steps)", name, number, len(samples), inputs.num_frames,
-                 steps)
+        log.info("calibrating on %s (%d/%d: %d frames, %s)", name, number, len(samples), inputs.num_frames,
+                 sampling.describe())
         last = time.perf_counter()
 
         def on_step(segment: int, segments: int, step: int, total: int) -> None:
@@ -164,7 +165,7 @@ def _generate_all(pipeline: AnimatePipeline, manifest: Manifest, samples: list[t
             last = now
 
         request = GenerationRequest(ref_image=inputs.ref_image, pose_frames=inputs.pose.frames,
-                                    face_frames=inputs.face.frames, prompt=DEFAULT_PROMPT, steps=steps,
+                                    face_frames=inputs.face.frames, prompt=DEFAULT_PROMPT, sampling=sampling,
                                     guidance_scale=guidance_scale,
                                     segment_frames=segment_frames or manifest.preset.segment_frames, on_step=on_step)
         for _ in pipeline.generate(request):
@@ -189,21 +190,29 @@ def compute_dtype(manifest: Manifest, device: str, dtype: str) -> str:
 
 def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: int | None, method: str,
                     percentile: float, segment_frames: int | None, target: str = "fp8",
-                    guidance_scale: float = 1.0, device: str = "cpu", dtype: str = "auto") -> CalibrationCache:
+                    guidance_scale: float | None = None, recipe: str | None = None, sampler: str | None = None,
+                    shift: float | None = None, sigmas: str | None = None, device: str = "cpu",
+                    dtype: str = "auto") -> CalibrationCache:
     """The CLI's entry: unquantized engines dir (for the weights) + preprocessed folders → cache file.
 
-    ``device`` cpu with ``dtype`` auto: the engines' PyTorch reference on the CPU (``torch_engines``; fp32 for
-    fp32 engines). cuda, or ``dtype`` bf16 on either device: the bf16 reference rebuilt straight on the device
-    (``bf16_reference_engines``), so the ranges are those of bf16 activations — what the fast path's FP8
-    Linears quantize and what Q/DQ graphs over ``--high-precision bf16`` see.
+    The sampling is resolved as for ``infer`` (``wan_trt.recipes.resolve``: the options over the recipe over
+    the preset's defaults) and recorded in the cache. ``device`` cpu with ``dtype`` auto: the engines' PyTorch
+    reference on the CPU (``torch_engines``; fp32 for fp32 engines). cuda, or ``dtype`` bf16 on either device:
+    the bf16 reference rebuilt straight on the device (``bf16_reference_engines``), so the ranges are those of
+    bf16 activations — what the fast path's FP8 Linears quantize and what Q/DQ graphs over
+    ``--high-precision bf16`` see.
     """
     from wan_trt.driving_inputs import load_driving_inputs
+    from wan_trt.recipes import check_recipe_engines, resolve
     from wan_trt.runtime.loading import bf16_reference_engines, torch_engines
-    from wan_trt.runtime.manifest import read_manifest
+    from wan_trt.runtime.manifest import built_with, read_manifest
     from wan_trt.tokenizer import load_tokenizer, tokenize
 
     check_calibration_device(device, dtype)
     manifest = read_manifest(engines_dir)
+    settings = resolve(recipe, sampler=sampler, steps=steps, shift=shift, sigmas=sigmas,
+                       guidance_scale=guidance_scale, preset=manifest.preset)
+    check_recipe_engines(settings, manifest, engines_dir, built_with(manifest))
     samples = [(str(folder), load_driving_inputs(str(folder))) for folder in data]
     arithmetic = compute_dtype(manifest, device, dtype)
     start = time.perf_counter()
@@ -215,8 +224,8 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
     tokenizer = load_tokenizer(engines_dir / manifest.tokenizer_file)
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt))
     cache = calibrate(pipeline, engines["transformer"].module, manifest, samples,
-                      steps=steps or manifest.preset.steps, method=method, percentile=percentile,
-                      segment_frames=segment_frames, target=target, guidance_scale=guidance_scale,
+                      sampling=settings.sampling, method=method, percentile=percentile,
+                      segment_frames=segment_frames, target=target, guidance_scale=settings.guidance_scale,
                       vae_module=engines["vae_decoder_step"].module, device=device, dtype=arithmetic)
     cache.save(out)
     peak = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""

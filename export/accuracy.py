@@ -50,6 +50,7 @@ def generate_video(modules: Mapping[str, torch.nn.Module], specs: Mapping[str, G
     from wan_trt.demo_media import make_face_frames, make_pose_frames, make_ref_image
     from wan_trt.runtime.engines import TorchEngine
     from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+    from wan_trt.runtime.samplers import Sampling
     from wan_trt.tokenizer import tokenize
 
     w, h, n, seed = VIDEO["width"], VIDEO["height"], VIDEO["frames"], VIDEO["seed"]
@@ -57,7 +58,7 @@ def generate_video(modules: Mapping[str, torch.nn.Module], specs: Mapping[str, G
     pipeline = AnimatePipeline(engines, preset, lambda prompt: tokenize(tokenizer, prompt))
     request = GenerationRequest(ref_image=make_ref_image(w, h, seed), pose_frames=make_pose_frames(w, h, n, 16.0, seed),
                                 face_frames=make_face_frames(int(preset.face_size), n, 16.0, seed), prompt=DEFAULT_PROMPT,
-                                steps=VIDEO["steps"], segment_frames=n, seed=seed)
+                                sampling=Sampling(steps=VIDEO["steps"]), segment_frames=n, seed=seed)
     return np.concatenate([np.asarray(segment.frames) for segment in pipeline.generate(request)], axis=0)
 
 

@@ -2,7 +2,8 @@
 
 Per video (once): the prompt's text embeddings, the letter-boxed reference photo's VAE latent and
 CLIP features. Per segment: pose latents, the temporal-guidance conditioning latents, motion
-vectors of the face crops, ``steps`` DiT calls with UniPC updates, and a streamed VAE decode.
+vectors of the face crops, one DiT call per denoising step with the chosen sampler's update
+(``runtime/samplers.py``), and a streamed VAE decode.
 Segments follow the reference pipeline: the driving inputs are padded ping-pong to whole segments,
 each later segment is conditioned on the last ``guide_frames`` decoded frames of the previous one,
 the overlap is dropped and the result is cut to the input length. The driving frames are asked for
@@ -22,7 +23,7 @@ from wan_trt.errors import BadInputError
 from wan_trt.presets import DEFAULT_PROMPT, Preset
 from wan_trt.runtime import conditioning as cond
 from wan_trt.runtime.engines import Engine
-from wan_trt.runtime.scheduler import FlowUniPCScheduler
+from wan_trt.runtime.samplers import Sampling
 from wan_trt.tokenizer import clean_prompt
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class GenerationRequest:
     background_frames: Frames | None = None  # replacement mode: [T, H, W, 3] uint8 (src_bg.mp4)
     mask_frames: Frames | None = None  # replacement mode: [T, H, W] float in [0, 1], 1 = the person
     seed: int = 0
-    steps: int = 20
+    sampling: Sampling = field(default_factory=Sampling)  # sampler and schedule (default: UniPC, 20 steps, shift 5)
     segment_frames: int = 77
     guide_frames: int = 1
     clip_preprocess: str = "original"  # CLIP input convention: "original" (official Wan) or "diffusers" (conditioning)
@@ -161,7 +162,6 @@ class AnimatePipeline:
             blank_face = np.zeros((request.segment_frames, face_size, face_size, 3), dtype=np.uint8)
             blank_motion = self.motion_vectors(blank_face)
 
-        scheduler = FlowUniPCScheduler(shift=self.preset.shift)
         generator = torch.Generator().manual_seed(request.seed)
         latent_frames = (request.segment_frames - 1) // cond.TEMPORAL_STRIDE + 1
         previous: torch.Tensor | None = None  # last decoded pixel frames of the previous segment
@@ -189,7 +189,8 @@ class AnimatePipeline:
             conditioning = torch.cat(
                 [ref_latents, torch.cat([cond.pack_mask(pixel_mask), self.vae_encode(guide)], dim=1)], dim=2)
 
-            timesteps = scheduler.set_timesteps(request.steps)
+            scheduler = request.sampling.make()  # fresh multistep state for each segment
+            timesteps = scheduler.timesteps
             batch = 2 if guidance else 1
             for step, t in enumerate(timesteps):
                 latent_input = torch.cat([latents, conditioning], dim=1).expand(batch, -1, -1, -1, -1)

@@ -23,10 +23,10 @@ latents) behaves the same. The big tensors never leave their device.
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
+
+from wan_trt.runtime.flow_schedules import NUM_TRAIN_TIMESTEPS, FlowSampler, is_int
 
 __all__ = ["FlowUniPCScheduler"]
 
@@ -36,11 +36,7 @@ _MAX_ORDER = 3
 _SIGMA_ONE_EPS = 1e-6
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-class FlowUniPCScheduler:
+class FlowUniPCScheduler(FlowSampler):
     """UniPC multistep sampler (predictor UniP + corrector UniC) for flow models.
 
     Usage::
@@ -50,68 +46,36 @@ class FlowUniPCScheduler:
             latents = sched.step(model(latents, t), t, latents)
     """
 
-    timesteps: torch.Tensor  # int64, CPU, length n
-    sigmas: torch.Tensor  # float32, CPU, length n + 1, last entry 0
+    spacing = "unipc"
 
-    def __init__(self, num_train_timesteps: int = 1000, shift: float = 5.0, solver_order: int = 2) -> None:
-        if not _is_int(num_train_timesteps) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
-        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not 0.0 < float(shift) < float("inf"):
-            raise ValueError(f"shift must be a positive finite number, got {shift!r}")
-        if not _is_int(solver_order) or not 1 <= solver_order <= _MAX_ORDER:
+    def __init__(self, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS, shift: float = 5.0,
+                 solver_order: int = 2) -> None:
+        if not is_int(solver_order) or not 1 <= solver_order <= _MAX_ORDER:
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order!r}")
-
-        self.num_train_timesteps = int(num_train_timesteps)
-        self.shift = float(shift)
+        super().__init__(num_train_timesteps, shift)
         self.solver_order = int(solver_order)
-
-        self.num_inference_steps: int | None = None
-        self.timesteps = torch.empty(0, dtype=torch.int64)
-        self.sigmas = torch.empty(0, dtype=torch.float32)
         self._lambdas: list[torch.Tensor] = []
-        self._reset_state()
+        self._start()
 
     # ------------------------------------------------------------------ schedule
 
-    def _reset_state(self) -> None:
-        self._step_index = 0
+    def _adjust(self, sigmas: np.ndarray) -> np.ndarray:
+        """The spacing (``linspace(1, 1/T, n + 1)[:n]`` shifted in float64) or the given sigmas, with a first
+        sigma of 1 nudged to ``1 - 1e-6`` as diffusers does; timesteps are then ``int64(s_i * T)`` (truncation,
+        so the first timestep is ``T - 1``)."""
+        if abs(sigmas[0] - 1.0) < _SIGMA_ONE_EPS:
+            sigmas = sigmas.copy()
+            sigmas[0] -= _SIGMA_ONE_EPS
+        return sigmas
+
+    def _start(self) -> None:
+        # Half-log-SNR lambda = log(alpha) - log(sigma), alpha = 1 - sigma, one
+        # 0-d float32 tensor at a time (as diffusers). sigma = 0 (lambda = +inf)
+        # only occurs as the target of the last step, which _step() handles apart.
+        self._lambdas = [torch.log(1 - sig) - torch.log(sig) for sig in self.sigmas[:-1]]
         self._x0_history: list[torch.Tensor] = []  # newest last, at sigma indices step-1, step-2, ...
         self._last_sample: torch.Tensor | None = None  # input of the previous predictor
         self._last_order = 0  # order of the previous predictor (= order of this step's corrector)
-
-    def set_timesteps(self, num_inference_steps: int) -> torch.Tensor:
-        """Build the shifted flow schedule, reset all multistep state and return the timesteps.
-
-        sigmas: ``s_i = linspace(1, 1/T, n + 1)[i]`` for i < n, shifted to
-        ``shift * s / (1 + (shift - 1) * s)`` in float64, with ``s_0 = 1``
-        nudged to ``1 - 1e-6``; a final 0 is appended and the result cast to
-        float32. timesteps: ``int64(s_i * T)`` from the float64 sigmas
-        (truncation, so the first timestep is ``T - 1``).
-        """
-        if not _is_int(num_inference_steps) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        n = int(num_inference_steps)
-        big_t = self.num_train_timesteps
-
-        s = np.linspace(1.0, 1.0 / big_t, n + 1)[:-1]
-        s = self.shift * s / (1.0 + (self.shift - 1.0) * s)
-        if abs(s[0] - 1.0) < _SIGMA_ONE_EPS:
-            s[0] -= _SIGMA_ONE_EPS
-
-        self.num_inference_steps = n
-        self.timesteps = torch.from_numpy((s * big_t).astype(np.int64))
-        self.sigmas = torch.from_numpy(np.append(s, 0.0).astype(np.float32))
-        # Half-log-SNR lambda = log(alpha) - log(sigma), alpha = 1 - sigma, one
-        # 0-d float32 tensor at a time (as diffusers). sigma = 0 (lambda = +inf)
-        # only occurs as the target of the last step, which step() handles apart.
-        self._lambdas = [torch.log(1 - sig) - torch.log(sig) for sig in self.sigmas[:-1]]
-        self._reset_state()
-        return self.timesteps
-
-    @property
-    def step_index(self) -> int:
-        """Index (into ``timesteps``) expected by the next call to :meth:`step`."""
-        return self._step_index
 
     # -------------------------------------------------------------- coefficients
 
@@ -199,31 +163,21 @@ class FlowUniPCScheduler:
 
     # ---------------------------------------------------------------------- step
 
-    def step(self, velocity: torch.Tensor, timestep: int | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """Advance ``sample`` from ``sigmas[i]`` to ``sigmas[i + 1]`` (``i`` = :attr:`step_index`).
-
-        UniPC order of operations: turn the velocity into a data prediction
+    def _step(self, i: int, velocity: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """UniPC order of operations: turn the velocity into a data prediction
         ``x0 = sample - sigma * v``; from the second step on, correct
         ``sample`` (UniC) using that ``x0`` (the model is not re-evaluated at
         the corrected sample); then predict (UniP) the next sample from the
         corrected sample and the ``x0`` history. The order warms up 1, 2, ...
         and falls back to 1 on the last step.
         """
-        if self.num_inference_steps is None:
-            raise RuntimeError("set_timesteps() must be called before step()")
-        i = self._step_index
         n = self.num_inference_steps
-        if i >= n:
-            raise RuntimeError(f"all {n} steps of the schedule are done; call set_timesteps() to start again")
-        self._check_timestep(timestep, i)
-
         x0 = sample - self.sigmas[i] * velocity
 
         # The last step is order 1 towards sigma = 0 (alpha = 1, h = inf), where
         # the UniP update is 0 * sample + x0: exactly the data prediction. The
         # corrector would only change `sample`, whose weight is 0, so skip it.
         if i == n - 1:
-            self._step_index = n
             self._x0_history = []
             self._last_sample = None
             return x0.to(sample.dtype)
@@ -235,23 +189,4 @@ class FlowUniPCScheduler:
         self._x0_history = (self._x0_history + [x0])[-self.solver_order :]
         self._last_sample = sample
         self._last_order = order
-        self._step_index = i + 1
         return self._update(i, order, sample, x0, None).to(sample.dtype)
-
-    def _check_timestep(self, timestep: int | torch.Tensor, index: int) -> None:
-        """Reject a timestep that is not the schedule's next one.
-
-        Checked for Python/numpy numbers and CPU tensors; a timestep living on
-        an accelerator is not read back (that would force a device sync).
-        """
-        if isinstance(timestep, torch.Tensor):
-            if timestep.device.type != "cpu" or timestep.numel() != 1:
-                return
-            value = timestep.item()
-        elif isinstance(timestep, (numbers.Real, np.number)):
-            value = timestep
-        else:
-            raise ValueError(f"timestep must be an int or a tensor, got {type(timestep).__name__}")
-        expected = int(self.timesteps[index])
-        if value != expected:
-            raise ValueError(f"step {index} expects timestep {expected}, got {value}")

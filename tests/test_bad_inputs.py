@@ -315,6 +315,25 @@ def infer_relight_without_lora_engines(env):
 
 
 @case
+def infer_few_step_recipe_without_distillation_lora(env):
+    return _infer(env, "--input", str(env.inputs), "--recipe", "lightx2v-4step",
+                  named="--lora lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors:1", code=3)
+
+
+@case
+def infer_quantized_engines_calibrated_for_another_schedule(env):
+    from wan_trt.calibration.cache import CalibrationCache
+    from wan_trt.runtime.samplers import Sampling
+
+    engines = env.copy_engines()
+    env.edit_manifest(engines, lambda d: d.update(quantization={"calibration_file": "calibration.json"}))
+    CalibrationCache(weights_hash="w", preset="tiny", method="max", samples=[], steps=20,
+                     sampling=Sampling().to_json()).save(engines / "calibration.json")
+    return _infer(env, "--input", str(env.inputs), "--sampler", "euler", engines=engines,
+                  named="was made for --sampler unipc --steps 20 --shift 5")
+
+
+@case
 def infer_tensorrt_without_tensorrt_engines(env):
     return _infer(env, "--input", str(env.inputs), "--backend", "tensorrt", named=str(env.engines), code=3)
 
@@ -535,6 +554,12 @@ def _calibrate(env: Env, *args: str, engines: Path | None = None, named: str, co
     if "--out" not in args:
         argv += ["--out", str(out)]
     return Case(argv + ["--steps", "1", "--data", str(env.inputs)], named, code, out if "--out" not in args else None)
+
+
+@case
+def calibrate_few_step_recipe_without_distillation_lora(env):
+    return _calibrate(env, "--recipe", "comfy-6step", named="--recipe comfy-6step needs a step-distillation LoRA",
+                      code=3)
 
 
 @case

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from wan_trt.runtime import conditioning as cond
 from wan_trt.runtime.loading import open_pipeline
 from wan_trt.runtime.pipeline import GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 
 from wan_trt.demo_media import make_demo_inputs
 from wan_trt.driving_inputs import load_driving_inputs
@@ -129,7 +130,7 @@ def test_lazy_inputs_give_the_video_of_whole_arrays(tiny_engines: Path, tmp_path
         (whole["pose"], whole["face"], whole["bg"], whole["mask"][..., 0].astype(np.float32) / 255.0),
     ):
         request = GenerationRequest(ref_image=lazy.ref_image, pose_frames=pose, face_frames=face,
-                                    background_frames=background, mask_frames=person, seed=4, steps=2,
+                                    background_frames=background, mask_frames=person, seed=4, sampling=Sampling(steps=2),
                                     segment_frames=13, guide_frames=5, guidance_scale=2.0)
         runs.append(list(pipeline.generate(request)))
     assert len(runs[0]) == cond.segment_plan(frames, 13, 5)[1] >= 3

@@ -8,6 +8,8 @@ pipeline is given our CLIP features (``image_embeds``); everything else it compu
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from wan_trt.metrics import psnr, relative_l2
 from wan_trt.presets import DEFAULT_PROMPT
 from wan_trt.runtime import conditioning as cond
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 from wan_trt.tokenizer import build_tiny_tokenizer, tokenize
 
 FRAMES, HEIGHT, WIDTH, STEPS, SEED = 77, 48, 64, 20, 1234
@@ -44,7 +47,7 @@ def _pipeline(engines, preset):
 def request_(preset):
     ref, pose, face = _driving(preset)
     return GenerationRequest(ref_image=ref, pose_frames=pose, face_frames=face, prompt=DEFAULT_PROMPT, seed=SEED,
-                             steps=STEPS, segment_frames=FRAMES)
+                             sampling=Sampling(steps=STEPS), segment_frames=FRAMES)
 
 
 @pytest.fixture(scope="module")
@@ -53,29 +56,73 @@ def torch_result(torch_engines_, preset, request_):
     return pipeline, list(pipeline.generate(request_))
 
 
-def test_final_latents_equal_diffusers_pipeline(torch_result, preset, request_):
+def _diffusers_final_latents(pipeline, preset, request, scheduler=None) -> torch.Tensor:
+    """diffusers' WanAnimatePipeline on ``request`` (its UniPC, or ``scheduler``), de-normalised as diffusers returns them."""
     from transformers import CLIPImageProcessor
 
-    pipeline, segments = torch_result
-    assert len(segments) == 1
     models = fresh_reference_models()
     reference = diffusers_animate_pipeline(models, CLIPImageProcessor())
-    ref_pixels = cond.to_unit_range(cond.letterbox(request_.ref_image, HEIGHT, WIDTH))
+    if scheduler is not None:
+        reference.scheduler = scheduler
+    ref_pixels = cond.to_unit_range(cond.letterbox(request.ref_image, HEIGHT, WIDTH))
     image_embeds = pipeline.encode_image(ref_pixels)
     reference.encode_image = lambda image, device=None: image_embeds  # our CLIP convention (module docstring)
     out = reference(
-        image=Image.fromarray(request_.ref_image), pose_video=[Image.fromarray(f) for f in request_.pose_frames],
-        face_video=[Image.fromarray(f) for f in request_.face_frames], prompt=DEFAULT_PROMPT,
+        image=Image.fromarray(request.ref_image), pose_video=[Image.fromarray(f) for f in request.pose_frames],
+        face_video=[Image.fromarray(f) for f in request.face_frames], prompt=DEFAULT_PROMPT,
         height=HEIGHT, width=WIDTH, segment_frame_length=FRAMES,
-        num_inference_steps=STEPS, generator=torch.Generator().manual_seed(SEED), output_type="latent",
+        num_inference_steps=request.sampling.steps, generator=torch.Generator().manual_seed(SEED), output_type="latent",
     )
-    want = out.frames  # diffusers returns the latents de-normalised for its VAE
+    return out.frames
+
+
+def _our_final_latents(segments, preset) -> torch.Tensor:
     mean = torch.tensor(preset.vae_latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(preset.vae_latents_std).view(1, -1, 1, 1, 1)
-    got = segments[0].latents * std + mean
+    assert len(segments) == 1
+    return segments[0].latents * std + mean  # diffusers returns the latents de-normalised for its VAE
+
+
+def test_final_latents_equal_diffusers_pipeline(torch_result, preset, request_):
+    pipeline, segments = torch_result
+    want = _diffusers_final_latents(pipeline, preset, request_)
+    got = _our_final_latents(segments, preset)
     assert got.shape == want.shape == (1, 16, 21, HEIGHT // 8, WIDTH // 8)
     error = relative_l2(got, want)
     print(f"final latents rel-L2 vs diffusers: {error:.2e}")
+    assert error <= 1e-4, f"final latents rel-L2 vs diffusers: {error:.2e}"
+
+
+def _euler_on_our_spacing(shift: float):
+    """diffusers' flow Euler asked for ComfyUI's "simple" spacing (the runtime's Euler spacing) by its sigmas."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    set_timesteps = scheduler.set_timesteps
+    scheduler.set_timesteps = lambda n, device=None: set_timesteps(
+        sigmas=[(1000 - int(i * (1000 / n))) / 1000 for i in range(n)], device=device)
+    return scheduler
+
+
+def _dpmpp(shift: float):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                       num_train_timesteps=1000, flow_shift=shift)
+
+
+@pytest.mark.parametrize(("sampling", "make_scheduler"), [
+    (Sampling("euler", 4, 5.0), _euler_on_our_spacing), (Sampling("euler", 6, 8.0), _euler_on_our_spacing),
+    (Sampling("dpmpp", 6, 5.0), _dpmpp)], ids=["euler-4-shift5", "euler-6-shift8", "dpmpp-6-shift5"])
+def test_other_samplers_final_latents_equal_diffusers_pipeline(torch_engines_, preset, request_, sampling,
+                                                                make_scheduler):
+    """The few-step recipes' schedules (and DPM++) through the whole tiny pipeline against diffusers."""
+    request = dataclasses.replace(request_, sampling=sampling)
+    pipeline = _pipeline(torch_engines_, preset)
+    got = _our_final_latents(list(pipeline.generate(request)), preset)
+    want = _diffusers_final_latents(pipeline, preset, request, make_scheduler(sampling.shift))
+    error = relative_l2(got, want)
+    print(f"{sampling.describe()}: final latents rel-L2 vs diffusers: {error:.2e}")
     assert error <= 1e-4, f"final latents rel-L2 vs diffusers: {error:.2e}"
 
 

@@ -18,6 +18,7 @@ from wan_trt.metrics import psnr
 from wan_trt.runtime.loading import open_pipeline
 from wan_trt.runtime.manifest import read_manifest
 from wan_trt.runtime.pipeline import GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 
 SEGMENT, STEPS = 9, 4
 
@@ -78,7 +79,7 @@ def test_fp16_engines_run_end_to_end_in_onnxruntime(half_engines, ort_engines, m
 
     request = GenerationRequest(ref_image=make_ref_image(64, 48, 5), pose_frames=make_pose_frames(64, 48, SEGMENT, 16.0, 5),
                                 face_frames=make_face_frames(int(manifest.preset.face_size), SEGMENT, 16.0, 5),
-                                steps=STEPS, segment_frames=SEGMENT, seed=1)
+                                sampling=Sampling(steps=STEPS), segment_frames=SEGMENT, seed=1)
     half, _ = open_pipeline(half_engines["fp16"], "onnxruntime")
     reference = AnimatePipeline(ort_engines, manifest.preset, half.tokenize)
     got = np.concatenate([s.frames for s in half.generate(request)])

@@ -24,6 +24,7 @@ from wan_trt.export.build import build_engines
 from wan_trt.metrics import psnr, relative_l2
 from wan_trt.runtime.loading import open_pipeline
 from wan_trt.runtime.pipeline import GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 
 STEPS = CALIBRATION_STEPS
 
@@ -133,7 +134,7 @@ def fp32_video(tiny_engines, tmp_path_factory):
 
     driving = load_driving_inputs(str(inputs))
     request = GenerationRequest(ref_image=driving.ref_image, pose_frames=driving.pose.frames,
-                                face_frames=driving.face.frames, seed=3, steps=8, segment_frames=17)
+                                face_frames=driving.face.frames, seed=3, sampling=Sampling(steps=8), segment_frames=17)
     pipeline, _ = open_pipeline(tiny_engines, "onnxruntime")
     return request, np.concatenate([s.frames for s in pipeline.generate(request)])
 

@@ -13,6 +13,7 @@ from conftest import fresh_reference_models
 from wan_trt.metrics import relative_l2
 from wan_trt.runtime import conditioning as cond
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 from wan_trt.tokenizer import build_tiny_tokenizer, tokenize
 
 FRAMES, SEGMENT, HEIGHT, WIDTH, STEPS, SEED = 30, 13, 32, 48, 4, 99
@@ -43,7 +44,7 @@ def test_multi_segment_video_equals_diffusers(mode, guide_frames, guidance, torc
     tokenizer = build_tiny_tokenizer()
     ours = AnimatePipeline(torch_engines_, preset, lambda p: tokenize(tokenizer, p))
     request = GenerationRequest(
-        ref_image=ref, pose_frames=pose, face_frames=face, seed=SEED, steps=STEPS, segment_frames=SEGMENT,
+        ref_image=ref, pose_frames=pose, face_frames=face, seed=SEED, sampling=Sampling(steps=STEPS), segment_frames=SEGMENT,
         guide_frames=guide_frames, guidance_scale=guidance, negative_prompt="",
         background_frames=background if mode == "replace" else None, mask_frames=mask if mode == "replace" else None,
     )

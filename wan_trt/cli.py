@@ -65,6 +65,31 @@ def main(verbose: bool) -> None:
     _exit_on_sigterm()
 
 
+def _sampling_options(command):
+    """``--recipe``, ``--sampler``, ``--steps``, ``--shift``, ``--sigmas``: the same for infer and calibrate
+    (resolved by ``wan_trt.recipes.resolve``: the options given over the recipe over the defaults)."""
+    from wan_trt.recipes import RECIPES
+    from wan_trt.runtime.samplers import SAMPLERS
+
+    options = [
+        click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+                     help="Named defaults of sampler, steps, shift and guidance (docs/cli.md, \"Recipes, samplers and "
+                          "schedules\"); the options given override them. The few-step ones need a step-distillation "
+                          "LoRA merged (build --lora)."),
+        click.option("--sampler", type=click.Choice(list(SAMPLERS)), default=None,
+                     help="Flow-matching sampler [the recipe's, else unipc]."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=None,
+                     help="Denoising steps [the recipe's, else the preset's: 20]."),
+        click.option("--shift", type=FiniteFloatRange(0.0, 100.0, min_open=True), default=None,
+                     help="Noise-schedule shift [the recipe's, else the preset's: 5]."),
+        click.option("--sigmas", default=None, metavar="S0,S1,...,0",
+                     help="The whole schedule instead of --steps/--shift: decreasing noise levels in [0, 1], the last 0."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--preset", default="tiny", show_default=True, help="Model configuration: tiny, tiny-gpu (tiny with FP8-kernel-sized widths) or animate-14b.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Directory of real weights (animate-14b).")
@@ -188,11 +213,12 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True,
               help="cpu; cuda/tensorrt use onnxruntime-gpu's execution providers (or CUDA for --backend torch).")
 @click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
+@_sampling_options
 @click.option("--prompt", default=None, help="Text prompt [the official default].")
 @click.option("--negative-prompt", default="", help="Prompt of the unconditional branch (with --guidance-scale > 1).")
-@click.option("--guidance-scale", type=FiniteFloatRange(1.0, 50.0), default=1.0, show_default=True,
-              help="> 1: classifier-free guidance on text and facial expression (batch 2 per DiT call).")
+@click.option("--guidance-scale", type=FiniteFloatRange(1.0, 50.0), default=None,
+              help="> 1: classifier-free guidance on text and facial expression (batch 2 per DiT call) "
+                   "[the recipe's, else 1: off].")
 @click.option("--mode", type=click.Choice(["animate", "replace"]), default="animate", show_default=True,
               help="replace: put the character into the driving video's scene (needs src_bg.mp4, src_mask.mp4).")
 @click.option("--relight", is_flag=True,
@@ -229,8 +255,9 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
               help="Also write the run's seconds per stage (load, encoders, VAE, DiT, mp4) and memory peaks as JSON "
                    "(the same figures as the last log line).")
 def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
-          out_path: str, backend: str, device: str, seed: int, steps: int | None, prompt: str | None,
-          negative_prompt: str, guidance_scale: float, mode: str, relight: bool, background: str | None,
+          out_path: str, backend: str, device: str, seed: int, recipe: str | None, sampler: str | None,
+          steps: int | None, shift: float | None, sigmas: str | None, prompt: str | None,
+          negative_prompt: str, guidance_scale: float | None, mode: str, relight: bool, background: str | None,
           mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None,
           gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, clip_preprocess: str,
@@ -246,7 +273,8 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         input_dir=input_dir,
         ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
         fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing,
-        clip_preprocess=clip_preprocess, timings=timings,
+        clip_preprocess=clip_preprocess, recipe=recipe, sampler=sampler, shift=shift, sigmas=sigmas,
+        timings=timings,
     )
     if gpus > 1:  # torchrun workers (wan_trt.runtime.distributed); rank 0 writes the mp4
         from wan_trt.runtime.distributed import launch_infer
@@ -266,24 +294,24 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
 @click.option("--data", type=click.Path(), multiple=True,
               help="Preprocessed folder(s) to calibrate on; repeatable [synthetic demo samples].")
 @click.option("--out", "out_path", type=click.Path(), required=True, help="Calibration cache (JSON) to write.")
-@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Denoising steps [preset: 20].")
+@_sampling_options
 @click.option("--method", type=click.Choice(["max", "percentile", "mse", "entropy"]), default="max", show_default=True,
               help="Range per tensor: largest |x|; largest per-call percentile; least quantization error for "
                    "--target over a histogram; INT8 KL-divergence search (TensorRT's entropy calibration).")
 @click.option("--percentile", type=FiniteFloatRange(50.0, 100.0), default=99.99, show_default=True)
 @click.option("--target", type=click.Choice(["fp8", "int8"]), default="fp8", show_default=True,
               help="--method mse: the format the error is minimised for (the cache then builds only that precision).")
-@click.option("--guidance-scale", type=FiniteFloatRange(1.0), default=1.0, show_default=True,
-              help="> 1: calibrate with classifier-free guidance on, observing both branches.")
+@click.option("--guidance-scale", type=FiniteFloatRange(1.0), default=None,
+              help="> 1: calibrate with classifier-free guidance on, observing both branches [the recipe's, else 1].")
 @click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: the bf16 reference rebuilt on one GPU (the ranges of bf16 activations; docs/precision.md).")
 @click.option("--dtype", type=click.Choice(["auto", "bf16"]), default="auto", show_default=True,
               help="The DiT's arithmetic: auto = bf16 on cuda, the engines' own on the CPU (fp32 engines: fp32); "
                    "bf16 on the CPU runs the GPU's code path.")
-def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int | None, method: str,
-              percentile: float, target: str, guidance_scale: float, segment_frames: int | None, device: str,
-              dtype: str) -> None:
+def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: str | None, sampler: str | None,
+              steps: int | None, shift: float | None, sigmas: str | None, method: str, percentile: float, target: str,
+              guidance_scale: float | None, segment_frames: int | None, device: str, dtype: str) -> None:
     """Record the DiT's activation and attention ranges over every denoising step of the calibration samples
     (and the VAE convolutions' input ranges)."""
     import tempfile
@@ -291,8 +319,12 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int
     from wan_trt.calibration.collect import check_calibration_device, run_calibration
     from wan_trt.demo_media import make_demo_inputs
     from wan_trt.preflight import check_calibrate
+    from wan_trt.recipes import resolve
     from wan_trt.runtime.manifest import read_manifest
 
+    sampling = dict(recipe=recipe, sampler=sampler, steps=steps, shift=shift, sigmas=sigmas,
+                    guidance_scale=guidance_scale)
+    resolve(**sampling)  # bad values fail before the engines are read
     check_calibration_device(device, dtype)
     check_calibrate(read_manifest(Path(engines_dir)), Path(engines_dir), Path(out_path), segment_frames)
     with tempfile.TemporaryDirectory(prefix="wan-trt-calib-") as scratch:
@@ -300,9 +332,8 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int
         if not folders:
             log.info("no --data given: calibrating on 2 synthetic demo samples")
             folders = [make_demo_inputs(Path(scratch) / f"sample{i}", seed=i, num_frames=21) for i in range(2)]
-        run_calibration(Path(engines_dir), folders, Path(out_path), steps=steps, method=method,
-                        percentile=percentile, segment_frames=segment_frames, target=target,
-                        guidance_scale=guidance_scale, device=device, dtype=dtype)
+        run_calibration(Path(engines_dir), folders, Path(out_path), method=method, percentile=percentile,
+                        segment_frames=segment_frames, target=target, device=device, dtype=dtype, **sampling)
     click.echo(out_path)
 
 
@@ -376,14 +407,18 @@ def compare(engines_dir: str, backends: str, size: str | None, seed: int) -> Non
 @main.command()
 @click.argument("engines_dir", type=click.Path())
 def inspect(engines_dir: str) -> None:
-    """Print each graph of an engines directory and the precision of every DiT Linear layer and self-attention."""
+    """Print the LoRAs merged into an engines directory, each graph, and the precision of every DiT Linear layer
+    and self-attention."""
     from wan_trt.calibration.qdq import layer_precisions
+    from wan_trt.recipes import manifest_loras
     from wan_trt.runtime.manifest import read_manifest
 
     directory = Path(engines_dir)
     manifest = read_manifest(directory)
     click.echo(f"preset {manifest.preset.name}, precision {manifest.precision}, weights {manifest.weights_hash}, "
                f"backends {', '.join(manifest.served_backends())}")
+    loras = manifest_loras(manifest)
+    click.echo(f"LoRAs merged: {'; '.join(loras) if loras else 'none'}")
     for name, entry in manifest.graphs.items():
         where = f"{entry.file:<24} {entry.size / 1e6:9.2f} MB" if entry.file else f"(no file: torch, {entry.dtype})"
         click.echo(f"  {name:<20} {where}")

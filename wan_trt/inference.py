@@ -21,8 +21,10 @@ from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_comp
 from wan_trt.runtime.distributed import is_main_rank
 from wan_trt.runtime.guard import guard_engines
 from wan_trt.runtime.loading import open_pipeline, torch_engines
-from wan_trt.runtime.manifest import read_manifest, require_backend
+from wan_trt.recipes import check_recipe_engines, resolve
+from wan_trt.runtime.manifest import Manifest, built_with, read_manifest, require_backend
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+from wan_trt.runtime.samplers import Sampling
 from wan_trt.runtime.run_report import RunReport, format_summary
 
 log = logging.getLogger(__name__)
@@ -35,10 +37,10 @@ class InferenceOptions:
     backend: str = "onnxruntime"
     device: str = "cpu"
     seed: int = 0
-    steps: int | None = None
+    steps: int | None = None  # None: the recipe's, else the preset's (wan_trt.recipes.resolve)
     prompt: str | None = None
     negative_prompt: str = ""
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None  # None: the recipe's, else 1 (no CFG)
     mode: str = "animate"
     relight: bool = False  # the engines must carry a merged LoRA (wan-trt build --lora relighting_lora.ckpt)
     guide_frames: int = 1
@@ -56,6 +58,10 @@ class InferenceOptions:
     fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
     fp8_attention_smoothing: str = "auto"  # --fp8-attention-smoothing (with --fast): auto | none | k | v | kv
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
+    recipe: str | None = None  # --recipe: named sampling defaults (wan_trt.recipes)
+    sampler: str | None = None  # --sampler unipc|euler|dpmpp [the recipe's, else unipc]
+    shift: float | None = None  # --shift [the recipe's, else the preset's]
+    sigmas: str | None = None  # --sigmas: the whole schedule, comma-separated, ending at 0
     timings: str | None = None  # --timings FILE.json: the run's seconds per stage and memory peaks
 
 
@@ -72,8 +78,17 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
         raise BadInputError(f"--fp8-attention-smoothing {options.fp8_attention_smoothing} sets the FP8 attention of "
                             "--fast: add --fast or drop it")
     _check_output_path(options.out_path)
+    sampling_options = dict(sampler=options.sampler, steps=options.steps, shift=options.shift, sigmas=options.sigmas,
+                            guidance_scale=options.guidance_scale)
+    resolve(options.recipe, **sampling_options)  # bad values fail before the engines are read
     manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
     require_backend(options.engines_dir, manifest, options.backend)
+    settings = resolve(options.recipe, **sampling_options, preset=manifest.preset)
+    check_recipe_engines(settings, manifest, options.engines_dir, built_with(manifest))
+    _check_calibrated_schedule(options.engines_dir, manifest, settings.sampling)
+    options = replace(options, guidance_scale=settings.guidance_scale)
+    log.info("sampling: %s, guidance scale %g%s", settings.sampling.describe(), settings.guidance_scale,
+             f" (recipe {settings.recipe.name})" if settings.recipe else "")
     if options.relight and not manifest.lora:
         raise EngineError(f"--relight: the engines in '{options.engines_dir}' have no LoRA merged; build the relighting "
                           f"variant with: wan-trt build --lora relighting_lora.ckpt --out ENGINES_RELIGHT")
@@ -99,7 +114,7 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
         negative_prompt=options.negative_prompt, guidance_scale=options.guidance_scale,
         background_frames=inputs.background,
         mask_frames=inputs.mask,
-        steps=options.steps or preset.steps, segment_frames=segment_frames, guide_frames=options.guide_frames,
+        sampling=settings.sampling, segment_frames=segment_frames, guide_frames=options.guide_frames,
         clip_preprocess=options.clip_preprocess,
     )
 
@@ -180,6 +195,16 @@ def _with_progress(pipeline: AnimatePipeline, request: GenerationRequest, label:
         yield from pipeline.generate(replace(request, on_step=on_step))
     finally:
         bar.close()
+
+
+def _check_calibrated_schedule(directory: Path, manifest: Manifest, sampling: Sampling) -> None:
+    """Quantized engines run the schedule their calibration cache observed (``CalibrationCache.check_schedule``)."""
+    quantization = manifest.quantization
+    if quantization and quantization.get("calibration_file"):
+        from wan_trt.calibration.cache import load_cache
+
+        path = directory / quantization["calibration_file"]
+        load_cache(path).check_schedule(sampling, path)
 
 
 def _check_output_path(out_path: Path) -> None:
