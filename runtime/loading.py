@@ -81,14 +81,15 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None) -
     """The fp32 graph modules of the manifest's weights (rebuilt; refused if the checkpoint folder changed
     since the build, checked first by its fingerprint, or if the weights hash differs)."""
     from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
+    from wan_trt.lora import LoraSpec
     from wan_trt.reference_models import build_reference_models
 
     check_checkpoint_unchanged(manifest, directory)
     vocab = manifest.graphs["text_encoder"].spec.vocab_size
-    lora = manifest.lora or {}
+    loras = [LoraSpec.from_json(record) for record in manifest.loras]
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
                                     checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint,
-                                    lora=lora.get("file"), lora_scale=lora.get("scale", 1.0))
+                                    lora=loras or None)
     if models.weights_hash() != manifest.weights_hash:
         raise EngineError(
             f"the PyTorch weights rebuilt for preset '{manifest.preset.name}' (seed {manifest.seed}) do not match the "

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from wan_trt.errors import BadInputError
 from wan_trt.presets import Preset
+
+if TYPE_CHECKING:
+    from wan_trt.lora import LoraReport, LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,7 @@ class ReferenceModels:
     image_encoder: torch.nn.Module  # transformers.CLIPVisionModel
     vae: torch.nn.Module  # diffusers.AutoencoderKLWan
     transformer: torch.nn.Module  # diffusers.WanAnimateTransformer3DModel
+    lora_reports: list[LoraReport] = field(default_factory=list)  # what each merged LoRA changed, in order
 
     def weights_hash(self) -> str:
         """A short content hash of all weights (to stamp manifests and calibration caches)."""
@@ -41,7 +46,8 @@ class ReferenceModels:
 
 def build_reference_models(
     preset: Preset, *, seed: int = 0, vocab_size: int, checkpoint: str | Path | None = None,
-    random_weights: bool = False, lora: str | Path | None = None, lora_scale: float = 1.0,
+    random_weights: bool = False, lora: str | Path | LoraSpec | Sequence[LoraSpec] | None = None,
+    lora_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
 ) -> ReferenceModels:
     """Instantiate the four reference modules of ``preset``.
@@ -49,8 +55,8 @@ def build_reference_models(
     With ``checkpoint`` (a Diffusers-layout or original Wan-AI folder, detected automatically) the
     weights are loaded strictly from it (``wan_trt.checkpoints``), in ``dtype``. Without it, ``tiny``
     uses seeded random weights; a preset that needs a checkpoint takes ``random_weights=True`` for
-    speed/memory work. ``lora`` (a LoRA file, e.g. ``relighting_lora.ckpt``) is merged into the
-    transformer's weights with ``lora_scale`` after loading.
+    speed/memory work. ``lora`` (a LoRA file, e.g. ``relighting_lora.ckpt``, merged with ``lora_scale``,
+    or ``wan_trt.lora.LoraSpec``s, merged in order) changes the transformer's weights after loading.
     """
     if checkpoint is not None:
         from wan_trt.checkpoints import load_checkpoint
@@ -66,9 +72,9 @@ def build_reference_models(
             for name in ("text_encoder", "image_encoder", "vae", "transformer"):
                 getattr(models, name).to(dtype)
     if lora is not None:
-        from wan_trt.checkpoints import merge_lora
+        from wan_trt.lora import lora_specs, merge_loras
 
-        merge_lora(models.transformer, lora, lora_scale)
+        models.lora_reports = merge_loras(models.transformer, lora_specs(lora, lora_scale))
     return models
 
 
