@@ -18,7 +18,6 @@ some of them: e.g. the inputs and the calibration cache, the FP8 build then runs
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -57,12 +56,10 @@ def video_psnr(a: Path, b: Path) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.timing import environment, write_json
+    from benchmarks.timing import benchmark_parser, environment, write_json
     from wan_trt.demo_media import make_demo_inputs
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", required=True, help="scratch folder for inputs, engines and videos")
-    parser.add_argument("--out", required=True, help="results JSON")
+    parser = benchmark_parser(__doc__.splitlines()[0], "scratch folder for inputs, engines and videos")
     parser.add_argument("--prepare-only", action="store_true", help="make the inputs and build the engines, then stop")
     parser.add_argument("--engines", default="fp8,fp32", help="which engine pairs to run: fp8, fp32 or both [fp8,fp32]")
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -110,3 +111,11 @@ def _driver() -> str:
 def write_json(path: str | Path, data: dict) -> Path:
     """Write atomically (temp file beside it, then rename)."""
     return write_json_atomic(path, data)
+
+
+def benchmark_parser(description: str, work_help: str = "scratch folder") -> argparse.ArgumentParser:
+    """An argument parser with the two options every end-to-end benchmark takes: ``--work`` and ``--out``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--work", required=True, help=work_help)
+    parser.add_argument("--out", required=True, help="results JSON")
+    return parser

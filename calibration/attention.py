@@ -7,8 +7,11 @@ The exported graph computes attention as torch's ONNX exporter decomposes SDPA (
 With ``fp8_self_attention`` in the policy, the inputs of both matmuls get per-tensor Q/DQ: the
 scaled q and k, the softmax output P and v — the pattern TensorRT fuses into its FP8 attention
 kernel. Calibration records, per block, the largest |q|, |k|, |v| (after the q/k RMSNorm and RoPE,
-as they enter attention) and the largest softmax probability; P is computed in chunks of query
-rows so that no full ``S × S`` matrix is held.
+as they enter attention) and the largest softmax probability, never holding an ``S × S`` matrix:
+for fp32 q and k exactly, in fp32 chunks of query rows (``exact_max_probability``, the CPU reference);
+for bf16/fp16 q and k (the GPU calibration) from two fused-attention log-sum-exps
+(``fused_max_probability``: within ``FUSED_TOLERANCE`` of the exact value, for two flash-attention
+forwards instead of an fp32 score matrix, chunk by chunk, per block and step).
 """
 
 from __future__ import annotations
@@ -71,19 +74,54 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).to(torch.float32)  # [B, S, H, D] -> [B, H, S, D]
 
 
-def max_probability(q: torch.Tensor, k: torch.Tensor) -> float:
-    """The largest softmax probability of attention ``q``·``k`` (``[B, S, H, D]``), without an S×S matrix.
+def exact_max_probability(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The largest softmax probability of attention ``q``·``k`` (``[B, S, H, D]``) as a 0-d fp32 tensor on their
+    device, computed in fp32 chunks of query rows (no S×S matrix, no host sync).
 
     A row's largest probability is ``exp(max_j s_ij - logsumexp_j s_ij)``.
     """
     c = split_scale(q.shape[-1])
     qh, kh = _heads_first(q) * c, _heads_first(k) * c
     rows = _row_chunks(qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2])
-    best = 0.0
+    best = torch.zeros((), dtype=torch.float32, device=q.device)
     for start in range(0, qh.shape[2], rows):
         scores = qh[:, :, start:start + rows] @ kh.transpose(-1, -2)
-        best = max(best, float((scores.amax(-1) - torch.logsumexp(scores, -1)).exp().max()))
+        best = torch.maximum(best, (scores.amax(-1) - torch.logsumexp(scores, -1)).exp().max())
     return best
+
+
+def max_probability(q: torch.Tensor, k: torch.Tensor) -> float:
+    """``exact_max_probability`` as a Python float."""
+    return float(exact_max_probability(q, k))
+
+
+# fused_max_probability: the row maximum is T·logsumexp(s/T), over-estimated by at most T·ln(keys); with
+# T = 2^-16 that is 1.7e-4 at 75,600 keys. What is left is the fp32 rounding of the kernels' scores.
+FUSED_TEMPERATURE = 2.0 ** -16
+FUSED_TOLERANCE = 1e-3  # relative, against exact_max_probability of the same bf16 q and k (tests/test_calibrate_device.py)
+
+
+def _log_sum_exp(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per query row, logsumexp_j(scale · q_i·k_j) of ``[B, H, S, D]`` q and k, from the flash-attention forward
+    of their device (``[B, H, S]`` fp32; scores accumulated in fp32, never held)."""
+    if q.device.type == "cuda":
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, k, 0.0, False, False, scale=scale)[1]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, k, 0.0, False, scale=scale)[1]
+
+
+def fused_max_probability(q: torch.Tensor, k: torch.Tensor, temperature: float = FUSED_TEMPERATURE) -> torch.Tensor:
+    """``exact_max_probability`` for bf16/fp16 ``q`` and ``k`` (``[B, S, H, D]``) without a score matrix: per row,
+    ``exp(m_i − L_i)`` with ``L_i`` = logsumexp of the scores and the row maximum ``m_i`` ≈ ``T·logsumexp(s/T)``
+    (``m ≤ T·LSE(s/T) ≤ m + T·ln(keys)``), both from the flash-attention forward (the value argument is k:
+    that output is discarded). Two attention forwards per call; within ``FUSED_TOLERANCE`` of the exact value.
+    """
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fused_max_probability takes bf16/fp16 q and k (got {q.dtype}): use exact_max_probability")
+    scale = split_scale(q.shape[-1]) ** 2
+    qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+    lse = _log_sum_exp(qh, kh, scale)
+    row_max = _log_sum_exp(qh, kh, scale / temperature) * temperature
+    return (row_max - lse).exp().amax().clamp(max=1.0)
 
 
 class AttentionObserver:
@@ -91,18 +129,27 @@ class AttentionObserver:
     (and of k and v smoothed as the fast path's FP8 attention can: ``k_smooth``, ``v_smooth``).
 
     ``observe(name, tensor)`` is a range observer per input (the calibration method's); the softmax
-    maximum is recorded exactly (``max_probability``).
+    maximum is ``max_prob(q, k)`` (``exact_max_probability`` or ``fused_max_probability``), kept as a
+    running maximum on the device and read once (``softmax_amax``).
     """
 
-    def __init__(self, observe: Callable[[str, torch.Tensor], None], attention: Callable) -> None:
-        self.observe, self.attention = observe, attention
-        self.softmax_amax = 0.0
+    def __init__(self, observe: Callable[[str, torch.Tensor], None], attention: Callable,
+                 max_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = exact_max_probability) -> None:
+        self.observe, self.attention, self.max_prob = observe, attention, max_prob
+        self._softmax_amax: torch.Tensor | None = None
+
+    @property
+    def softmax_amax(self) -> float:
+        return 0.0 if self._softmax_amax is None else float(self._softmax_amax)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k_smooth, v_smooth, _ = smooth_kv(k.detach(), v.detach(), "kv")
-        for name, tensor in zip(("q", "k", "v", *SMOOTHED_TENSORS), (q, k, v, k_smooth, v_smooth)):
-            self.observe(name, tensor.detach())
-        self.softmax_amax = max(self.softmax_amax, max_probability(q.detach(), k.detach()))
+        q_, k_, v_ = q.detach(), k.detach(), v.detach()
+        for name, tensor in zip(("q", "k", "v"), (q_, k_, v_)):
+            self.observe(name, tensor)
+        self.observe("k_smooth", smooth_kv(k_, v_, "k")[0])  # one fp32 smoothed copy alive at a time
+        self.observe("v_smooth", smooth_kv(k_, v_, "v")[1])
+        best = self.max_prob(q_, k_)
+        self._softmax_amax = best if self._softmax_amax is None else torch.maximum(self._softmax_amax, best)
         return self.attention(q, k, v)
 
 

@@ -3,7 +3,8 @@
 JSON, keyed by module path (``transformer.blocks.4.attn1.to_q``), each entry holding the per-tensor
 ``amax`` (by the chosen method) and the per-input-channel ``channel_amax`` (for SmoothQuant), plus the
 ONNX tensor that feeds the layer in the fp32 graph where known. Stamped with the weights hash, the
-preset and the sample set; a cache for other weights is refused.
+preset and the sample set (a cache for other weights is refused), and with the device and the DiT's
+arithmetic (``fp32``/``bf16``) it was measured in (absent from caches made before they were recorded).
 """
 
 from __future__ import annotations
@@ -39,12 +40,15 @@ class CalibrationCache:
     percentile: float | None = None
     target: str | None = None  # mse: the format the error was minimised for (fp8 or int8)
     guidance_scale: float = 1.0  # > 1: both CFG branches were observed
+    device: str | None = None  # cpu or cuda; None: a cache from before it was recorded
+    dtype: str | None = None  # the DiT's arithmetic while observed (fp32, bf16); None: as for device
 
     def to_json(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "weights_hash": self.weights_hash, "preset": self.preset,
             "method": self.method, "percentile": self.percentile, "target": self.target,
-            "guidance_scale": self.guidance_scale, "samples": self.samples, "steps": self.steps,
+            "guidance_scale": self.guidance_scale, "device": self.device, "dtype": self.dtype,
+            "samples": self.samples, "steps": self.steps,
             "layers": {k: vars(v) for k, v in self.layers.items()},
         }
 
@@ -70,9 +74,37 @@ def load_cache(path: str | Path) -> CalibrationCache:
             weights_hash=data["weights_hash"], preset=data["preset"], method=data["method"],
             samples=list(data["samples"]), steps=int(data["steps"]), percentile=data.get("percentile"),
             target=data.get("target"), guidance_scale=float(data.get("guidance_scale", 1.0)),
+            device=data.get("device"), dtype=data.get("dtype"),
             layers={k: LayerStats(**v) for k, v in data["layers"].items()},
         )
     except FileNotFoundError:
         raise BadInputError(f"calibration cache '{path}' does not exist: make one with wan-trt calibrate --out {path}") from None
     except (ValueError, KeyError, TypeError) as error:
         raise BadInputError(f"calibration cache '{path}' is not valid ({error}): re-run wan-trt calibrate") from None
+
+
+# bf16 arithmetic against fp32 (or another device's bf16 kernels): the largest relative difference of a range
+# calibrated on the tiny presets (4 steps of 2 samples; bf16 rounds to 2^-8 and the rounding compounds through
+# the blocks and the steps), per-channel maxima relative to their layer's range (tests/test_calibrate_device.py)
+BF16_RANGE_TOLERANCE = 0.05
+
+
+def range_differences(reference: CalibrationCache, other: CalibrationCache) -> dict[str, float]:
+    """The largest relative difference of ``other``'s ranges from ``reference``'s, per kind: ``dit`` (Linear and
+    attention inputs), ``softmax``, ``vae`` (conv inputs) and ``channel`` (per-channel maxima over their layer's
+    range). BadInputError where the two do not cover the same layers and calls."""
+    if set(reference.layers) != set(other.layers):
+        missing = sorted(set(reference.layers) ^ set(other.layers))
+        raise BadInputError(f"the caches cover different layers ({len(missing)}, e.g. {missing[0]}): "
+                            "calibrate both from the same engines")
+    worst = {"dit": 0.0, "softmax": 0.0, "vae": 0.0, "channel": 0.0}
+    for path, want in reference.layers.items():
+        got = other.layers[path]
+        if (got.calls, got.rows, len(got.channel_amax)) != (want.calls, want.rows, len(want.channel_amax)):
+            raise BadInputError(f"{path}: the caches observed different calls: calibrate both on the same samples")
+        kind = "softmax" if path.endswith(".softmax") else "vae" if path.startswith("vae.") else "dit"
+        worst[kind] = max(worst[kind], abs(got.amax - want.amax) / want.amax if want.amax else float(got.amax != 0))
+        if want.channel_amax and want.amax:
+            channel = max(abs(a - b) for a, b in zip(got.channel_amax, want.channel_amax)) / want.amax
+            worst["channel"] = max(worst["channel"], channel)
+    return worst

@@ -13,23 +13,31 @@ keyed ``vae.decoder.…``) the largest |input| (``conv_quant.py``; max only). Me
   the least quantization error for ``target`` (fp8 or int8), or TensorRT's INT8 KL-divergence search.
 
 With ``guidance_scale > 1`` the DiT runs both CFG branches (one batch-2 call), so both are observed.
+
+Where (``run_calibration``): by default the engines' own PyTorch reference on the CPU (fp32 for fp32
+engines; days per video at full size). ``device="cuda"`` (or ``dtype="bf16"`` on the CPU, the same code
+path) runs the bf16 reference rebuilt on the device (``runtime.loading.bf16_reference_engines``), so the
+scales are measured on bf16 activations: the ones the fast path's FP8 Linears quantize, and the ones
+Q/DQ graphs over ``--high-precision bf16`` see. The cache records the device and the DiT's dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from pathlib import Path
 
 import torch
 
-from wan_trt.calibration.attention import SMOOTHED_TENSORS, AttentionObserver, self_attention_processors, stats_key
+from wan_trt.calibration.attention import (SMOOTHED_TENSORS, AttentionObserver, exact_max_probability,
+                                           fused_max_probability, self_attention_processors, stats_key)
 from wan_trt.calibration.cache import CalibrationCache, LayerStats
 from wan_trt.calibration.conv_quant import ConvRangeObserver, observe_convs
 from wan_trt.calibration.histogram import AbsHistogram, entropy_amax, mse_amax
 from wan_trt.calibration.quantize import QUANTIZED_PRECISIONS, linear_layers
 from wan_trt.driving_inputs import DrivingInputs
-from wan_trt.errors import BadInputError
+from wan_trt.errors import BadInputError, EngineError
 from wan_trt.presets import DEFAULT_PROMPT
 from wan_trt.runtime.manifest import Manifest
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
@@ -37,14 +45,22 @@ from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
 log = logging.getLogger(__name__)
 
 METHODS = ("max", "percentile", "mse", "entropy")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("auto", "bf16")  # auto: bf16 on cuda, the engines' own dtypes on the CPU
 _PERCENTILE_SAMPLE = 1 << 20  # |x| values kept per call for the percentile (a strided subsample)
 
 
-class _RangeObserver:
+class RangeObserver:
+    """One tensor's range over every call, by ``method``. The per-input-channel maxima (and so ``max``'s
+    per-tensor range, their largest) are running maxima on the tensor's device, read once at the end:
+    no host sync and no full-size temporary per call (|x| per channel from min and max). ``percentile``
+    and the histogram methods read per call.
+    """
+
     def __init__(self, method: str, percentile: float) -> None:
         self.method, self.percentile = method, percentile
-        self.amax = 0.0
-        self.channel_amax: torch.Tensor | None = None
+        self.channel_max: torch.Tensor | None = None  # fp32, on the observed tensors' device
+        self.percentile_amax = 0.0
         self.calls = 0
         self.rows = 0  # token rows observed (a CFG call of batch 2 counts both branches)
         self.histogram = AbsHistogram() if method in ("mse", "entropy") else None
@@ -53,53 +69,60 @@ class _RangeObserver:
         self.observe(args[0])
 
     def observe(self, tensor: torch.Tensor) -> None:
-        x = tensor.detach().to(torch.float32).abs()
-        flat = x.reshape(-1, x.shape[-1])
-        channel = flat.amax(dim=0)
-        self.channel_amax = channel if self.channel_amax is None else torch.maximum(self.channel_amax, channel)
+        flat = tensor.detach().reshape(-1, tensor.shape[-1])
+        low, high = torch.aminmax(flat, dim=0)
+        channel = torch.maximum(high, -low).to(torch.float32)  # = |x|.amax(0), exactly
+        self.channel_max = channel if self.channel_max is None else torch.maximum(self.channel_max, channel)
         if self.histogram is not None:
             self.histogram.add(flat)
-            value = float(channel.max())
-        elif self.method == "max":
-            value = float(channel.max())
-        else:
+        elif self.method == "percentile":
             values = flat.reshape(-1)
-            values = values[:: max(1, values.numel() // _PERCENTILE_SAMPLE)]
-            value = float(torch.quantile(values, self.percentile / 100.0))
-        self.amax = max(self.amax, value)
+            values = values[:: max(1, values.numel() // _PERCENTILE_SAMPLE)].to(torch.float32).abs()
+            self.percentile_amax = max(self.percentile_amax, float(torch.quantile(values, self.percentile / 100.0)))
         self.calls += 1
         self.rows += flat.shape[0]
+
+    @property
+    def channel_amax(self) -> list[float]:
+        return self.channel_max.tolist()
 
     def final_amax(self, target: str) -> float:
         if self.method == "mse":
             return mse_amax(self.histogram, target)
         if self.method == "entropy":
             return entropy_amax(self.histogram)
-        return self.amax
+        if self.method == "percentile":
+            return self.percentile_amax
+        return float(self.channel_max.max())
 
 
 def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, manifest: Manifest,
               samples: list[tuple[str, DrivingInputs]], *, steps: int, method: str = "max",
               percentile: float = 99.99, segment_frames: int | None = None, target: str = "fp8",
-              guidance_scale: float = 1.0, vae_module: torch.nn.Module | None = None) -> CalibrationCache:
+              guidance_scale: float = 1.0, vae_module: torch.nn.Module | None = None, device: str = "cpu",
+              dtype: str = "fp32") -> CalibrationCache:
     """Observe the DiT's Linear and attention inputs (and the convs of ``vae_module``, a VAE graph module)
-    while ``pipeline`` (torch engines) generates every sample."""
+    while ``pipeline`` (torch engines on ``device``, the DiT computing in ``dtype``) generates every sample.
+    The softmax maximum is exact in fp32, from fused attention in bf16/fp16 (``attention.py``)."""
     if method not in METHODS:
         raise BadInputError(f"--method {method}: choose one of {', '.join(METHODS)}")
     if target not in QUANTIZED_PRECISIONS:
         raise BadInputError(f"--target {target}: choose one of {', '.join(QUANTIZED_PRECISIONS)}")
-    observers = {}
+    max_prob = exact_max_probability if dtype == "fp32" else fused_max_probability
+    core = getattr(transformer_module, "inner", transformer_module)  # a half-precision wrapper's module
+    observers: dict[str, RangeObserver] = {}
     handles = []
-    for path, linear in linear_layers(transformer_module).items():
-        observers[path] = _RangeObserver(method, percentile)
+    for path, linear in linear_layers(core).items():
+        observers[path] = RangeObserver(method, percentile)
         handles.append(linear.register_forward_pre_hook(observers[path]))
     attention_observers = {}
     processors = self_attention_processors(transformer_module)
     for block, processor in processors.items():
         for tensor in ("q", "k", "v", *SMOOTHED_TENSORS):
-            observers[stats_key(block, tensor)] = _RangeObserver(method, percentile)
+            observers[stats_key(block, tensor)] = RangeObserver(method, percentile)
         attention_observers[block] = AttentionObserver(
-            lambda name, x, block=block: observers[stats_key(block, name)].observe(x), processor.self_attention)
+            lambda name, x, block=block: observers[stats_key(block, name)].observe(x), processor.self_attention,
+            max_prob)
         processor.self_attention = attention_observers[block]
     conv_ranges: ConvRangeObserver | None = None
     try:
@@ -110,12 +133,11 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
             handle.remove()
         for block, processor in processors.items():
             processor.self_attention = attention_observers[block].attention
-    layers = {path: LayerStats(amax=o.final_amax(target), channel_amax=o.channel_amax.tolist(), calls=o.calls,
-                               rows=o.rows)
+    layers = {path: LayerStats(amax=o.final_amax(target), channel_amax=o.channel_amax, calls=o.calls, rows=o.rows)
               for path, o in observers.items() if o.calls}
     for block, observer in attention_observers.items():
         q_stats = layers.get(stats_key(block, "q"))
-        if q_stats is not None:  # P is at most 1: a fixed range, recorded by its exact maximum
+        if q_stats is not None:  # P is at most 1: a fixed range, recorded by its maximum
             layers[stats_key(block, "softmax")] = LayerStats(amax=observer.softmax_amax, channel_amax=[],
                                                              calls=q_stats.calls, rows=q_stats.rows)
     for path, amax in (conv_ranges.amax if conv_ranges is not None else {}).items():
@@ -123,39 +145,81 @@ def calibrate(pipeline: AnimatePipeline, transformer_module: torch.nn.Module, ma
     return CalibrationCache(weights_hash=manifest.weights_hash, preset=manifest.preset.name, method=method,
                             percentile=percentile if method == "percentile" else None,
                             samples=[name for name, _ in samples], steps=steps, layers=layers,
-                            target=target if method == "mse" else None, guidance_scale=guidance_scale)
+                            target=target if method == "mse" else None, guidance_scale=guidance_scale,
+                            device=torch.device(device).type, dtype=dtype)
 
 
 def _generate_all(pipeline: AnimatePipeline, manifest: Manifest, samples: list[tuple[str, DrivingInputs]], steps: int,
                   segment_frames: int | None, guidance_scale: float) -> None:
-    for name, inputs in samples:
-        log.info("calibrating on %s (%d frames, %d steps)", name, inputs.num_frames, steps)
+    for number, (name, inputs) in enumerate(samples, 1):
+        log.info("calibrating on %s (%d/%d: %d frames, %d steps)", name, number, len(samples), inputs.num_frames,
+                 steps)
+        last = time.perf_counter()
+
+        def on_step(segment: int, segments: int, step: int, total: int) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            log.info("sample %d/%d, segment %d/%d, step %d/%d (%.1f s)", number, len(samples), segment + 1, segments,
+                     step, total, now - last)
+            last = now
+
         request = GenerationRequest(ref_image=inputs.ref_image, pose_frames=inputs.pose.frames,
                                     face_frames=inputs.face.frames, prompt=DEFAULT_PROMPT, steps=steps,
                                     guidance_scale=guidance_scale,
-                                    segment_frames=segment_frames or manifest.preset.segment_frames)
+                                    segment_frames=segment_frames or manifest.preset.segment_frames, on_step=on_step)
         for _ in pipeline.generate(request):
             pass
 
 
+def check_calibration_device(device: str, dtype: str) -> None:
+    """``--device``/``--dtype``: one line naming the fix; EngineError (exit 3) for cuda without a CUDA GPU."""
+    if device not in DEVICES:
+        raise BadInputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if dtype not in DTYPES:
+        raise BadInputError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda needs a CUDA GPU (torch.cuda.is_available() is False): "
+                          "calibrate with --device cpu")
+
+
+def compute_dtype(manifest: Manifest, device: str, dtype: str) -> str:
+    """The DiT's arithmetic: bf16 on cuda or with ``--dtype bf16``, else the engines' own (fp32 for fp32 engines)."""
+    return "bf16" if device == "cuda" or dtype == "bf16" else manifest.graphs["transformer"].dtype
+
+
 def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: int | None, method: str,
                     percentile: float, segment_frames: int | None, target: str = "fp8",
-                    guidance_scale: float = 1.0) -> CalibrationCache:
-    """The CLI's entry: fp32 engines dir (for the weights) + preprocessed folders → cache file."""
+                    guidance_scale: float = 1.0, device: str = "cpu", dtype: str = "auto") -> CalibrationCache:
+    """The CLI's entry: unquantized engines dir (for the weights) + preprocessed folders → cache file.
+
+    ``device`` cpu with ``dtype`` auto: the engines' PyTorch reference on the CPU (``torch_engines``; fp32 for
+    fp32 engines). cuda, or ``dtype`` bf16 on either device: the bf16 reference rebuilt straight on the device
+    (``bf16_reference_engines``), so the ranges are those of bf16 activations — what the fast path's FP8
+    Linears quantize and what Q/DQ graphs over ``--high-precision bf16`` see.
+    """
     from wan_trt.driving_inputs import load_driving_inputs
-    from wan_trt.runtime.loading import torch_engines
+    from wan_trt.runtime.loading import bf16_reference_engines, torch_engines
     from wan_trt.runtime.manifest import read_manifest
     from wan_trt.tokenizer import load_tokenizer, tokenize
 
+    check_calibration_device(device, dtype)
     manifest = read_manifest(engines_dir)
     samples = [(str(folder), load_driving_inputs(str(folder))) for folder in data]
-    engines = torch_engines(manifest, "cpu", engines_dir)
+    arithmetic = compute_dtype(manifest, device, dtype)
+    start = time.perf_counter()
+    if device == "cpu" and dtype == "auto":
+        engines = torch_engines(manifest, "cpu", engines_dir)
+    else:
+        engines = bf16_reference_engines(manifest, engines_dir, device)
+    log.info("calibrating on %s in %s (model ready in %.1f s)", device, arithmetic, time.perf_counter() - start)
     tokenizer = load_tokenizer(engines_dir / manifest.tokenizer_file)
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt))
     cache = calibrate(pipeline, engines["transformer"].module, manifest, samples,
                       steps=steps or manifest.preset.steps, method=method, percentile=percentile,
                       segment_frames=segment_frames, target=target, guidance_scale=guidance_scale,
-                      vae_module=engines["vae_decoder_step"].module)
+                      vae_module=engines["vae_decoder_step"].module, device=device, dtype=arithmetic)
     cache.save(out)
-    log.info("calibration cache for %d layers written to %s", len(cache.layers), out)
+    peak = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
+    log.info("calibration cache for %d layers written to %s (%.1f s%s)", len(cache.layers), out,
+             time.perf_counter() - start, peak)
     return cache

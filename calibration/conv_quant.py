@@ -66,16 +66,27 @@ def _conv_inputs(conv: Conv, args: tuple, kwargs: dict) -> list[torch.Tensor]:
 
 
 class ConvRangeObserver:
-    """Per-conv, per-tensor input range: ``amax[path]`` = max |x| over all calls (cache included)."""
+    """Per-conv, per-tensor input range: ``amax[path]`` = max |x| over all calls (cache included), kept as
+    running maxima on the convs' device and read when ``amax`` is (one host sync for all convs)."""
 
     def __init__(self) -> None:
-        self.amax: dict[str, float] = {}
+        self._amax: dict[str, torch.Tensor] = {}
         self.calls: dict[str, int] = {}
+
+    @property
+    def amax(self) -> dict[str, float]:
+        return dict(zip(self._amax, torch.stack(list(self._amax.values())).tolist())) if self._amax else {}
 
     def hook(self, path: str):
         def observe(module, args, kwargs) -> None:
-            value = max(float(t.detach().abs().max()) if t.numel() else 0.0 for t in _conv_inputs(module, args, kwargs))
-            self.amax[path] = max(self.amax.get(path, 0.0), value)
+            best = self._amax.get(path)
+            if best is None:
+                best = torch.zeros((), dtype=torch.float32, device=args[0].device)
+            for tensor in _conv_inputs(module, args, kwargs):
+                if tensor.numel():
+                    low, high = torch.aminmax(tensor.detach())
+                    best = torch.maximum(best, torch.maximum(high, -low).to(torch.float32))
+            self._amax[path] = best
             self.calls[path] = self.calls.get(path, 0) + 1
 
         return observe

@@ -18,6 +18,7 @@ import torch
 from wan_trt.calibration.quantize import QMAX, fake_quant
 
 BINS = 2048
+_CHUNK = 1 << 24  # values histogrammed at once (float32 counts are exact up to 2^24)
 
 
 class AbsHistogram:
@@ -29,8 +30,14 @@ class AbsHistogram:
         self.largest = 0.0  # the largest |x| seen: no candidate amax goes past it
 
     def add(self, values: torch.Tensor) -> None:
-        values = values.detach().to(torch.float32).abs().reshape(-1)
-        top = float(values.max()) if values.numel() else 0.0
+        """Count |``values``| (any float dtype, any device): one host sync per call; |x| in fp32 is made
+        ``_CHUNK`` values at a time (each chunk's counts exact in histc's float32)."""
+        values = values.detach().reshape(-1)
+        if values.numel():
+            low, high = torch.aminmax(values)
+            top = float(torch.maximum(high, -low))
+        else:
+            top = 0.0
         self.largest = max(self.largest, top)
         if top <= 0.0:
             self.counts[0] += values.numel()
@@ -40,8 +47,10 @@ class AbsHistogram:
         while top >= self.upper:  # merge bins pairwise: the range doubles, the bin count stays
             self.counts = np.concatenate([self.counts.reshape(-1, 2).sum(axis=1), np.zeros(BINS // 2)])
             self.upper *= 2.0
-        hist = torch.histc(values, bins=BINS, min=0.0, max=self.upper)
-        self.counts += hist.double().numpy()
+        total = torch.zeros(BINS, dtype=torch.float64, device=values.device)
+        for chunk in values.split(_CHUNK):
+            total += torch.histc(chunk.to(torch.float32).abs(), bins=BINS, min=0.0, max=self.upper).double()
+        self.counts += total.cpu().numpy()
 
     def centers(self) -> np.ndarray:
         width = self.upper / BINS

@@ -59,6 +59,10 @@ def _round_to(values: np.ndarray | float, dtype: str) -> np.ndarray:
     return torch.as_tensor(np.asarray(values, dtype=np.float32)).to(torch_dtype).to(torch.float32).numpy()
 
 
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.to(torch.float32).cpu().numpy()
+
+
 def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, policy: PrecisionPolicy,
               precision: str, num_blocks: int, alpha: float = 0.5, scale_dtype: str = "fp32",
               head_dim: int | None = None) -> QuantPlan:
@@ -76,18 +80,18 @@ def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, poli
         stats = cache.layers.get(path)
         if stats is None:
             raise BadInputError(f"calibration cache has no statistics for {path}: re-run wan-trt calibrate")
-        weight = linears[path].weight.detach().to(torch.float32).numpy()  # [out, in]
+        weight = linears[path].weight.detach()  # [out, in], on its device (maxima are exact in any order)
         smooth = inverse = None
         act_amax = stats.amax
         if precision == "int8":
             channel = np.maximum(np.asarray(stats.channel_amax, dtype=np.float64), _TINY)
-            w_channel = np.maximum(np.abs(weight).max(axis=0).astype(np.float64), _TINY)
+            w_channel = np.maximum(_numpy(weight.abs().amax(dim=0)).astype(np.float64), _TINY)
             # the graph multiplies x by 1/s held in scale_dtype: make s the exact inverse of that value
             inverse = _round_to((w_channel ** (1.0 - alpha) / channel**alpha).astype(np.float32), scale_dtype)
             smooth = (1.0 / inverse.astype(np.float64)).astype(np.float32)
             act_amax = float(np.max(channel * inverse))
-            weight = weight * smooth[None, :]
-        w_amax = np.maximum(np.abs(weight).max(axis=1), _TINY)
+            weight = weight.to(torch.float32) * torch.from_numpy(smooth).to(weight.device)[None, :]
+        w_amax = np.maximum(_numpy(weight.abs().amax(dim=1)), _TINY)
         act_scale = float(_round_to(max(act_amax, _TINY) / qmax, scale_dtype))
         layers[path] = LayerPlan(path, act_scale, _round_to(w_amax / qmax, scale_dtype), smooth, inverse)
     attention = {block: _attention_plan(block, cache, qmax, scale_dtype, head_dim)

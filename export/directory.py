@@ -45,14 +45,15 @@ def write_prompt_cache(path: Path, tokenizer, text_encoder: torch.nn.Module, dev
     import numpy as np
 
     embeds = {}
+    home = next(text_encoder.parameters()).device
     text_encoder.to(device)
     try:
         for prompt in CACHED_PROMPTS:
             ids, mask = (torch.from_numpy(a).to(device) for a in tokenize(tokenizer, prompt))
             with torch.no_grad():
-                embeds[f"prompt_{len(embeds)}"] = text_encoder(ids, mask)[0].cpu().numpy()
+                embeds[f"prompt_{len(embeds)}"] = text_encoder(ids, mask)[0].to(torch.float32).cpu().numpy()
     finally:
-        text_encoder.to("cpu")
+        text_encoder.to(home)
     np.savez(path, prompts=np.array([clean_prompt(p) for p in CACHED_PROMPTS]), **embeds)
 
 

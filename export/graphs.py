@@ -217,15 +217,17 @@ def discover_cache_slots(vae: torch.nn.Module, side: str) -> tuple[list[int], li
     Returns the used slot indices of diffusers' cache list and their layout relative to ``h2``.
     """
     h2 = 2
+    weight = next(vae.parameters())
+    like = {"device": weight.device, "dtype": weight.dtype}
     with torch.no_grad():
         if side == "encoder":
             cache: list = [None] * vae._cached_conv_counts["encoder"]
-            video = torch.zeros(1, 3, 5, 16 * h2, 16 * h2)
+            video = torch.zeros(1, 3, 5, 16 * h2, 16 * h2, **like)
             vae.encoder(video[:, :, :1], feat_cache=cache, feat_idx=[0])
             vae.encoder(video[:, :, 1:5], feat_cache=cache, feat_idx=[0])
         else:
             cache = [None] * vae._cached_conv_counts["decoder"]
-            latents = vae.post_quant_conv(torch.zeros(1, vae.config.z_dim, 2, 2 * h2, 2 * h2))
+            latents = vae.post_quant_conv(torch.zeros(1, vae.config.z_dim, 2, 2 * h2, 2 * h2, **like))
             vae.decoder(latents[:, :, :1], feat_cache=cache, feat_idx=[0], first_chunk=True)
             vae.decoder(latents[:, :, 1:2], feat_cache=cache, feat_idx=[0])
     used = [i for i, c in enumerate(cache) if isinstance(c, torch.Tensor)]

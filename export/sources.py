@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -18,7 +18,7 @@ from wan_trt.export.graphs import cache_layouts, graph_modules
 from wan_trt.export.precision import FLOAT_PRECISIONS, HalfPrecisionGraph, graph_dtypes
 from wan_trt.lora import LoraReport, LoraSpec
 from wan_trt.presets import Preset
-from wan_trt.reference_models import build_reference_models
+from wan_trt.reference_models import COMPONENTS, build_reference_models
 from wan_trt.tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,19 @@ class BuildSources:
 
 
 def load_sources(preset: Preset, *, seed: int = 0, checkpoint: str | None = None, random_weights: bool = False,
-                 loras: Sequence[LoraSpec] = ()) -> BuildSources:
-    """The reference weights of ``preset`` (seeded, or ``checkpoint``; ``loras`` merged in order) as graph modules."""
+                 loras: Sequence[LoraSpec] = (), device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 components: Iterable[str] = COMPONENTS) -> BuildSources:
+    """The reference weights of ``preset`` (seeded, or ``checkpoint``; ``loras`` merged in order) as graph modules
+    on ``device`` in ``dtype``; with ``counter`` random weights only ``components`` get values (the others'
+    modules are structure on the meta device)."""
     tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint else build_tiny_tokenizer()
     fingerprint = checkpoint_fingerprint(checkpoint) if checkpoint else None  # before reading: a later change shows
     vocab_size = int(preset.text_encoder.get("vocab_size", tokenizer.get_vocab_size()))
     log.info("building reference modules for preset '%s' (%s)", preset.name,
              f"checkpoint {checkpoint}" if checkpoint else f"seed {seed}")
     models = build_reference_models(preset, seed=seed, vocab_size=vocab_size, checkpoint=checkpoint,
-                                    random_weights=random_weights, lora=list(loras) or None)
+                                    random_weights=random_weights, lora=list(loras) or None, device=device,
+                                    dtype=dtype, components=components)
     encoder_caches, decoder_caches = cache_layouts(models)
     return BuildSources(preset, seed, str(Path(checkpoint).resolve()) if checkpoint else None, fingerprint,
                         models.lora_reports, tokenizer, graph_specs(preset, encoder_caches, decoder_caches, vocab_size),

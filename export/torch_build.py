@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -33,13 +33,28 @@ from wan_trt.runtime.manifest import TORCH_BACKENDS, GraphEntry, write_manifest
 log = logging.getLogger(__name__)
 
 
+def _bounded_weights(preset: Preset, checkpoint: str | None, device: str,
+                     quantization: QuantizationRequest | None) -> dict[str, Any]:
+    """Where and which weights a torch build makes. ``counter`` random weights: only what the build reads
+    (umT5 for the prompts, the VAE's structure for the cache layout, the DiT for an FP8/INT8 plan), on the
+    GPU in bf16 where there is one (the dtype ``--fast`` embeds prompts in). Otherwise every weight in fp32
+    on the host, as the ONNX build (their hash covers all of them)."""
+    if checkpoint is not None or preset.random_init != "counter":
+        return {}
+    components = {"text_encoder", "vae"} | ({"transformer"} if quantization is not None else set())
+    return {"device": device, "dtype": torch.bfloat16 if device == "cuda" else torch.float32,
+            "components": components}
+
+
 def build_torch_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
                         random_weights: bool = False, loras: Sequence[LoraSpec] = (),
                         precision: str = "fp32", quantization: QuantizationRequest | None = None) -> Path:
     """Write the torch-backend engines directory of ``preset``'s weights into ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, loras=loras)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, loras=loras,
+                           **_bounded_weights(preset, checkpoint, device, quantization))
     dtypes = float_dtypes(precision, quantization, list(sources.specs))
     if quantization is not None:
         QuantizedTransformer.check_request(quantization, sources.weights_hash)
@@ -47,7 +62,6 @@ def build_torch_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, c
     quant = vae_quant = None
     if quantization is not None:  # the plan only: it proves the cache and policy fit these weights
         quant, vae_quant = prepare_quantization(quantization, sources.weights_hash, modules, preset, reference=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     with staged_directory(out_dir) as staging:
         log.info("embedding the default prompts (umT5 on %s)", device)
         write_text_files(staging, sources, modules["text_encoder"], device)

@@ -131,6 +131,9 @@ def worker_main(options_file: str, status_dir: str) -> int:
         if options.device == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if options.device == "cuda" else "gloo")
+        # every rank has joined before any may leave: a rank that fails fast (a bad input) and exits
+        # while another is still connecting would turn that rank's clear error into a gloo crash
+        dist.barrier()
         run_inference(options)
         dist.barrier()  # rank 0 has written the mp4
     except WanTrtError as error:

@@ -908,7 +908,7 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
     precision = manifest.precision
     if precision not in ("fp32", "fp8"):
         raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
-    modules = reference_graph_modules(manifest, directory)
+    modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16)  # straight to the GPU in bf16
     plan, attention_ranges, smoothing = (fast_plan(modules["transformer"], directory, manifest, fp8_attention_smoothing)
                                          if precision == "fp8" else (None, {}, "none"))
     graph = modules["transformer"]

@@ -77,9 +77,43 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
             for name, entry in manifest.graphs.items()}
 
 
-def reference_graph_modules(manifest: Manifest, directory: Path | None = None) -> dict[str, torch.nn.Module]:
-    """The fp32 graph modules of the manifest's weights (rebuilt; refused if the checkpoint folder changed
-    since the build, checked first by its fingerprint, or if the weights hash differs)."""
+def bf16_reference_engines(manifest: Manifest, directory: Path | None, device: str) -> dict[str, Engine]:
+    """The PyTorch reference of ``--precision bf16`` engines of the manifest's weights, rebuilt straight on
+    ``device`` in bf16 (no fp32 copy of the model on the host): the graphs ``graph_dtypes`` puts in bf16 (the
+    DiT, umT5) compute as ``HalfPrecisionGraph`` — what bf16 engines compute — the others in fp32.
+
+    Weights that bf16 engines hold in fp32 (the fp32 graphs — CLIP, the VAE —, the convolutions, umT5's
+    ``wo``) are their bf16-rounded values widened here; diffusers' keep-in-fp32 modules and the motion
+    encoder are built in fp32. On a GPU the once-per-video encoders (umT5, CLIP) wait on the host between
+    their calls (calibration checks first that there is a GPU: ``calibration.collect.check_calibration_device``).
+    """
+    from wan_trt.export.precision import HalfPrecisionGraph, cast_module, graph_dtypes
+    from wan_trt.runtime.fast_torch import FastEngine
+
+    gpu = torch.device(device).type == "cuda"
+    modules = reference_graph_modules(manifest, directory, device, torch.bfloat16)
+    dtypes = graph_dtypes("bf16", list(manifest.graphs))
+    engines: dict[str, Engine] = {}
+    for name, entry in manifest.graphs.items():
+        module = (HalfPrecisionGraph(modules[name], "bf16", entry.spec.input_names) if dtypes[name] == "bf16"
+                  else cast_module(modules[name], "fp32"))
+        if name in ("text_encoder", "image_encoder"):  # no input cast (dtype None): the graph casts its own
+            engines[name] = FastEngine(module, entry.spec, device, dtype=None, offload=gpu)
+        else:
+            engines[name] = TorchEngine(module, entry.spec, device)
+    return engines
+
+
+def reference_graph_modules(manifest: Manifest, directory: Path | None = None, device: str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+    """The graph modules of the manifest's weights, rebuilt on ``device`` in ``dtype`` (diffusers' fp32-kept
+    modules stay fp32); refused if the checkpoint folder changed since the build (its fingerprint, checked
+    first) or if the weights hash differs.
+
+    Bounded loading: no fp32 copy of the model on the host when ``device`` is a GPU. There the weights of a
+    checkpoint are not hashed again (23.7 B parameters at full size: minutes): the folder's fingerprint
+    stands for them. ``counter`` random weights are checked by their recipe's digest.
+    """
     from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
     from wan_trt.lora import LoraSpec
     from wan_trt.reference_models import build_reference_models
@@ -89,8 +123,11 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None) -
     loras = [LoraSpec.from_json(record) for record in manifest.loras]
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
                                     checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint,
-                                    lora=loras or None)
-    if models.weights_hash() != manifest.weights_hash:
+                                    lora=loras or None, device=device, dtype=dtype)
+    fingerprinted = bool(manifest.checkpoint and manifest.checkpoint_fingerprint)
+    if fingerprinted and torch.device(device).type != "cpu":
+        log.info("checkpoint weights not re-hashed on %s: the folder's fingerprint matches the build's", device)
+    elif models.weights_hash() != manifest.weights_hash:
         raise EngineError(
             f"the PyTorch weights rebuilt for preset '{manifest.preset.name}' (seed {manifest.seed}) do not match the "
             f"engines' weights hash {manifest.weights_hash}: rebuild the engines with this wan-trt version"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from wan_trt.runtime.manifest import GraphEntry, Manifest, file_sha256
 
@@ -561,6 +562,12 @@ def calibrate_segment_frames_bad(env):
 @case
 def calibrate_percentile_nan(env):
     return _calibrate(env, "--method", "percentile", "--percentile", "nan", named="--percentile")
+
+
+@case
+def calibrate_cuda_without_a_gpu(env):
+    env.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return _calibrate(env, "--device", "cuda", named="--device cuda", code=3)
 
 
 @case

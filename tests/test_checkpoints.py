@@ -454,9 +454,9 @@ def test_lora_scale_zero_is_the_base_and_alpha_scales(source, tmp_path):
 def test_lora_with_unknown_keys_is_refused_before_anything_changes(source, tmp_path):
     state, _ = _relight_style_lora(source.transformer, rank=4, default_infix=True)
     model = copy.deepcopy(source.transformer)
-    for bad in ({"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32)},
-                {"blocks.0.self_attn.norm_q.lora_A.weight": torch.zeros(4, 24)},  # not a Linear
-                {"face_adapter.fuser_blocks.0.linear1_kv.lora_A.weight": torch.zeros(4, 24)}):
+    for bad in ({"unet.down_blocks.0.attn.to_q.lora_A.default.weight": torch.zeros(4, 32)},
+                {"blocks.0.self_attn.norm_q.lora_A.default.weight": torch.zeros(4, 24)},  # not a Linear
+                {"face_adapter.fuser_blocks.0.linear1_kv.lora_A.default.weight": torch.zeros(4, 24)}):
         with pytest.raises(BadInputError, match="1 of its 15 keys map to no parameter"):
             merge_lora(model, {**state, **bad}, 1.0)
     broken = dict(state)

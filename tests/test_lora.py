@@ -279,7 +279,7 @@ def _bad_lora(kind: str, base: torch.nn.Module, folder: Path) -> tuple[Path, str
         fragment = "has no up weight"
     else:
         raise ValueError(kind)
-    save_file(state, str(path))
+    save_file({key: value.contiguous().clone() for key, value in state.items()}, str(path))
     return path, fragment
 
 

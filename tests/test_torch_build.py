@@ -64,6 +64,21 @@ def test_writes_no_onnx_only_what_the_torch_backend_reads(torch_dir, tiny_engine
             np.testing.assert_array_equal(got[key], want[key])
 
 
+def test_infer_timings_split_the_run_by_stage(torch_dir, inputs, tmp_path, caplog):
+    timings = tmp_path / "timings.json"
+    caplog.set_level("INFO", logger="wan_trt.inference")
+    result = CliRunner().invoke(main, ["infer", "--engines", str(torch_dir), "--input", str(inputs), "--out",
+                                       str(tmp_path / "a.mp4"), "--backend", "torch", "--timings", str(timings), *SMALL])
+    assert result.exit_code == 0, result.output
+    data = json.loads(timings.read_text())
+    stages = ["text/image encoding_s", "VAE encode_s", "motion encoder_s", "DiT_s", "VAE decode_s", "mp4 writing_s"]
+    assert all(data[key] > 0 for key in stages + ["load_s", "to_first_step_s"]), data
+    assert data["total_s"] >= data["load_s"] + sum(data[key] for key in stages)
+    assert data["load_s"] < data["to_first_step_s"] < data["total_s"]
+    assert data["host_peak_rss_gib"] > 0.1 and "gpu_peak_gib" not in data  # CPU run
+    assert any(r.getMessage().startswith("run: total") for r in caplog.records)  # the same figures in the log
+
+
 @pytest.mark.slow
 def test_infer_torch_writes_the_video_the_onnx_directory_gives(torch_dir, tiny_engines, inputs, tmp_path):
     videos = {}
@@ -156,6 +171,25 @@ def test_device_estimate_counts_the_weights_without_files(torch_dir, tiny_engine
               + 2 * count(vae.encoder, vae.quant_conv) + 2 * count(vae.decoder, vae.post_quant_conv))
     assert ours.weights == 4 * params  # fp32 parameters (each VAE graph holds its half); ONNX files add tables
     assert (ours.dit_activations, ours.vae_activations) == (onnx.dit_activations, onnx.vae_activations)
+
+
+def test_fast_device_estimate_covers_the_measured_full_size_peak(torch_dir):
+    """``infer --fast`` counts bf16 weights and the loading peak: for ``animate-14b`` at 832×480×77 the estimate
+    is at least the 45.0 GiB an H100 measured (benchmarks/results/end_to_end_h100_480_fast_bf16*.json), and 1280×720 fits
+    the H100's 78.7 GiB free, which the fp32-weights estimate refused."""
+    import dataclasses
+
+    from wan_trt.presets import get_preset
+
+    manifest = dataclasses.replace(read_manifest(torch_dir), preset=get_preset("animate-14b"))
+    fast_480 = preflight.estimate_device_bytes(manifest, torch_dir, 832, 480, 77, text_encoder=False, fast=True)
+    fast_720 = preflight.estimate_device_bytes(manifest, torch_dir, 1280, 720, 77, text_encoder=False, fast=True)
+    assert fast_480.total >= 45.0 * 2**30
+    assert fast_480.loading > fast_480.weights  # the whole model, before the encoders leave the GPU
+    assert fast_720.total <= 78.6 * 2**30
+    tiny = preflight.estimate_device_bytes(read_manifest(torch_dir), torch_dir, 832, 480, 77)
+    tiny_fast = preflight.estimate_device_bytes(read_manifest(torch_dir), torch_dir, 832, 480, 77, fast=True)
+    assert tiny_fast.dit_activations * 2 == tiny.dit_activations  # bf16, not the fp32 engines' dtype
 
 
 def test_format_1_manifests_still_read(tiny_engines, tmp_path):
@@ -349,3 +383,35 @@ def test_fingerprint_sees_added_removed_and_edited_weight_files_only(checkpoint_
     (checkpoint / "vae" / "config.json").unlink()
     assert fingerprint_change(recorded, checkpoint) == "vae/config.json was removed"
     assert fingerprint_change(recorded, tmp_path / "gone") == "the folder no longer exists"
+
+
+def test_counter_random_weights_build_makes_only_what_it_reads_and_the_backend_rebuilds_them(tmp_path, monkeypatch):
+    """``tiny-gpu`` has the full-size preset's ``counter`` random weights: the torch build makes umT5's and the
+    VAE's values only (the DiT and CLIP stay structure on meta), its hash is the recipe's, and the torch
+    backend rebuilds weights that pass the check; another seed in the manifest is refused."""
+    from wan_trt.presets import get_preset
+    from wan_trt.reference_models import build_reference_models
+    from wan_trt.runtime.loading import reference_graph_modules
+    import wan_trt.reference_models as reference_models
+
+    preset = get_preset("tiny-gpu")
+    made: list[set[str]] = []
+    original = reference_models._counter_models
+
+    def spy(*args, **kwargs):
+        made.append(set(kwargs["components"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference_models, "_counter_models", spy)
+    engines = build_torch_engines(preset, tmp_path / "engines", seed=3)
+    assert made == [{"text_encoder", "vae"}]
+    manifest = read_manifest(engines)
+    vocab = manifest.graphs["text_encoder"].spec.vocab_size
+    assert manifest.weights_hash == build_reference_models(preset, seed=3, vocab_size=vocab, components=()).weights_hash()
+    modules = reference_graph_modules(manifest, engines)
+    assert modules["transformer"].transformer.patch_embedding.weight.device.type == "cpu"
+    data = json.loads((engines / MANIFEST_NAME).read_text())
+    data["seed"] = 4
+    (engines / MANIFEST_NAME).write_text(json.dumps(data))
+    with pytest.raises(EngineError, match="do not match the engines' weights hash"):
+        reference_graph_modules(read_manifest(engines), engines)

@@ -270,8 +270,8 @@ class StrictLoader:
     """
 
     def __init__(self, module: torch.nn.Module, *, dtype: torch.dtype = torch.float32,
-                 keep_in_fp32: Iterable[str] = (), what: str = "checkpoint"):
-        self.module, self.dtype, self.what = module, dtype, what
+                 keep_in_fp32: Iterable[str] = (), what: str = "checkpoint", device: torch.device | str = "cpu"):
+        self.module, self.dtype, self.what, self.device = module, dtype, what, device
         self.keep_in_fp32 = tuple(keep_in_fp32)
         self.slots: dict[str, list[tuple[torch.nn.Module, str, bool]]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -322,7 +322,9 @@ class StrictLoader:
         if tuple(tensor.shape) != self.shapes[canonical]:
             raise BadInputError(f"{source}: {named} has shape {tuple(tensor.shape)}, {self.what} needs "
                                 f"{self.shapes[canonical]}: the checkpoint does not fit this preset")
-        value = tensor.to(dtype=self._target_dtype(canonical, tensor)).contiguous()
+        # a meta tensor (a key/shape dry run) has no data to move; it stays on meta
+        device = tensor.device if tensor.is_meta else self.device
+        value = tensor.to(device=device, dtype=self._target_dtype(canonical, tensor)).contiguous()
         param = None
         for owner, attr, is_param in self.slots[canonical]:
             if is_param:
@@ -433,13 +435,15 @@ def convert_original_transformer_tensor(key: str, tensor: torch.Tensor,
 
 
 def load_original_transformer_tensors(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor, Path]],
-                                      *, dtype: torch.dtype = torch.float32, source: Path | str) -> torch.nn.Module:
+                                      *, dtype: torch.dtype = torch.float32, source: Path | str,
+                                      device: torch.device | str = "cpu") -> torch.nn.Module:
     """Stream original-layout tensors into ``model`` (a ``WanAnimateTransformer3DModel``), strictly.
 
     The 14 blur ``.kernel`` buffers of the motion encoder are constants: they are compared with the
     model's own (a different kernel is an error) and not loaded.
     """
-    loader = StrictLoader(model, dtype=dtype, keep_in_fp32=_keep_in_fp32(model), what="WanAnimateTransformer3DModel")
+    loader = StrictLoader(model, dtype=dtype, keep_in_fp32=_keep_in_fp32(model), what="WanAnimateTransformer3DModel",
+                          device=device)
     buffers = dict(model.named_buffers())
     motion_res_blocks = len(model.motion_encoder.res_blocks)
     for key, tensor, file in tensors:
@@ -471,7 +475,8 @@ def _safetensors_keys(files: list[Path]) -> set[str]:
     return keys
 
 
-def load_original_transformer(root: Path, preset: Preset, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_original_transformer(root: Path, preset: Preset, *, dtype: torch.dtype = torch.float32,
+                              device: torch.device | str = "cpu") -> torch.nn.Module:
     _check_original_config(root / ORIGINAL_CONFIG, preset)
     files = _safetensors_files(root, "diffusion_pytorch_model")
     keys = {k.removeprefix("model.diffusion_model.") for k in _safetensors_keys(files)}
@@ -480,7 +485,7 @@ def load_original_transformer(root: Path, preset: Preset, *, dtype: torch.dtype 
         raise BadInputError(f"{files[0]}: not a Wan-Animate transformer (no '{ANIMATE_DETECTION_KEY}'; it holds "
                             f"{len(keys)} tensors such as {shown}): pass the Wan2.2-Animate-14B folder")
     model = empty_transformer(preset)
-    return load_original_transformer_tensors(model, _iter_safetensors(files), dtype=dtype, source=root)
+    return load_original_transformer_tensors(model, _iter_safetensors(files), dtype=dtype, source=root, device=device)
 
 
 _ORIGINAL_CONFIG_FIELDS = {  # original WanAnimateModel config field → value derived from the diffusers config
@@ -733,7 +738,8 @@ def _accelerate_available() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
-def load_diffusers_transformer(folder: Path, preset: Preset, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_diffusers_transformer(folder: Path, preset: Preset, *, dtype: torch.dtype = torch.float32,
+                               device: torch.device | str = "cpu") -> torch.nn.Module:
     """``transformer/`` of the Diffusers layout, streamed strictly into a meta-initialised model.
 
     (diffusers 0.42's ``from_pretrained`` for this class needs ``accelerate``, which is not a dependency.)
@@ -743,7 +749,8 @@ def load_diffusers_transformer(folder: Path, preset: Preset, *, dtype: torch.dty
                   _DIFFUSERS_CLASSES["transformer"])
     files = _safetensors_files(folder, "diffusion_pytorch_model")
     model = empty_transformer(preset)
-    loader = StrictLoader(model, dtype=dtype, keep_in_fp32=_keep_in_fp32(model), what="WanAnimateTransformer3DModel")
+    loader = StrictLoader(model, dtype=dtype, keep_in_fp32=_keep_in_fp32(model), what="WanAnimateTransformer3DModel",
+                          device=device)
     ignored = set(type(model)._keys_to_ignore_on_load_unexpected or ())
     for key, tensor, file in _iter_safetensors(files):
         if not loader.knows(key) and any(re.search(p, key) for p in ignored):
@@ -795,28 +802,32 @@ def load_diffusers_image_encoder(folder: Path, preset: Preset, *,
 
 
 def load_checkpoint(preset: Preset, checkpoint: str | Path, *, vocab_size: int,
-                    dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
+                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
     """Load the four reference modules of ``preset`` from ``checkpoint`` (either layout), strictly.
 
     Returns ``{"text_encoder", "image_encoder", "vae", "transformer"}`` modules in eval mode, without
-    gradients, in ``dtype`` (diffusers' fp32-kept transformer modules stay fp32).
+    gradients, in ``dtype`` (diffusers' fp32-kept transformer modules stay fp32), on ``device``: the
+    transformer is streamed there tensor by tensor; the other three (at most umT5's 5.7 B parameters)
+    are loaded on the host in ``dtype`` and moved, one at a time.
     """
     layout = detect_layout(checkpoint)
     root = layout.root
-    log.info("loading %s-layout checkpoint %s (%s)", layout.kind, root, dtype)
+    log.info("loading %s-layout checkpoint %s (%s, %s)", layout.kind, root, str(dtype).removeprefix("torch."), device)
     if layout.kind == DIFFUSERS:
-        return {
-            "transformer": load_diffusers_transformer(root / "transformer", preset, dtype=dtype),
-            "vae": load_diffusers_vae(root / "vae", preset, dtype=dtype),
-            "text_encoder": load_diffusers_text_encoder(root / "text_encoder", preset, vocab_size, dtype=dtype),
-            "image_encoder": load_diffusers_image_encoder(root / "image_encoder", preset, dtype=dtype),
+        loaders = {
+            "transformer": lambda: load_diffusers_transformer(root / "transformer", preset, dtype=dtype, device=device),
+            "vae": lambda: load_diffusers_vae(root / "vae", preset, dtype=dtype),
+            "text_encoder": lambda: load_diffusers_text_encoder(root / "text_encoder", preset, vocab_size, dtype=dtype),
+            "image_encoder": lambda: load_diffusers_image_encoder(root / "image_encoder", preset, dtype=dtype),
         }
-    return {
-        "transformer": load_original_transformer(root, preset, dtype=dtype),
-        "vae": load_original_vae(root / ORIGINAL_VAE, preset, dtype=dtype),
-        "text_encoder": load_original_text_encoder(root / ORIGINAL_T5, preset, vocab_size, dtype=dtype),
-        "image_encoder": load_original_image_encoder(root / ORIGINAL_CLIP, preset, dtype=dtype),
-    }
+    else:
+        loaders = {
+            "transformer": lambda: load_original_transformer(root, preset, dtype=dtype, device=device),
+            "vae": lambda: load_original_vae(root / ORIGINAL_VAE, preset, dtype=dtype),
+            "text_encoder": lambda: load_original_text_encoder(root / ORIGINAL_T5, preset, vocab_size, dtype=dtype),
+            "image_encoder": lambda: load_original_image_encoder(root / ORIGINAL_CLIP, preset, dtype=dtype),
+        }
+    return {name: load().to(device) for name, load in loaders.items()}
 
 
 # ----------------------------------------------------------------------------------------- LoRA

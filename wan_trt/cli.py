@@ -229,12 +229,16 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
                    "the raw photo's short side to 224 and centre-cropped (diffusers' WanAnimatePipeline).")
+@click.option("--timings", type=click.Path(dir_okay=False), default=None, metavar="FILE.json",
+              help="Also write the run's seconds per stage (load, encoders, VAE, DiT, mp4) and memory peaks as JSON "
+                   "(the same figures as the last log line).")
 def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | None, face: str | None,
           out_path: str, backend: str, device: str, seed: int, steps: int | None, prompt: str | None,
           negative_prompt: str, guidance_scale: float, mode: str, relight: bool, background: str | None,
           mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None,
-          gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, clip_preprocess: str) -> None:
+          gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, clip_preprocess: str,
+          timings: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
 
@@ -246,7 +250,7 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         input_dir=input_dir,
         ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
         fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing,
-        clip_preprocess=clip_preprocess,
+        clip_preprocess=clip_preprocess, timings=timings,
     )
     if gpus > 1:  # torchrun workers (wan_trt.runtime.distributed); rank 0 writes the mp4
         from wan_trt.runtime.distributed import launch_infer
@@ -276,17 +280,24 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
 @click.option("--guidance-scale", type=FiniteFloatRange(1.0), default=1.0, show_default=True,
               help="> 1: calibrate with classifier-free guidance on, observing both branches.")
 @click.option("--segment-frames", type=int, default=None, help="Frames per segment, 4n+1 [preset: 77].")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: the bf16 reference rebuilt on one GPU (the ranges of bf16 activations; docs/precision.md).")
+@click.option("--dtype", type=click.Choice(["auto", "bf16"]), default="auto", show_default=True,
+              help="The DiT's arithmetic: auto = bf16 on cuda, the engines' own on the CPU (fp32 engines: fp32); "
+                   "bf16 on the CPU runs the GPU's code path.")
 def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int | None, method: str,
-              percentile: float, target: str, guidance_scale: float, segment_frames: int | None) -> None:
+              percentile: float, target: str, guidance_scale: float, segment_frames: int | None, device: str,
+              dtype: str) -> None:
     """Record the DiT's activation and attention ranges over every denoising step of the calibration samples
     (and the VAE convolutions' input ranges)."""
     import tempfile
 
-    from wan_trt.calibration.collect import run_calibration
+    from wan_trt.calibration.collect import check_calibration_device, run_calibration
     from wan_trt.demo_media import make_demo_inputs
     from wan_trt.preflight import check_calibrate
     from wan_trt.runtime.manifest import read_manifest
 
+    check_calibration_device(device, dtype)
     check_calibrate(read_manifest(Path(engines_dir)), Path(engines_dir), Path(out_path), segment_frames)
     with tempfile.TemporaryDirectory(prefix="wan-trt-calib-") as scratch:
         folders = [Path(d) for d in data]
@@ -295,7 +306,7 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, steps: int
             folders = [make_demo_inputs(Path(scratch) / f"sample{i}", seed=i, num_frames=21) for i in range(2)]
         run_calibration(Path(engines_dir), folders, Path(out_path), steps=steps, method=method,
                         percentile=percentile, segment_frames=segment_frames, target=target,
-                        guidance_scale=guidance_scale)
+                        guidance_scale=guidance_scale, device=device, dtype=dtype)
     click.echo(out_path)
 
 

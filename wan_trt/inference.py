@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
 from wan_trt.errors import BadInputError, EngineError
+from wan_trt.json_files import write_json_atomic
 from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.preflight import check_infer
@@ -21,6 +23,7 @@ from wan_trt.runtime.guard import guard_engines
 from wan_trt.runtime.loading import open_pipeline, torch_engines
 from wan_trt.runtime.manifest import read_manifest, require_backend
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
+from wan_trt.runtime.run_report import RunReport, format_summary
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,12 @@ class InferenceOptions:
     fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
     fp8_attention_smoothing: str = "auto"  # --fp8-attention-smoothing (with --fast): auto | none | k | v | kv
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
+    timings: str | None = None  # --timings FILE.json: the run's seconds per stage and memory peaks
 
 
 def run_inference(options: InferenceOptions) -> CompareReport | None:
     """Generate the animation into ``options.out_path``; with ``compare``, also return the error report."""
+    report = RunReport()
     if options.fast and (options.backend != "torch" or options.device != "cuda" or options.gpus > 1):
         raise BadInputError(f"--fast runs on --backend torch --device cuda with one GPU (got --backend {options.backend} "
                             f"--device {options.device} --gpus {options.gpus}): use those options or drop --fast")
@@ -108,13 +113,19 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
 
         shard_dit_engine(pipeline.engines["transformer"])
     fallback = (lambda: torch_engines(manifest, device, options.engines_dir)) if options.fallback == "torch" else None
-    pipeline.engines = guard_engines(pipeline.engines, fallback)
+    pipeline.engines = guard_engines(report.time(pipeline.engines), fallback)
     recorders = None
     if options.compare:
         recorders = {name: RecordingEngine(engine) for name, engine in pipeline.engines.items()}
         pipeline = AnimatePipeline(recorders, preset, pipeline.tokenize, pipeline.prompt_cache)
     frames = _generate_to_file(pipeline, request, options.out_path, inputs.fps, options.backend,
-                               keep=bool(options.compare))
+                               keep=bool(options.compare), report=report)
+    if is_main_rank():
+        summary = report.summary(cuda=device != "cpu")
+        log.info("%s", format_summary(summary))
+        if options.timings:
+            write_json_atomic(Path(options.timings), {"engines": str(options.engines_dir), "backend": options.backend,
+                                                      "device": device, "fast": options.fast, **summary})
     if not options.compare:
         return None
 
@@ -133,32 +144,38 @@ DETERMINISTIC_X264 = {"x264-params": "mbtree=0"}
 
 
 def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out_path: Path, fps: float,
-                      label: str, keep: bool) -> np.ndarray | None:
+                      label: str, keep: bool, report: RunReport | None = None) -> np.ndarray | None:
     """Run the pipeline, streaming each segment's frames into the mp4 (atomic) as it finishes.
 
     Memory does not grow with the video's length unless ``keep`` (for ``--compare``) holds all frames.
     """
     if not is_main_rank():  # `infer --gpus N`: every rank denoises, rank 0 writes
-        for _ in _with_progress(pipeline, request, label):
+        for _ in _with_progress(pipeline, request, label, report):
             pass
         return None
     height, width = request.pose_frames.shape[1:3]
     produced = []
     with VideoWriter(out_path, width=width, height=height, fps=fps, options=DETERMINISTIC_X264) as writer:
-        for segment in _with_progress(pipeline, request, label):
+        for segment in _with_progress(pipeline, request, label, report):
+            start = time.perf_counter()
             writer.write(segment.frames)
+            if report is not None:
+                report.writing += time.perf_counter() - start
             if keep:
                 produced.append(segment.frames)
     return np.concatenate(produced) if keep else None
 
 
-def _with_progress(pipeline: AnimatePipeline, request: GenerationRequest, label: str):
+def _with_progress(pipeline: AnimatePipeline, request: GenerationRequest, label: str,
+                   report: RunReport | None = None):
     bar = tqdm(desc=f"denoising ({label})", unit="step", leave=False, dynamic_ncols=True, disable=not is_main_rank())
 
     def on_step(segment: int, segments: int, step: int, steps: int) -> None:
         bar.total = segments * steps
         bar.set_postfix_str(f"segment {segment + 1}/{segments}")
         bar.update(1)
+        if report is not None:
+            report.step_done()
 
     try:
         yield from pipeline.generate(replace(request, on_step=on_step))

@@ -28,6 +28,7 @@ LoRAs are summed in float32, in their order, and added to each weight once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -170,6 +171,18 @@ def load_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix in LORA_SUFFIXES:
         return _load_torch_lora(path)
     raise BadInputError(f"--lora {path}: unknown LoRA file type '{path.suffix}': use .safetensors or a torch .ckpt")
+
+
+def lora_digest(spec: LoraSpec) -> str:
+    """The sha256 of the file ``spec`` names (of a PEFT folder: its weights and config files)."""
+    path = Path(spec.path)
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise BadInputError(f"--lora {path}: file not found")
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _load_torch_lora(path: Path) -> dict[str, torch.Tensor]:

@@ -26,6 +26,10 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
   - DiT: ``batch × tokens × (8·dim + ffn_dim) × bytes`` with ``tokens = (latent frames + 1) ×
     H/16 × W/16`` (the residual stream, norm, q/k/v, attention output and modulated copies, plus
     the FFN's hidden layer; attention is assumed fused, no tokens² matrix);
+  - with ``infer --fast`` every module counts 2 bytes per parameter (bf16; FP8 Linears are counted as
+    bf16 too, which over-estimates an FP8 DiT by about 16 GiB at full size), the text and image encoders
+    only one at a time (they wait on the host), and the peak is at least the whole model in bf16 (it is
+    loaded on the GPU before the encoders leave; measured on an H100: 45.0 GiB at 832×480);
   - VAE (streamed, one 4-frame chunk at a time): ``16 × 4 × H × W × base_dim × bytes``, the
     factor 16 fitted to diffusers' measured 720p × 77-frame decode on an H100 (21.5 GB fp32,
     10.8 GB bf16 — the formula gives 22.6 / 11.3 GB).
@@ -35,6 +39,7 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -193,6 +198,19 @@ def graph_parameter_counts(modules: dict[str, Any]) -> dict[str, int]:
             "motion_encoder": motion, "transformer": _numel(transformer) - motion}
 
 
+_COUNTS: dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]] = {}
+
+
+def parameter_counts(preset, vocab_size: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Parameters per module and per graph (``graph_parameter_counts``) of ``preset``'s reference modules,
+    built on the meta device once per preset and vocabulary (several seconds at full size)."""
+    key = (json.dumps(preset.to_json(), sort_keys=True), vocab_size)
+    if key not in _COUNTS:
+        modules = meta_modules(preset, vocab_size)
+        _COUNTS[key] = ({name: _numel(module) for name, module in modules.items()}, graph_parameter_counts(modules))
+    return _COUNTS[key]
+
+
 def quantized_parameter_count(transformer, policy, option: str = "--policy") -> int:
     """Weights of the Linear layers the policy quantizes; a layer the DiT does not have is one BadInputError."""
     linears = {f"transformer.{name}": m for name, m in transformer.named_modules()}
@@ -306,10 +324,11 @@ class DeviceEstimate:
     dit_activations: int
     vae_activations: int
     overhead: int = RUNTIME_OVERHEAD
+    loading: int = 0  # a peak while loading, before the run (``--fast``: the whole model in bf16)
 
     @property
     def total(self) -> int:
-        return self.weights + max(self.dit_activations, self.vae_activations) + self.overhead
+        return max(self.weights + max(self.dit_activations, self.vae_activations), self.loading) + self.overhead
 
 
 def graph_file_bytes(directory: Path, entry) -> int:
@@ -325,19 +344,31 @@ def graph_weight_bytes(manifest, directory: Path) -> dict[str, int]:
     counts = {}
     if unfiled:
         vocab = int(manifest.graphs["text_encoder"].spec.vocab_size)
-        counts = graph_parameter_counts(meta_modules(manifest.preset, vocab))
+        counts = parameter_counts(manifest.preset, vocab)[1]
     return {name: (graph_file_bytes(directory, entry) if entry.file else counts[name] * BYTES_PER_PARAM[entry.dtype])
             for name, entry in manifest.graphs.items()}
 
 
 def estimate_device_bytes(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
-                          batch: int = 1, text_encoder: bool = True, gpus: int = 1) -> DeviceEstimate:
+                          batch: int = 1, text_encoder: bool = True, gpus: int = 1, fast: bool = False) -> DeviceEstimate:
     """Peak device memory of one run at ``width`` × ``height`` (see the module docstring for the formula), per
-    GPU: with ``gpus`` > 1 (sequence parallel) every GPU holds all weights and 1/``gpus`` of the DiT's tokens."""
-    sizes = graph_weight_bytes(manifest, directory)
-    weights = sum(size for name, size in sizes.items() if text_encoder or name != "text_encoder")
+    GPU: with ``gpus`` > 1 (sequence parallel) every GPU holds all weights and 1/``gpus`` of the DiT's tokens.
+    ``fast`` (``infer --fast``): every module in bf16; the whole model is on the GPU while it loads, then the
+    text and image encoders wait on the host and visit the GPU one at a time."""
+    if fast:
+        vocab = int(manifest.graphs["text_encoder"].spec.vocab_size)
+        counts = parameter_counts(manifest.preset, vocab)[0]
+        visiting = max(counts["image_encoder"], counts["text_encoder"] if text_encoder else 0)
+        weights = 2 * (counts["transformer"] + counts["vae"] + visiting)
+        loading = 2 * sum(counts.values())
+    else:
+        sizes = graph_weight_bytes(manifest, directory)
+        weights = sum(size for name, size in sizes.items() if text_encoder or name != "text_encoder")
+        loading = 0
 
     def act_bytes(graph: str) -> int:  # the manifest records the float type each graph computes in
+        if fast:
+            return 2
         return 2 if getattr(manifest.graphs.get(graph), "dtype", "fp32") in ("fp16", "bf16") else 4
 
     config = manifest.preset.transformer
@@ -346,7 +377,7 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
     dit = batch * -(-tokens // gpus) * (DIT_ACTIVATION_WIDTHS * dim + int(config["ffn_dim"])) * act_bytes("transformer")
     vae = (VAE_ACTIVATION_FACTOR * VAE_CHUNK_FRAMES * height * width * int(manifest.preset.vae["base_dim"])
            * act_bytes("vae_decoder_step"))
-    return DeviceEstimate(weights, dit, vae)
+    return DeviceEstimate(weights, dit, vae, loading=loading)
 
 
 def free_device_bytes(device: str) -> int | None:
@@ -360,12 +391,13 @@ def free_device_bytes(device: str) -> int | None:
 
 def check_device_memory(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
                         device: str, batch: int = 1, text_encoder: bool = True, gpus: int = 1,
-                        buckets: Iterable[tuple[int, int]] = (), free: int | None = None) -> DeviceEstimate:
+                        buckets: Iterable[tuple[int, int]] = (), free: int | None = None,
+                        fast: bool = False) -> DeviceEstimate:
     """EngineError (exit 3) when the run's estimated peak exceeds the device's free memory, naming the
     largest smaller bucket that would fit."""
     def estimate(w: int, h: int) -> DeviceEstimate:
         return estimate_device_bytes(manifest, directory, w, h, segment_frames, batch=batch,
-                                     text_encoder=text_encoder, gpus=gpus)
+                                     text_encoder=text_encoder, gpus=gpus, fast=fast)
 
     need = estimate(width, height)
     free = free_device_bytes(device) if free is None else free
@@ -445,7 +477,7 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
                         batch=2 if options.guidance_scale > 1 else 1,
                         text_encoder=any(clean_prompt(p) not in cached for p in prompts),
                         gpus=int(getattr(options, "gpus", 1) or 1),
-                        buckets=buckets, free=free_device)
+                        buckets=buckets, free=free_device, fast=bool(getattr(options, "fast", False)))
 
 
 # -------------------------------------------------------------------------------------- calibrate

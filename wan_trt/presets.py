@@ -52,6 +52,10 @@ class Preset:
     steps: int = 20
     shift: float = 5.0
     buckets: tuple[tuple[int, int], ...] = ((832, 480), (480, 832), (1280, 720), (720, 1280))  # (width, height)
+    # How seeded random weights are made: "torch" (the modules' own initialisers under torch.manual_seed,
+    # in fp32 on the CPU) or "counter" (wan_trt.random_weights: the same values on any device, generated
+    # in place in the inference dtype; for the presets too large for the first).
+    random_init: str = "torch"
 
     @property
     def face_size(self) -> int:
@@ -161,12 +165,14 @@ _TINY_GPU = dataclasses.replace(
     name="tiny-gpu",
     description="the tiny preset with head dim 128 and 16-aligned Linears (FP8 GPU kernels): the GPU smoke test",
     transformer={**_TINY.transformer, "attention_head_dim": 128, "ffn_dim": 512, "added_kv_proj_dim": 256},
+    random_init="counter",  # the full-size preset's scheme, small enough for CI
 )
 
 _ANIMATE_14B = Preset(
     name="animate-14b",
     description="Wan2.2-Animate-14B (17.3 B DiT); needs --checkpoint DIR or --random-weights",
     needs_checkpoint=True,
+    random_init="counter",
     transformer=dict(
         patch_size=[1, 2, 2],
         num_attention_heads=40,
@@ -245,6 +251,7 @@ def preset_from_json(data: dict[str, Any]) -> Preset:
         image_encoder=data["image_encoder"],
         needs_checkpoint=base.needs_checkpoint,
         description=base.description,
+        random_init=base.random_init,
         segment_frames=data.get("segment_frames", base.segment_frames),
         steps=data.get("steps", base.steps),
         shift=data.get("shift", base.shift),

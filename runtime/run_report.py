@@ -1,0 +1,83 @@
+"""Where an ``infer`` run spent its time and memory: one summary line on stderr at the end of the run.
+
+Each engine is wrapped in a ``TimedEngine`` (wall time of its calls; every engine returns host tensors or
+waits for the GPU before returning, so a call's time includes its GPU work), the mp4 writer's time is
+added by the caller, and the peaks are read at the end: the GPU's (``torch.cuda.max_memory_allocated``,
+what PyTorch's allocator held at most) and the host's (``ru_maxrss``: the process's peak resident set).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+# The stages of a run, by the graphs that make them (the rest of the time is the pipeline's own glue).
+STAGES = {
+    "text/image encoding": ("text_encoder", "image_encoder"),
+    "VAE encode": ("vae_encoder_first", "vae_encoder_step"),
+    "motion encoder": ("motion_encoder",),
+    "DiT": ("transformer",),
+    "VAE decode": ("vae_decoder_first", "vae_decoder_step"),
+}
+
+
+class TimedEngine:
+    """An engine whose calls are timed (``seconds``, ``calls``)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.spec = engine, engine.spec
+        self.seconds, self.calls = 0.0, 0
+
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        try:
+            return self.engine.run(feed)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+@dataclass
+class RunReport:
+    started: float = field(default_factory=time.perf_counter)
+    loaded: float | None = None  # engines open
+    first_step: float | None = None  # the first denoising step finished
+    writing: float = 0.0  # seconds in the mp4 writer
+    engines: dict[str, TimedEngine] = field(default_factory=dict)
+
+    def time(self, engines: Mapping[str, object]) -> dict[str, TimedEngine]:
+        """Wrap ``engines`` (after they are open) and remember them."""
+        self.loaded = time.perf_counter()
+        self.engines = {name: TimedEngine(engine) for name, engine in engines.items()}
+        return self.engines
+
+    def step_done(self) -> None:
+        if self.first_step is None:
+            self.first_step = time.perf_counter()
+
+    def summary(self, cuda: bool) -> dict[str, float]:
+        """Seconds per stage and the peaks (GiB)."""
+        total = time.perf_counter() - self.started
+        out = {"total_s": total, "load_s": (self.loaded or self.started) - self.started}
+        if self.first_step is not None:
+            out["to_first_step_s"] = self.first_step - self.started
+        for stage, names in STAGES.items():
+            out[f"{stage}_s"] = sum(self.engines[n].seconds for n in names if n in self.engines)
+        out["mp4 writing_s"] = self.writing
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out["host_peak_rss_gib"] = ru / (1 << 30) if sys.platform == "darwin" else ru / (1 << 20)  # bytes vs KiB
+        if cuda and torch.cuda.is_available():
+            out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / (1 << 30)
+        return out
+
+
+def format_summary(summary: Mapping[str, float]) -> str:
+    parts = [f"{key.removesuffix('_s')} {value:.1f} s" for key, value in summary.items() if key.endswith("_s")]
+    parts += [f"{key.removesuffix('_gib').replace('_', ' ')} {value:.1f} GiB"
+              for key, value in summary.items() if key.endswith("_gib")]
+    return "run: " + ", ".join(parts)
