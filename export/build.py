@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -25,6 +26,7 @@ from wan_trt.export.precision import (HALF_QDQ_TOLERANCE, HALF_TOLERANCE, HalfPr
 from wan_trt.export.sources import float_dtypes, in_dtypes, load_sources
 from wan_trt.export.staging import check_out_dir, staged_directory
 from wan_trt.export.tensorrt import TrtOptions, build_tensorrt_engines, current_environment
+from wan_trt.lora import LoraSpec
 from wan_trt.metrics import relative_l2
 from wan_trt.presets import Preset
 from wan_trt.runtime.engines import OrtEngine, TorchEngine
@@ -37,7 +39,7 @@ FP16_RUN_TOLERANCE = 2e-2  # an fp16 graph in ORT (fp16 kernels) vs the module i
 
 
 def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
-                  random_weights: bool = False, lora: str | None = None, lora_scale: float = 1.0,
+                  random_weights: bool = False, loras: Sequence[LoraSpec] = (),
                   verify: bool = True, precision: str = "fp32",
                   quantization: QuantizationRequest | None = None, tensorrt: TrtOptions | None = None,
                   trt_builder=None, accuracy_video: bool | None = None, refit_from: Path | None = None) -> Path:
@@ -63,8 +65,7 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
     if refit_from is not None and (tensorrt is None or _previous_trt(Path(refit_from)) is None):
         raise BadInputError(f"--refit-from '{refit_from}' has no TensorRT engines to refit: build them with "
                             "wan-trt build --backend tensorrt --refittable")
-    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, lora=lora,
-                           lora_scale=lora_scale)
+    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, loras=loras)
     specs, modules, tokenizer = sources.specs, sources.modules, sources.tokenizer
     dtypes = float_dtypes(precision, quantization, list(specs))
     fp32_reference = None

@@ -62,6 +62,6 @@ def directory_manifest(sources: BuildSources, *, precision: str, graphs: dict[st
     """The manifest of a directory built from ``sources`` that serves ``backends``."""
     return Manifest(preset=sources.preset, seed=sources.seed, weights_hash=sources.weights_hash, precision=precision,
                     tokenizer_file=TOKENIZER_FILE, graphs=graphs, versions=tool_versions(onnx=backends != TORCH_BACKENDS),
-                    checkpoint=sources.checkpoint, quantization=quantization, lora=sources.lora_entry,
+                    checkpoint=sources.checkpoint, quantization=quantization, loras=sources.lora_entries,
                     prompt_cache_file=PROMPT_CACHE_FILE, backends=backends,
                     checkpoint_fingerprint=sources.checkpoint_fingerprint)

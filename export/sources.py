@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from wan_trt.components import GraphSpec, graph_specs
 from wan_trt.errors import BadInputError
 from wan_trt.export.graphs import cache_layouts, graph_modules
 from wan_trt.export.precision import FLOAT_PRECISIONS, HalfPrecisionGraph, graph_dtypes
+from wan_trt.lora import LoraReport, LoraSpec
 from wan_trt.presets import Preset
 from wan_trt.reference_models import COMPONENTS, build_reference_models
 from wan_trt.tokenizer import build_tiny_tokenizer
@@ -29,22 +30,22 @@ class BuildSources:
     seed: int
     checkpoint: str | None
     checkpoint_fingerprint: dict[str, Any] | None
-    lora: str | None
-    lora_scale: float
+    loras: list[LoraReport]  # the LoRAs merged into the DiT, in order, and what each changed
     tokenizer: Any  # tokenizers.Tokenizer
     specs: dict[str, GraphSpec]
     modules: dict[str, torch.nn.Module]  # fp32 graph modules of the reference weights
     weights_hash: str
 
     @property
-    def lora_entry(self) -> dict[str, Any] | None:
-        return {"file": str(Path(self.lora).resolve()), "scale": self.lora_scale} if self.lora else None
+    def lora_entries(self) -> list[dict[str, Any]]:
+        """The manifest's ``loras``: each file, scale, unmatched-keys policy and counts of what it changed."""
+        return [report.to_json() for report in self.loras]
 
 
 def load_sources(preset: Preset, *, seed: int = 0, checkpoint: str | None = None, random_weights: bool = False,
-                 lora: str | None = None, lora_scale: float = 1.0, device: str = "cpu",
-                 dtype: torch.dtype = torch.float32, components: Iterable[str] = COMPONENTS) -> BuildSources:
-    """The reference weights of ``preset`` (seeded, or ``checkpoint`` with ``lora`` merged) as graph modules
+                 loras: Sequence[LoraSpec] = (), device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 components: Iterable[str] = COMPONENTS) -> BuildSources:
+    """The reference weights of ``preset`` (seeded, or ``checkpoint``; ``loras`` merged in order) as graph modules
     on ``device`` in ``dtype``; with ``counter`` random weights only ``components`` get values (the others'
     modules are structure on the meta device)."""
     tokenizer = checkpoint_tokenizer(checkpoint) if checkpoint else build_tiny_tokenizer()
@@ -53,11 +54,11 @@ def load_sources(preset: Preset, *, seed: int = 0, checkpoint: str | None = None
     log.info("building reference modules for preset '%s' (%s)", preset.name,
              f"checkpoint {checkpoint}" if checkpoint else f"seed {seed}")
     models = build_reference_models(preset, seed=seed, vocab_size=vocab_size, checkpoint=checkpoint,
-                                    random_weights=random_weights, lora=lora, lora_scale=lora_scale,
-                                    device=device, dtype=dtype, components=components)
+                                    random_weights=random_weights, lora=list(loras) or None, device=device,
+                                    dtype=dtype, components=components)
     encoder_caches, decoder_caches = cache_layouts(models)
-    return BuildSources(preset, seed, str(Path(checkpoint).resolve()) if checkpoint else None, fingerprint, lora,
-                        lora_scale, tokenizer, graph_specs(preset, encoder_caches, decoder_caches, vocab_size),
+    return BuildSources(preset, seed, str(Path(checkpoint).resolve()) if checkpoint else None, fingerprint,
+                        models.lora_reports, tokenizer, graph_specs(preset, encoder_caches, decoder_caches, vocab_size),
                         graph_modules(models), models.weights_hash())
 
 

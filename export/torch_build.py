@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ from wan_trt.calibration.quantized import QuantizationRequest, QuantizedTransfor
 from wan_trt.export.directory import directory_manifest, write_text_files
 from wan_trt.export.sources import float_dtypes, in_dtypes, load_sources
 from wan_trt.export.staging import check_out_dir, staged_directory
+from wan_trt.lora import LoraSpec
 from wan_trt.presets import Preset
 from wan_trt.runtime.manifest import TORCH_BACKENDS, GraphEntry, write_manifest
 
@@ -46,14 +47,14 @@ def _bounded_weights(preset: Preset, checkpoint: str | None, device: str,
 
 
 def build_torch_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
-                        random_weights: bool = False, lora: str | None = None, lora_scale: float = 1.0,
+                        random_weights: bool = False, loras: Sequence[LoraSpec] = (),
                         precision: str = "fp32", quantization: QuantizationRequest | None = None) -> Path:
     """Write the torch-backend engines directory of ``preset``'s weights into ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, lora=lora,
-                           lora_scale=lora_scale, **_bounded_weights(preset, checkpoint, device, quantization))
+    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, loras=loras,
+                           **_bounded_weights(preset, checkpoint, device, quantization))
     dtypes = float_dtypes(precision, quantization, list(sources.specs))
     if quantization is not None:
         QuantizedTransformer.check_request(quantization, sources.weights_hash)

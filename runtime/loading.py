@@ -115,15 +115,15 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None, d
     stands for them. ``counter`` random weights are checked by their recipe's digest.
     """
     from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
+    from wan_trt.lora import LoraSpec
     from wan_trt.reference_models import build_reference_models
 
     check_checkpoint_unchanged(manifest, directory)
     vocab = manifest.graphs["text_encoder"].spec.vocab_size
-    lora = manifest.lora or {}
+    loras = [LoraSpec.from_json(record) for record in manifest.loras]
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
                                     checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint,
-                                    lora=lora.get("file"), lora_scale=lora.get("scale", 1.0),
-                                    device=device, dtype=dtype)
+                                    lora=loras or None, device=device, dtype=dtype)
     fingerprinted = bool(manifest.checkpoint and manifest.checkpoint_fingerprint)
     if fingerprinted and torch.device(device).type != "cpu":
         log.info("checkpoint weights not re-hashed on %s: the folder's fingerprint matches the build's", device)

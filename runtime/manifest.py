@@ -8,6 +8,9 @@ and SHA-256, the precision, the backends the directory serves and the versions o
 Format 2 added ``backends`` (a ``--backend torch`` build has no graph files and serves only the torch
 backend; tensorrt is served where the ``tensorrt`` section lists engines) and ``checkpoint_fingerprint``; format 1 manifests still read (every format-1 directory
 holds ONNX files, so it serves onnxruntime and torch, and tensorrt where it lists TensorRT engines).
+``loras`` lists every LoRA merged into the DiT, in order (file, scale, unmatched-keys policy and counts of
+what it changed); a manifest written before several LoRAs were possible holds one ``lora`` record
+(file, scale) instead, read as a list of one.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class Manifest:
     quantization: dict[str, Any] | None = None  # precision, policy, calibration file, SmoothQuant alpha
     tensorrt: dict[str, Any] | None = None  # environment, options, engines (graph, bucket, file, hashes, profile)
     prompt_cache_file: str | None = None  # text embeddings of the default prompts (npz)
-    lora: dict[str, Any] | None = None  # a LoRA merged into the DiT before export: file, scale
+    loras: list[dict[str, Any]] = field(default_factory=list)  # LoRAs merged into the DiT, in order (wan_trt.lora)
     backends: tuple[str, ...] | None = None  # ONNX_BACKENDS or TORCH_BACKENDS; None: ONNX_BACKENDS (format 1)
     checkpoint_fingerprint: dict[str, Any] | None = None  # wan_trt.checkpoint_fingerprint, for --checkpoint builds
 
@@ -80,11 +83,21 @@ class Manifest:
             "quantization": self.quantization,
             "tensorrt": self.tensorrt,
             "prompt_cache_file": self.prompt_cache_file,
-            "lora": self.lora,
+            "loras": self.loras,
             "backends": list(self.served_backends()),
             "checkpoint_fingerprint": self.checkpoint_fingerprint,
             "graphs": {name: entry.to_json() for name, entry in self.graphs.items()},
         }
+
+
+def _lora_records(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """``loras``, or an older manifest's single ``lora`` record as a list of one; each needs file and scale."""
+    records = data.get("loras")
+    if records is None:
+        records = [data["lora"]] if data.get("lora") else []
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "file" in r and "scale" in r for r in records):
+        raise ValueError("'loras' must be a list of records with 'file' and 'scale'")
+    return records
 
 
 def file_sha256(path: Path) -> str:
@@ -133,7 +146,7 @@ def read_manifest(directory: str | Path, *, check_files: bool = True) -> Manifes
             quantization=data.get("quantization"),
             tensorrt=data.get("tensorrt"),
             prompt_cache_file=data.get("prompt_cache_file"),
-            lora=data.get("lora"),
+            loras=_lora_records(data),
             backends=tuple(str(b) for b in data["backends"]) if data.get("backends") is not None else None,
             checkpoint_fingerprint=data.get("checkpoint_fingerprint"),
         )
@@ -178,8 +191,9 @@ def build_command(manifest: Manifest, directory: Path, backend: str, out: str) -
         parts.append("--random-weights")
     if manifest.seed and not manifest.checkpoint:
         parts.append(f"--seed {manifest.seed}")
-    if manifest.lora:
-        parts.append(f"--lora {manifest.lora['file']}:{manifest.lora['scale']:g}")
+    parts += [f"--lora {record['file']}:{record['scale']:g}" for record in manifest.loras]
+    if any(record.get("unmatched") == "warn" for record in manifest.loras):
+        parts.append("--lora-unmatched warn")
     if manifest.precision != "fp32":
         parts.append(f"--precision {manifest.precision}")
     q = manifest.quantization

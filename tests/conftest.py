@@ -66,7 +66,7 @@ def _code_key(files: list[Path]) -> str:
 def _fp32_key() -> str:
     """The code that decides what the fp32 engines directory contains (the cli and export code)."""
     files = _sources("export", "calibration") + [ROOT / "wan_trt" / f"{name}.py" for name in (
-        "components", "presets", "reference_models", "checkpoints", "tokenizer", "buckets", "preflight", "cli",
+        "components", "presets", "reference_models", "checkpoints", "lora", "tokenizer", "buckets", "preflight", "cli",
         "__init__")]
     return _code_key(files + [ROOT / "runtime" / "manifest.py"])
 

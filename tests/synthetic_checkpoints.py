@@ -39,3 +39,19 @@ def write_diffusers_checkpoint(models: ReferenceModels, root: Path) -> Path:
     write_tokenizer(root / "tokenizer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "WanAnimatePipeline"}))
     return root
+
+
+def tiny_transformer_output(model: torch.nn.Module) -> torch.Tensor:
+    """The tiny DiT's output on fixed random inputs (2 latent frames of 4×4, 5 face frames)."""
+    preset = get_preset("tiny")
+    g = torch.Generator().manual_seed(11)
+    frames, latent_frames, h, w = 5, 2, 4, 4
+    with torch.no_grad():
+        return model(
+            hidden_states=torch.randn(1, 36, latent_frames + 1, h, w, generator=g),
+            timestep=torch.tensor([637.0]),
+            encoder_hidden_states=torch.randn(1, 512, preset.transformer["text_dim"], generator=g),
+            encoder_hidden_states_image=torch.randn(1, 257, preset.transformer["image_dim"], generator=g),
+            pose_hidden_states=torch.randn(1, 16, latent_frames, h, w, generator=g),
+            face_pixel_values=torch.rand(1, 3, frames, 32, 32, generator=g) * 2 - 1,
+            return_dict=False)[0]

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from synthetic_checkpoints import noisy_tiny_models, write_diffusers_checkpoint, write_tokenizer
+from synthetic_checkpoints import (noisy_tiny_models, tiny_transformer_output, write_diffusers_checkpoint,
+                                   write_tokenizer)
 from wan_trt.checkpoints import (
     DIFFUSERS, ORIGINAL, StrictLoader, detect_layout, empty_transformer, load_checkpoint, load_lora_file,
     load_original_transformer_tensors, merge_lora, parse_lora_arg,
@@ -247,20 +248,6 @@ def original_dir(source, tmp_path_factory) -> Path:
 # -------------------------------------------------------------------------------- exact loading
 
 
-def _transformer_output(model: torch.nn.Module) -> torch.Tensor:
-    g = torch.Generator().manual_seed(11)
-    frames, latent_frames, h, w = 5, 2, 4, 4
-    with torch.no_grad():
-        return model(
-            hidden_states=torch.randn(1, 36, latent_frames + 1, h, w, generator=g),
-            timestep=torch.tensor([637.0]),
-            encoder_hidden_states=torch.randn(1, 512, TINY.transformer["text_dim"], generator=g),
-            encoder_hidden_states_image=torch.randn(1, 257, TINY.transformer["image_dim"], generator=g),
-            pose_hidden_states=torch.randn(1, 16, latent_frames, h, w, generator=g),
-            face_pixel_values=torch.rand(1, 3, frames, 32, 32, generator=g) * 2 - 1,
-            return_dict=False)[0]
-
-
 def _vae_outputs(vae: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(12)
     video = torch.rand(1, 3, 5, 32, 32, generator=g) * 2 - 1
@@ -281,7 +268,7 @@ def _encoder_outputs(models) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def source_outputs(source):
-    return {"transformer": _transformer_output(source.transformer), "vae": _vae_outputs(source.vae),
+    return {"transformer": tiny_transformer_output(source.transformer), "vae": _vae_outputs(source.vae),
             "encoders": _encoder_outputs({"text_encoder": source.text_encoder, "image_encoder": source.image_encoder})}
 
 
@@ -300,7 +287,7 @@ def test_both_layouts_load_exactly_the_weights_they_were_made_from(layout, sourc
             assert got[key].dtype == torch.float32 and torch.equal(got[key], want[key]), f"{layout} {name}.{key}"
         assert not module.training and not any(p.requires_grad for p in module.parameters())
     # ... and the forward passes agree (non-persistent buffers such as RoPE and blur kernels included)
-    assert relative_l2(_transformer_output(loaded["transformer"]), source_outputs["transformer"]) <= 1e-6
+    assert relative_l2(tiny_transformer_output(loaded["transformer"]), source_outputs["transformer"]) <= 1e-6
     for got, want in zip(_vae_outputs(loaded["vae"]), source_outputs["vae"]):
         assert relative_l2(got, want) <= 1e-6
     for got, want in zip(_encoder_outputs(loaded), source_outputs["encoders"]):
@@ -416,8 +403,8 @@ def test_merged_lora_equals_running_the_lora_unmerged(source, tmp_path):
     state, factors = _relight_style_lora(source.transformer, rank, default_infix=True)
     torch.save({"state_dict": state}, tmp_path / "relighting_lora.ckpt")
     merged = copy.deepcopy(source.transformer)
-    names = merge_lora(merged, load_lora_file(tmp_path / "relighting_lora.ckpt"), scale)
-    assert sorted(names) == sorted(factors)
+    report = merge_lora(merged, load_lora_file(tmp_path / "relighting_lora.ckpt"), scale)
+    assert sorted(report.targets) == sorted(f"{name}.weight" for name in factors) and report.pairs == len(factors)
 
     # per Linear: merged W x + b == W x + b + scale · B (A x)
     base_modules, merged_modules = dict(source.transformer.named_modules()), dict(merged.named_modules())
@@ -434,13 +421,13 @@ def test_merged_lora_equals_running_the_lora_unmerged(source, tmp_path):
 
     handles = [base_modules[name].register_forward_hook(lora_hook(a, b)) for name, (a, b) in factors.items()]
     try:
-        want = _transformer_output(source.transformer)
+        want = tiny_transformer_output(source.transformer)
     finally:
         for handle in handles:
             handle.remove()
-    got = _transformer_output(merged)
+    got = tiny_transformer_output(merged)
     assert relative_l2(got, want) <= 1e-5
-    assert relative_l2(got, _transformer_output(source.transformer)) > 1e-4  # the LoRA did change the output
+    assert relative_l2(got, tiny_transformer_output(source.transformer)) > 1e-4  # the LoRA did change the output
     untouched = set(source.transformer.state_dict()) - {f"{n}.weight" for n in factors}
     assert all(torch.equal(merged.state_dict()[k], source.transformer.state_dict()[k]) for k in untouched)
 
@@ -467,17 +454,17 @@ def test_lora_scale_zero_is_the_base_and_alpha_scales(source, tmp_path):
 def test_lora_with_unknown_keys_is_refused_before_anything_changes(source, tmp_path):
     state, _ = _relight_style_lora(source.transformer, rank=4, default_infix=True)
     model = copy.deepcopy(source.transformer)
-    for bad in ({"unet.down_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32)},
-                {"blocks.0.self_attn.norm_q.lora_A.weight": torch.zeros(4, 24)},  # not a Linear
-                {"face_adapter.fuser_blocks.0.linear1_kv.lora_A.weight": torch.zeros(4, 24)}):
-        with pytest.raises(BadInputError, match="does not adapt a Linear"):
+    for bad in ({"unet.down_blocks.0.attn.to_q.lora_A.default.weight": torch.zeros(4, 32)},
+                {"blocks.0.self_attn.norm_q.lora_A.default.weight": torch.zeros(4, 24)},  # not a Linear
+                {"face_adapter.fuser_blocks.0.linear1_kv.lora_A.default.weight": torch.zeros(4, 24)}):
+        with pytest.raises(BadInputError, match="1 of its 15 keys map to no parameter"):
             merge_lora(model, {**state, **bad}, 1.0)
     broken = dict(state)
     broken.pop("blocks.9.ffn.0.lora_B.default.weight")
-    with pytest.raises(BadInputError, match="lora_B missing"):
+    with pytest.raises(BadInputError, match="'blocks.9.ffn.0.lora_A.default.weight' has no up weight"):
         merge_lora(model, broken, 1.0)
     wrong_rank = {**state, "blocks.0.self_attn.q.lora_B.default.weight": torch.zeros(24, 3)}
-    with pytest.raises(BadInputError, match="do not fit"):
+    with pytest.raises(BadInputError, match="does not fit 'blocks.0.attn1.to_q.weight'"):
         merge_lora(model, wrong_rank, 1.0)
     assert all(torch.equal(v, source.transformer.state_dict()[k]) for k, v in model.state_dict().items())
     with pytest.raises(BadInputError, match="unknown LoRA file type"):
@@ -603,7 +590,7 @@ def test_cli_build_from_a_checkpoint_with_a_lora_and_run_it(source, diffusers_di
                                        f"{tmp_path / 'relighting_lora.ckpt'}:0.5", "--out", str(out), "--no-verify"])
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
-    assert manifest.lora["scale"] == 0.5 and manifest.checkpoint == str(diffusers_dir.resolve())
+    assert [record["scale"] for record in manifest.loras] == [0.5] and manifest.checkpoint == str(diffusers_dir.resolve())
     assert manifest.weights_hash != source.weights_hash()  # the LoRA is merged
     torch_engines(manifest)  # raises if the rebuilt reference weights differ from the engines'
     inputs = make_demo_inputs(tmp_path / "in", width=48, height=32, num_frames=5)

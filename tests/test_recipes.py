@@ -29,9 +29,9 @@ from wan_trt.runtime.samplers import Sampling
 TINY = get_preset("tiny")
 
 
-def _manifest(lora: dict | None = None, **changes) -> Manifest:
+def _manifest(*loras: dict, **changes) -> Manifest:
     fields = dict(preset=TINY, seed=0, weights_hash="w", precision="fp32", tokenizer_file="tokenizer.json",
-                  graphs={}, lora=lora)
+                  graphs={}, loras=list(loras))
     return Manifest(**{**fields, **changes})
 
 
@@ -178,17 +178,27 @@ def test_no_lora_means_no_distillation_lora():
     assert not manifest_has_distillation_lora(_manifest()) and manifest_loras(_manifest()) == []
 
 
+def test_a_distillation_lora_beside_a_relighting_lora_counts_and_both_are_listed_in_order():
+    distill = {"file": "/m/lightx2v_4step.safetensors", "scale": 1.0}
+    relight = {"file": "/m/relighting_lora.ckpt", "scale": 0.5}
+    manifest = _manifest(relight, distill)
+    assert manifest_has_distillation_lora(manifest)
+    assert manifest_loras(manifest) == ["/m/relighting_lora.ckpt (scale 0.5, other)",
+                                        "/m/lightx2v_4step.safetensors (scale 1, step distillation)"]
+
+
 @pytest.mark.parametrize("lora", [None, {"file": "/m/relighting_lora.ckpt", "scale": 1.0}])
 @pytest.mark.parametrize("recipe", ["lightx2v-4step", "comfy-6step"])
 def test_a_few_step_recipe_is_refused_on_engines_without_a_distillation_lora(tmp_path, recipe, lora):
     engines = tmp_path / "engines"
     with pytest.raises(EngineError) as error:
-        check_recipe_engines(resolve(recipe), _manifest(lora), engines, "onnxruntime")
+        check_recipe_engines(resolve(recipe), _manifest(*([lora] if lora else [])), engines, "onnxruntime")
     message = str(error.value)
     assert f"--recipe {recipe} needs a step-distillation LoRA" in message
     assert ("relighting_lora.ckpt" in message) == (lora is not None)
-    assert ("wan-trt build --preset tiny --lora lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors:1 "
-            f"--backend onnxruntime --out {engines}-{recipe}") in message
+    kept = " --lora /m/relighting_lora.ckpt:1" if lora else ""  # the engines' own LoRAs stay, after the distillation
+    assert ("wan-trt build --preset tiny --lora lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors:1"
+            f"{kept} --backend onnxruntime --out {engines}-{recipe}") in message
 
 
 def test_the_reference_recipe_and_explicit_options_need_no_lora(tmp_path):

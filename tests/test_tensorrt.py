@@ -178,6 +178,42 @@ def test_refittable_engines_are_refitted_when_only_the_weights_changed(engines_c
     assert plain.refits == [] and len(plain.calls) == len(section["engines"])  # other options: every engine anew
 
 
+def test_a_build_with_two_loras_refits_the_base_engines(engines_copy, tmp_path):
+    """build --lora A --lora B --backend tensorrt --refittable --refit-from BASE: the DiT's engine is refitted
+    with the weights of both LoRAs merged (not rebuilt), every engine whose ONNX is unchanged is copied, the
+    manifest lists both LoRAs."""
+    from safetensors.torch import save_file
+
+    from synthetic_loras import lora_items, render
+    from wan_trt.checkpoints import empty_transformer
+    from wan_trt.export.build import build_engines
+    from wan_trt.lora import LoraSpec
+    from wan_trt.presets import get_preset
+
+    options = TrtOptions(buckets=(Bucket(64, 48, 9),), refittable=True)
+    base = read_manifest(engines_copy)
+    base.tensorrt = build_tensorrt_engines(engines_copy, base, options, ENV, build=FakeBuilder().build)
+    write_manifest(engines_copy, base)
+    shapes = empty_transformer(get_preset("tiny"))  # parameters on meta: the LoRAs' shapes only
+    save_file(render(lora_items(shapes, rank=4, seed=1), prefix="diffusion_model."), str(tmp_path / "distill.safetensors"))
+    save_file(render(lora_items(shapes, rank=4, seed=2, norms=False, modulation=False), pair_names=("lora_A", "lora_B")),
+              str(tmp_path / "relight.safetensors"))
+    loras = [LoraSpec(str(tmp_path / "distill.safetensors")), LoraSpec(str(tmp_path / "relight.safetensors"), 0.5)]
+    builder = FakeBuilder()
+    out = build_engines(get_preset("tiny"), tmp_path / "relit", loras=loras, verify=False, tensorrt=options,
+                        trt_builder=builder, refit_from=engines_copy)
+    manifest = read_manifest(out)
+    assert [Path(r["file"]).name for r in manifest.loras] == ["distill.safetensors", "relight.safetensors"]
+    assert manifest.weights_hash != base.weights_hash
+    assert [(plan.name, onnx.name) for plan, onnx, _ in builder.refits] == [("transformer.64x48x9.plan", "transformer.onnx")]
+    assert builder.refits[0][2] == manifest.graphs["transformer"].sha256  # the verified merged weights
+    assert {e["graph"] for e in manifest.tensorrt["engines"] if e["refitted"]} == {"transformer"}
+    built = {onnx_path.stem for onnx_path, _, _ in builder.calls}
+    unchanged = {name for name, entry in manifest.graphs.items() if entry.sha256 == base.graphs[name].sha256}
+    assert "transformer" not in built and not built & unchanged  # refitted; the same ONNX: copied
+    check_manifest_files(out, manifest)
+
+
 def test_refit_from_needs_refittable_engines(engines_copy, tmp_path):
     for args, message in ((["--refit-from", str(engines_copy)], "apply to --backend tensorrt"),
                           (["--backend", "tensorrt", "--refit-from", str(engines_copy)], "needs --refittable"),

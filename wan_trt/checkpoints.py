@@ -1,4 +1,4 @@
-"""Real checkpoints: layout detection, strict loading, original → diffusers key conversion, LoRA merging.
+"""Real checkpoints: layout detection, strict loading, original → diffusers key conversion.
 
 Two layouts are recognised automatically (``detect_layout``):
 
@@ -24,8 +24,7 @@ memory-mapped) into modules whose parameters were created on the meta device, so
 the weights is made: peak memory is the model plus one tensor being converted (measured: loading a
 775 MB transformer grew the peak RSS by 4 MB, by ~880 MB once every weight had been read).
 
-LoRA: ``load_lora_file`` reads ``.safetensors``, a torch ``.ckpt`` (``{"state_dict": …}``) or a
-PEFT folder; ``merge_lora`` adds ``scale · alpha/r · B @ A`` to the targeted Linear weights.
+LoRA files are read and merged by ``wan_trt.lora`` (its old names stay importable from here).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -834,132 +832,13 @@ def load_checkpoint(preset: Preset, checkpoint: str | Path, *, vocab_size: int,
 
 # ----------------------------------------------------------------------------------------- LoRA
 
-_LORA_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
-_LORA_WEIGHT = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(?:\.[A-Za-z0-9_-]+)?\.weight$")
-_LORA_ALPHA = re.compile(r"^(?P<module>.+?)\.alpha$")
-_LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_MOVED_TO_LORA = ("parse_lora_arg", "load_lora_file", "merge_lora")
 
 
-def parse_lora_arg(text: str) -> tuple[str, float]:
-    """``PATH[:SCALE]`` → (path, scale); the scale defaults to 1.0."""
-    path, sep, tail = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(tail)
-        except ValueError:
-            pass
-    return text, 1.0
+def __getattr__(name: str) -> Any:
+    """The LoRA code lives in ``wan_trt.lora``; its old names stay importable from here."""
+    if name in _MOVED_TO_LORA:
+        from wan_trt import lora
 
-
-def load_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A LoRA's tensors from ``.safetensors``, a torch ``.ckpt``/``.pt`` (``{"state_dict": …}`` or flat)
-    or a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``).
-
-    For a PEFT folder, ``adapter_config.json``'s ``lora_alpha`` is returned as one ``<module>.alpha``
-    entry per adapted module (the convention ``merge_lora`` reads).
-    """
-    path = Path(path)
-    if path.is_dir():
-        config_path = path / "adapter_config.json"
-        weights = next((path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()),
-                       None)
-        if weights is None:
-            raise BadInputError(f"--lora {path}: a folder without adapter_model.safetensors: pass the LoRA file")
-        state = load_lora_file(weights)
-        if config_path.is_file():
-            config = _read_json(config_path)
-            if config.get("rank_pattern") or config.get("alpha_pattern"):
-                raise BadInputError(f"{config_path}: per-module rank/alpha patterns are not supported")
-            alpha = config.get("lora_alpha")
-            if alpha is not None:
-                modules = {m.group("module") for m in map(_LORA_WEIGHT.match, state) if m}
-                state.update({f"{m}.alpha": torch.tensor(float(alpha)) for m in modules})
-        return state
-    if not path.is_file():
-        raise BadInputError(f"--lora {path}: file not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        check_safetensors_file(path)
-        try:
-            return load_file(str(path))
-        except Exception as error:
-            raise BadInputError(f"--lora {path}: cannot read ({error})") from None
-    if path.suffix in _LORA_SUFFIXES:
-        return dict(_load_torch_file(path))
-    raise BadInputError(f"--lora {path}: unknown LoRA file type '{path.suffix}': use .safetensors or a torch .ckpt")
-
-
-def _resolve_lora_target(name: str, linears: dict[str, torch.nn.Linear]) -> str | None:
-    """A LoRA module name (diffusers or original Wan naming) → the transformer's Linear it adapts."""
-    if name in linears:
-        return name
-    converted = convert_original_transformer_tensor(f"{name}.weight", torch.zeros(2))
-    if len(converted) == 1:
-        (key,) = converted
-        if key.endswith(".weight") and key[: -len(".weight")] in linears:
-            return key[: -len(".weight")]
-    return None
-
-
-def merge_lora(transformer: torch.nn.Module, lora: str | Path | dict[str, torch.Tensor], scale: float = 1.0, *,
-               alpha: float | None = None) -> list[str]:
-    """Merge a LoRA into ``transformer``'s Linear weights in place: ``W += scale · alpha/r · B @ A``.
-
-    Keys may use original Wan names (``blocks.0.self_attn.q`` → ``blocks.0.attn1.to_q``, ``cross_attn.k_img``
-    → ``attn2.add_k_proj``, ``ffn.0`` → ``ffn.net.0.proj`` …, mapped by diffusers' converter) or
-    diffusers names, with PEFT (``lora_A``/``lora_B``, optional adapter name such as ``.default``) or
-    ``lora_down``/``lora_up`` spelling and ``base_model.model.``/``diffusion_model.`` prefixes.
-    ``alpha`` defaults to a per-module ``.alpha`` entry, else to the rank r (factor 1). Any key that
-    is not such a weight for a Linear of this transformer is a ``BadInputError``. Returns the
-    names of the merged Linears.
-    """
-    source = "LoRA state dict" if isinstance(lora, dict) else str(lora)
-    if not math.isfinite(scale):
-        raise BadInputError(f"--lora {source}: scale {scale} is not a finite number")
-    state = lora if isinstance(lora, dict) else load_lora_file(lora)
-    if not state:
-        raise BadInputError(f"--lora {source}: holds no tensors")
-    linears = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    alphas: dict[str, float] = {}
-    for raw_key, tensor in state.items():
-        key = raw_key
-        for prefix in _LORA_PREFIXES:
-            key = key.removeprefix(prefix)
-        weight, alpha_match = _LORA_WEIGHT.match(key), _LORA_ALPHA.match(key)
-        match = weight or alpha_match
-        target = _resolve_lora_target(match.group("module"), linears) if match else None
-        if target is None:
-            raise BadInputError(f"--lora {source}: '{raw_key}' does not adapt a Linear of the Wan-Animate transformer: "
-                                f"this LoRA is for another model")
-        if weight:
-            part = "A" if weight.group("kind") in ("lora_A", "lora_down") else "B"
-            if part in pairs.setdefault(target, {}):
-                raise BadInputError(f"--lora {source}: two lora_{part} weights for '{target}' (several adapters?)")
-            pairs[target][part] = tensor
-        else:
-            alphas[target] = float(tensor.reshape(-1)[0])
-    for target in alphas:
-        if target not in pairs:
-            raise BadInputError(f"--lora {source}: alpha for '{target}' without lora_A/lora_B weights")
-    plan = []  # everything is checked before the first weight changes
-    for target, parts in pairs.items():
-        if set(parts) != {"A", "B"}:
-            raise BadInputError(f"--lora {source}: '{target}' has lora_{'A' if 'B' in parts else 'B'} missing")
-        down, up, layer = parts["A"], parts["B"], linears[target]
-        if (down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]
-                or (up.shape[0], down.shape[1]) != tuple(layer.weight.shape)):
-            raise BadInputError(f"--lora {source}: '{target}' lora_A {tuple(down.shape)} / lora_B "
-                                f"{tuple(up.shape)} do not fit its weight {tuple(layer.weight.shape)}")
-        rank = down.shape[0]
-        module_alpha = alpha if alpha is not None else alphas.get(target, rank)
-        plan.append((target, layer, down, up, scale * module_alpha / rank))
-    with torch.no_grad():
-        for _, layer, down, up, factor in plan:
-            if factor != 0.0:
-                new = layer.weight.to(torch.float32) + factor * (up.to(torch.float32) @ down.to(torch.float32))
-                layer.weight.copy_(new.to(layer.weight.dtype))
-    merged = [target for target, *_ in plan]
-    log.info("merged LoRA %s into %d Linear layers (scale %g)", source, len(merged), scale)
-    return merged
+        return getattr(lora, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

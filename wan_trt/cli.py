@@ -94,8 +94,12 @@ def _sampling_options(command):
 @click.option("--preset", default="tiny", show_default=True, help="Model configuration: tiny, tiny-gpu (tiny with FP8-kernel-sized widths) or animate-14b.")
 @click.option("--checkpoint", type=click.Path(), default=None, help="Directory of real weights (animate-14b).")
 @click.option("--random-weights", is_flag=True, help="Random weights at full size (speed/memory work).")
-@click.option("--lora", default=None, metavar="PATH[:SCALE]",
-              help="Merge a LoRA (e.g. relighting_lora.ckpt) into the DiT before export; its own engine variant.")
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+              help="Merge a LoRA (e.g. relighting_lora.ckpt) into the DiT before export and quantization; repeatable, "
+                   "merged in order (e.g. a 4-step distillation LoRA and the relighting LoRA); its own engine variant.")
+@click.option("--lora-unmatched", type=click.Choice(["error", "warn"]), default="error", show_default=True,
+              help="A --lora key that maps to no DiT parameter: error (a LoRA for another model), or warn and merge "
+                   "the rest.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt", "all", "torch"]), default="onnxruntime",
               show_default=True, help="onnxruntime: the verified ONNX files; tensorrt/all: plus TensorRT engines; "
                                       "torch: no ONNX, only what infer --backend torch (and --fast) reads (minutes).")
@@ -131,8 +135,8 @@ def _sampling_options(command):
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
 @click.pass_context
-def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weights: bool, lora: str | None,
-          backend: str, buckets: tuple[str, ...],
+def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weights: bool, loras: tuple[str, ...],
+          lora_unmatched: str, backend: str, buckets: tuple[str, ...],
           opt_level: int, workspace: float | None, refittable: bool, weight_streaming: bool, precision: str,
           calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
           verify: bool, high_precision: str, accuracy_video: bool | None, refit_from: str | None) -> None:
@@ -174,27 +178,27 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
     elif high_precision != "fp32":
         raise BadInputError(f"--high-precision applies to --precision fp8 or int8 (for a {high_precision} build: "
                             f"--precision {high_precision})")
-    lora_path, lora_scale = (None, 1.0)
-    if lora:
-        from wan_trt.checkpoints import parse_lora_arg
+    if lora_unmatched != "error" and not loras:
+        raise BadInputError(f"--lora-unmatched {lora_unmatched} applies to --lora PATH[:SCALE]: add a LoRA or drop it")
+    from wan_trt.lora import LoraSpec
 
-        lora_path, lora_scale = parse_lora_arg(lora)
+    lora_specs = [LoraSpec.parse(text, lora_unmatched) for text in loras]
     check_build(model, Path(out_dir), precision=precision, policy=policy, calibration=calibration,  # disk, files
-                lora=(lora_path, lora_scale) if lora else None, trt_buckets=len(tensorrt.buckets) if tensorrt else 0,
+                loras=lora_specs, trt_buckets=len(tensorrt.buckets) if tensorrt else 0,
                 checkpoint=checkpoint, random_weights=random_weights, high_precision=high_precision,
                 graph_files=backend != "torch")
     if backend == "torch":
         from wan_trt.export.torch_build import build_torch_engines
 
         path = build_torch_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
-                                   lora=lora_path, lora_scale=lora_scale, quantization=quantization,
+                                   loras=lora_specs, quantization=quantization,
                                    precision=precision if quantization is None else "fp32")
         click.echo(str(path))
         return
     from wan_trt.export.build import build_engines
 
     path = build_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
-                         lora=lora_path, lora_scale=lora_scale, verify=verify, quantization=quantization,
+                         loras=lora_specs, verify=verify, quantization=quantization,
                          tensorrt=tensorrt, precision=precision if quantization is None else "fp32",
                          accuracy_video=accuracy_video, refit_from=Path(refit_from) if refit_from else None)
     click.echo(str(path))

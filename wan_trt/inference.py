@@ -89,11 +89,12 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     options = replace(options, guidance_scale=settings.guidance_scale)
     log.info("sampling: %s, guidance scale %g%s", settings.sampling.describe(), settings.guidance_scale,
              f" (recipe {settings.recipe.name})" if settings.recipe else "")
-    if options.relight and not manifest.lora:
+    if options.relight and not manifest.loras:
         raise EngineError(f"--relight: the engines in '{options.engines_dir}' have no LoRA merged; build the relighting "
                           f"variant with: wan-trt build --lora relighting_lora.ckpt --out ENGINES_RELIGHT")
-    if manifest.lora and not options.relight:
-        log.info("these engines carry the LoRA %s (scale %g)", manifest.lora["file"], manifest.lora["scale"])
+    if manifest.loras and not options.relight:
+        log.info("these engines carry merged LoRAs: %s",
+                 ", ".join(f"{record['file']} (scale {record['scale']:g})" for record in manifest.loras))
     inputs = load_driving_inputs(options.input_dir, ref=options.ref, pose=options.pose, face=options.face,
                                  mode=options.mode, background=options.background, mask=options.mask)
     preset = manifest.preset

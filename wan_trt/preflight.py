@@ -45,7 +45,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +102,8 @@ def check_segment_frames(frames: int | None, option: str = "--segment-frames") -
 
 
 def check_lora(path: str, scale: float) -> None:
-    """``--lora PATH[:SCALE]``: the file or PEFT folder exists and the scale is a finite number."""
+    """``--lora PATH[:SCALE]``: the file or PEFT folder exists and the scale is a finite number (what the
+    file holds is checked against the preset's DiT by ``check_build``)."""
     if not math.isfinite(scale):
         raise BadInputError(f"--lora '{path}:{scale}': the scale must be a finite number, e.g. {path}:1.0")
     if not Path(path).exists():
@@ -258,7 +259,7 @@ def estimate_engines_bytes(counts: dict[str, int], precision: str, *, high_preci
 
 
 def check_build(preset, out_dir: Path, *, precision: str = "fp32", policy: str | None = None,
-                calibration: str | None = None, lora: tuple[str, float] | None = None, trt_buckets: int = 0,
+                calibration: str | None = None, loras: Sequence[Any] = (), trt_buckets: int = 0,
                 checkpoint: str | None = None, random_weights: bool = False, high_precision: str = "fp32",
                 graph_files: bool = True, free: int | None = None) -> int:
     """Everything ``build`` can check before loading weights or exporting; returns the disk estimate.
@@ -271,8 +272,8 @@ def check_build(preset, out_dir: Path, *, precision: str = "fp32", policy: str |
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise BadInputError(f"--checkpoint '{checkpoint}' is not a folder: pass the folder that holds the downloaded "
                             "model")
-    if lora is not None:
-        check_lora(*lora)
+    for spec in loras:  # wan_trt.lora.LoraSpec
+        check_lora(spec.path, spec.scale)
     check_writable_dir(out_dir.parent, "--out")
     quantized_policy = None
     if precision in QUANTIZED_PRECISIONS:
@@ -284,6 +285,10 @@ def check_build(preset, out_dir: Path, *, precision: str = "fp32", policy: str |
             load_cache(calibration)  # exists and parses; its weights hash is checked once the weights are loaded
     vocab = int(preset.text_encoder.get("vocab_size", 0)) or _tiny_vocab()
     modules = meta_modules(preset, vocab)
+    if loras:  # every key maps onto the DiT, shapes fit, values are finite: before loading any weights
+        from wan_trt.lora import check_loras
+
+        check_loras(modules["transformer"], loras)
     counts = graph_parameter_counts(modules)
     quantized = quantized_parameter_count(modules["transformer"], quantized_policy) if quantized_policy else 0
     needed = estimate_engines_bytes(counts, precision, high_precision=high_precision, quantized=quantized,

@@ -101,16 +101,14 @@ def is_distillation_lora(file: str) -> bool:
 
 
 def manifest_has_distillation_lora(manifest: Manifest) -> bool:
-    """Whether the engines carry a step-distillation LoRA (by the file name in the manifest's LoRA record)."""
-    return bool(manifest.lora) and is_distillation_lora(manifest.lora["file"])
+    """Whether the engines carry a step-distillation LoRA (by the file names in the manifest's LoRA records)."""
+    return any(is_distillation_lora(record["file"]) for record in manifest.loras)
 
 
 def manifest_loras(manifest: Manifest) -> list[str]:
-    """The LoRAs merged into the engines, as ``file (scale S, kind)`` lines for ``inspect``."""
-    if not manifest.lora:
-        return []
-    kind = "step distillation" if manifest_has_distillation_lora(manifest) else "other"
-    return [f"{manifest.lora['file']} (scale {manifest.lora['scale']:g}, {kind})"]
+    """The LoRAs merged into the engines, in merge order, as ``file (scale S, kind)`` lines for ``inspect``."""
+    return [f"{record['file']} (scale {record['scale']:g}, "
+            f"{'step distillation' if is_distillation_lora(record['file']) else 'other'})" for record in manifest.loras]
 
 
 def check_recipe_engines(settings: Settings, manifest: Manifest, directory: Path, backend: str) -> None:
@@ -118,8 +116,9 @@ def check_recipe_engines(settings: Settings, manifest: Manifest, directory: Path
     recipe = settings.recipe
     if recipe is None or not recipe.needs_distillation_lora or manifest_has_distillation_lora(manifest):
         return
-    merged = f"only the LoRA {Path(manifest.lora['file']).name}" if manifest.lora else "no LoRA"
-    distilled = dataclasses.replace(manifest, lora={"file": DISTILLATION_LORA, "scale": 1.0})
+    names = ", ".join(Path(record["file"]).name for record in manifest.loras)
+    merged = f"only the LoRAs {names}" if manifest.loras else "no LoRA"
+    distilled = dataclasses.replace(manifest, loras=[{"file": DISTILLATION_LORA, "scale": 1.0}, *manifest.loras])
     raise EngineError(f"--recipe {recipe.name} needs a step-distillation LoRA merged into the engines, and "
                       f"'{directory}' has {merged}: build them with: "
                       f"{build_command(distilled, directory, backend, f'{directory}-{recipe.name}')}")

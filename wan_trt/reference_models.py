@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
 from wan_trt.errors import BadInputError
 from wan_trt.presets import Preset
+
+if TYPE_CHECKING:
+    from wan_trt.lora import LoraReport, LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class ReferenceModels:
     # set where the weights are determined by their recipe (``counter`` scheme), or hashed before a cast
     # (``torch`` random weights asked for in another dtype: the hash of the fp32 values a build stamps)
     known_hash: str | None = None
+    lora_reports: list[LoraReport] = field(default_factory=list)  # what each LoRA changes, in merge order
 
     def weights_hash(self) -> str:
         """A short content hash of all weights (to stamp manifests and calibration caches); for ``counter``
@@ -54,8 +58,8 @@ class ReferenceModels:
 
 def build_reference_models(
     preset: Preset, *, seed: int = 0, vocab_size: int, checkpoint: str | Path | None = None,
-    random_weights: bool = False, lora: str | Path | None = None, lora_scale: float = 1.0,
-    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    random_weights: bool = False, lora: str | Path | LoraSpec | Sequence[LoraSpec] | None = None,
+    lora_scale: float = 1.0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     components: Iterable[str] = COMPONENTS,
 ) -> ReferenceModels:
     """Instantiate the four reference modules of ``preset`` on ``device`` in ``dtype`` (diffusers' fp32-kept
@@ -64,10 +68,11 @@ def build_reference_models(
     With ``checkpoint`` (a Diffusers-layout or original Wan-AI folder, detected automatically) the
     weights are loaded strictly from it (``wan_trt.checkpoints``). Without it, ``tiny`` uses seeded
     random weights; a preset that needs a checkpoint takes ``random_weights=True`` for speed/memory
-    work. ``lora`` (a LoRA file, e.g. ``relighting_lora.ckpt``) is merged into the transformer's weights
-    with ``lora_scale`` after loading. With ``counter`` random weights, the modules not named in
-    ``components`` keep their parameters on the meta device (structure only: a build that needs only
-    the text encoder's values makes only those).
+    work. ``lora`` (a LoRA file, e.g. ``relighting_lora.ckpt``, merged with ``lora_scale``, or
+    ``wan_trt.lora.LoraSpec``s, merged in order) changes the transformer's weights after loading. With
+    ``counter`` random weights, the modules not named in ``components`` keep their parameters on the meta
+    device (structure only: a build that needs only the text encoder's values makes only those); a LoRA
+    is then checked against the structure and recorded, not merged.
     """
     if checkpoint is None and preset.needs_checkpoint and not random_weights:
         raise BadInputError(
@@ -84,21 +89,23 @@ def build_reference_models(
     else:  # drawn in fp32 on the CPU: a LoRA is merged and the hash taken there, as a build stamps them
         models = _random_models(preset, seed=seed, vocab_size=vocab_size)
         if lora is not None:
-            from wan_trt.checkpoints import merge_lora
+            from wan_trt.lora import lora_specs, merge_loras
 
-            merge_lora(models.transformer, lora, lora_scale)
+            models.lora_reports = merge_loras(models.transformer, lora_specs(lora, lora_scale))
             lora = None
         if dtype != torch.float32:
             models.known_hash = models.weights_hash()
         for name in COMPONENTS:
             _cast(getattr(models, name), dtype, device)
     if lora is not None:
-        from wan_trt.checkpoints import merge_lora
+        from wan_trt.lora import check_loras, lora_specs, merge_loras
 
+        specs = lora_specs(lora, lora_scale)
         if models.transformer.patch_embedding.weight.device.type == "meta":
-            log.info("LoRA %s recorded, not merged: the transformer is not materialised in this run", lora)
+            log.info("LoRA checked and recorded, not merged: the transformer is not materialised in this run")
+            models.lora_reports = check_loras(models.transformer, specs)
         else:
-            merge_lora(models.transformer, lora, lora_scale)
+            models.lora_reports = merge_loras(models.transformer, specs)
     return models
 
 
@@ -128,7 +135,8 @@ def _cast(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | st
 
 
 def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch.device | str, dtype: torch.dtype,
-                    components: set[str], lora: str | Path | None, lora_scale: float) -> ReferenceModels:
+                    components: set[str], lora: str | Path | LoraSpec | Sequence[LoraSpec] | None,
+                    lora_scale: float) -> ReferenceModels:
     """The ``counter`` scheme: structure on meta, then the values of ``components`` made on ``device``."""
     from wan_trt.checkpoints import empty_image_encoder, empty_text_encoder, empty_transformer, empty_vae
     from wan_trt.random_weights import counter_weights_hash, materialize_random_
@@ -145,9 +153,11 @@ def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch
                                 keep_fp32=_keep_fp32(shells[name]))
         else:
             shells[name].eval().requires_grad_(False)
-    lora_record = None
-    if lora is not None:
-        lora_record = {"sha256": hashlib.sha256(Path(lora).read_bytes()).hexdigest(), "scale": lora_scale}
+    from wan_trt.lora import lora_digest, lora_specs
+
+    records = [{"sha256": lora_digest(spec), "scale": spec.scale}
+               for spec in lora_specs(lora, lora_scale)]
+    lora_record = records[0] if len(records) == 1 else (records or None)  # one LoRA: the hash of earlier builds
     architecture = {key: value for key, value in preset.to_json().items()
                     if key in ("name", "transformer", "vae", "text_encoder", "image_encoder")}
     return ReferenceModels(**shells, known_hash=counter_weights_hash(architecture, seed, vocab_size, lora_record))
