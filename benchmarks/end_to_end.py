@@ -2,12 +2,14 @@
 then ``wan-trt infer --fast``, at full size (``animate-14b --random-weights``), each a fresh process.
 
 ``python -m benchmarks.end_to_end --work /tmp/e2e --out results/JSON [--sizes 832x480,1280x720] [--steps 20]
-[--precision bf16|fp8] [--calibration CACHE] [--policy NAME]``
+[--sampler unipc|euler|dpmpp] [--shift S] [--precision bf16|fp8] [--calibration CACHE] [--policy NAME]``
 
 ``--precision bf16`` (default) runs ``--fast`` on the fp32 torch build (bf16 Linears and attention);
 ``fp8`` runs the FP8 journey: ``calibrate --device cuda`` on each size's inputs (or ``--calibration``, a
 cache made earlier, e.g. at another size: the results say which), ``build --precision fp8 --backend torch``
-with that cache, then ``infer --fast`` on those engines. Records each command's exit status, wall time,
+with that cache, then ``infer --fast`` on those engines. ``--sampler``/``--shift``/``--steps`` are the
+schedule of calibration and inference alike (``--sampler euler --steps 4`` is the ``lightx2v-4step``
+recipe's schedule: its speed, on random weights without the distillation LoRA, which changes no shape). Records each command's exit status, wall time,
 the largest child's peak host RSS (``RUSAGE_CHILDREN``), a calibration's seconds per denoising step and
 GPU peak (from its log), and the infer run's own report (``infer --timings``: load, time to the first
 denoising step, seconds per stage, GPU and host peaks). Inputs are the synthetic demo inputs (a portrait, a skeleton video, face crops) at
@@ -71,14 +73,22 @@ def segment_arguments(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def schedule_name(args: argparse.Namespace) -> str:
+    return f"{args.sampler}{args.steps}-shift{args.shift:g}"
+
+
+def schedule_options(args: argparse.Namespace) -> list[str]:
+    return ["--sampler", args.sampler, "--steps", str(args.steps), "--shift", f"{args.shift:g}"]
+
+
 def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: argparse.Namespace,
                 results: dict[str, Any], out: Path) -> Path | None:
     """Calibrate on the GPU (unless ``--calibration``) and build FP8 torch engines from the cache."""
-    cache = Path(args.calibration) if args.calibration else work / f"calibration-{size}.json"
+    cache = Path(args.calibration) if args.calibration else work / f"calibration-{size}-{schedule_name(args)}.json"
     if not cache.is_file() and run_step(
-            f"calibrate_cuda_{size}", wan_trt("calibrate", "--engines", str(fp32_engines), "--data", str(inputs),
-                                              "--out", str(cache), "--steps", str(args.steps), "--device", "cuda"),
-            results, out).returncode:
+            f"calibrate_cuda_{size}_{schedule_name(args)}",
+            wan_trt("calibrate", "--engines", str(fp32_engines), "--data", str(inputs), "--out", str(cache),
+                    *schedule_options(args), "--device", "cuda"), results, out).returncode:
         return None
     results.setdefault("calibration", {})[size] = str(cache)
     engines = work / f"engines-fp8-{args.policy}-{cache.stem}"
@@ -97,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = segment_arguments(__doc__.splitlines()[0])
     parser.add_argument("--skip-build", action="store_true", help="reuse --work's fp32 torch engines")
+    parser.add_argument("--sampler", choices=("unipc", "euler", "dpmpp"), default="unipc")
+    parser.add_argument("--shift", type=float, default=5.0)
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--calibration", help="fp8: this calibration cache instead of calibrating at each size")
     parser.add_argument("--policy", default="default", help="fp8: the build's precision policy [default]")
@@ -104,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"kind": "end_to_end", "env": environment(), "preset": "animate-14b --random-weights",
-                               "precision": args.precision, "steps_per_segment": args.steps, "frames": args.frames,
+                               "precision": args.precision, "steps_per_segment": args.steps,
+                               "schedule": schedule_name(args), "frames": args.frames,
                                "inputs": "synthetic demo inputs (wan_trt.demo_media)", "steps": {}, "runs": {}}
     fp32_engines = work / "engines-fp32"
     needs_fp32 = args.precision == "bf16" or not args.calibration  # fp8 with a cache given: no fp32 build
@@ -125,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
             if engines is None:
                 ok = False
                 continue
-        timings = work / f"timings-{args.precision}-{size}.json"
-        name = f"infer_fast_{args.precision}_{size}"
+        name = f"infer_fast_{args.precision}_{size}_{schedule_name(args)}"
+        timings = work / f"timings-{name}.json"
         ok &= run_step(name, wan_trt("infer", "--engines", str(engines), "--input", str(inputs), "--out",
-                                     str(work / f"{args.precision}-{size}.mp4"), "--backend", "torch", "--device",
-                                     "cuda", "--fast", "--steps", str(args.steps), "--timings", str(timings)),
+                                     str(work / f"{name}.mp4"), "--backend", "torch", "--device", "cuda", "--fast",
+                                     *schedule_options(args), "--timings", str(timings)),
                        results, out).returncode == 0
         if timings.is_file():
             results["runs"][name] = json.loads(timings.read_text())
