@@ -41,7 +41,7 @@ class _TimedEngine:
 
 def tiny_pipeline(seed: int = 0):
     """The tiny preset's PyTorch engines (no export needed) in an ``AnimatePipeline``."""
-    from wan_trt.export.graphs import cache_layouts, graph_modules
+    from wan_trt.models.graphs import cache_layouts, graph_modules
     from wan_trt.runtime.engines import TorchEngine
     from wan_trt.runtime.pipeline import AnimatePipeline
 

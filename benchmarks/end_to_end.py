@@ -5,17 +5,20 @@ then ``wan-trt infer --fast``, at full size (``animate-14b --random-weights``), 
 [--sampler unipc|euler|dpmpp] [--shift S] [--precision bf16|fp8] [--calibration CACHE] [--policy NAME]``
 
 ``--precision bf16`` (default) runs ``--fast`` on the fp32 torch build (bf16 Linears and attention);
-``fp8`` runs the FP8 journey: ``calibrate --device cuda`` on each size's inputs (or ``--calibration``, a
-cache made earlier, e.g. at another size: the results say which), ``build --precision fp8 --backend torch``
-with that cache, then ``infer --fast`` on those engines. ``--sampler``/``--shift``/``--steps`` are the
-schedule of calibration and inference alike (``--sampler euler --steps 4`` is the ``lightx2v-4step``
-recipe's schedule: its speed, on random weights without the distillation LoRA, which changes no shape). Records each command's exit status, wall time,
-the largest child's peak host RSS (``RUSAGE_CHILDREN``), a calibration's seconds per denoising step and
-GPU peak (from its log), and the infer run's own report (``infer --timings``: load, time to the first
-denoising step, seconds per stage, GPU and host peaks). Inputs are the synthetic demo inputs (a portrait, a skeleton video, face crops) at
-each size, 77 frames: random weights make a real video's content irrelevant to speed. The results file
-is rewritten after every step, so a run cut short (a device command's 10-minute limit) keeps what
-finished; ``--skip-build`` reuses ``--work``'s engines.
+``fp8`` runs the FP8 journey: ``calibrate --device cuda`` on each size's inputs (or ``--calibration``,
+a cache made earlier, e.g. at another size: the results say which), ``build --precision fp8 --backend
+torch`` with that cache, then ``infer --fast`` on those engines. ``--sampler``/``--shift``/``--steps``
+are the schedule of calibration and inference alike (``--sampler euler --steps 4`` is the
+``lightx2v-4step`` recipe's schedule: its speed, on random weights without the distillation LoRA,
+which changes no shape or kernel).
+
+Records each command's exit status, wall time, the largest child's peak host RSS
+(``RUSAGE_CHILDREN``), a calibration's seconds per denoising step and GPU peak (from its log), and
+the infer run's own report (``infer --timings``: load, time to the first denoising step, seconds per
+stage, GPU and host peaks). Inputs are the synthetic demo inputs (a portrait, a skeleton video, face
+crops) at each size, 77 frames: random weights make a real video's content irrelevant to speed. The
+results file is rewritten after every step, so a run cut short (a device command's 10-minute limit)
+keeps what finished; ``--skip-build`` reuses ``--work``'s engines.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
         --json benchmarks/results/export_full_size_components.json --timeout-s 300 --budget-s 540
 
 Every graph is built the way ``wan-trt build --precision bf16`` builds it: the graph module of
-``export.graphs`` around the reference module, ``HalfPrecisionGraph`` where ``export.precision.graph_dtypes``
+``wan_trt.models.graphs`` around the reference module, ``HalfPrecisionGraph`` where ``wan_trt.models.precision.graph_dtypes``
 gives the graph a half type (umT5 and the DiT in bf16; CLIP, the VAE and the motion encoder stay fp32),
 exported with the build's own ``export_graph`` (dynamo, opset 19, external data past 2 GB, ``onnx.checker``
 full check). Weights are random; large modules are materialised module by module on the host
@@ -146,8 +146,8 @@ def build_graph_module(name: str, spec_component: str, preset: Preset, dtype_nam
     """(the graph's module as the build exports it, its parameter count, the VAE's cache layouts or None)."""
     from benchmarks.models import (build_image_encoder, build_text_encoder, build_transformer, build_vae,
                                    materialize_, params_on_meta)
-    from wan_trt.export import graphs
-    from wan_trt.export.precision import DTYPES
+    from wan_trt.models import graphs
+    from wan_trt.models.precision import DTYPES
 
     dtype = DTYPES[dtype_name]
     caches = None
@@ -204,7 +204,7 @@ def export_one(name: str, preset: Preset, precision: str, graph_dir: Path, layer
     import torch
 
     from wan_trt.export.onnx_export import export_graph
-    from wan_trt.export.precision import HalfPrecisionGraph, graph_dtypes
+    from wan_trt.models.precision import HalfPrecisionGraph, graph_dtypes
 
     vocab = vocab_size_of(preset)
     specs = graph_specs(preset, [], [], vocab)
@@ -328,7 +328,7 @@ def main() -> None:
     parser.add_argument("--component", nargs="+", default=["transformer"], choices=CHOICES,
                         help="components to export, in this order (all-but-transformer: umT5, CLIP, motion encoder, VAE)")
     parser.add_argument("--precision", default="bf16", choices=("fp32", "fp16", "bf16"),
-                        help="the build's --precision: each graph gets the type export.precision.graph_dtypes gives it")
+                        help="the build's --precision: each graph gets the type wan_trt.models.precision.graph_dtypes gives it")
     parser.add_argument("--layers", type=int, default=None, help="export only this many DiT blocks (smoke test)")
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--json", type=Path, required=True)

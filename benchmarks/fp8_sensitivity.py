@@ -39,7 +39,7 @@ GROUPS = {
 def run(width: int, height: int, frames: int, layers: int | None) -> dict[str, Any]:
     import torch
     from wan_trt.calibration.policy import load_policy
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
     from wan_trt.runtime.fast_torch import (
         AmaxObserver,
         FastOptions,

@@ -71,7 +71,7 @@ def _tokens(width: int, height: int, frames: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def bench_text_encoder(cfg: GpuConfig) -> dict[str, Any]:
-    from wan_trt.export.graphs import TextEncoderGraph
+    from wan_trt.models.graphs import TextEncoderGraph
 
     with PeakMemory() as load:
         graph = TextEncoderGraph(build_text_encoder(cfg.preset, VOCAB)).eval()
@@ -87,7 +87,7 @@ def bench_text_encoder(cfg: GpuConfig) -> dict[str, Any]:
 
 
 def bench_image_encoder(cfg: GpuConfig) -> dict[str, Any]:
-    from wan_trt.export.graphs import ImageEncoderGraph
+    from wan_trt.models.graphs import ImageEncoderGraph
 
     with PeakMemory() as load:
         graph = ImageEncoderGraph(build_image_encoder(cfg.preset)).eval()
@@ -122,7 +122,7 @@ def _vae_decode(first, step, latents: torch.Tensor) -> torch.Tensor:
 
 
 def bench_vae(cfg: GpuConfig) -> dict[str, Any]:
-    from wan_trt.export.graphs import (
+    from wan_trt.models.graphs import (
         VaeDecoderFirst,
         VaeDecoderStep,
         VaeEncoderFirst,
@@ -197,7 +197,7 @@ def dit_flops(cfg: GpuConfig, width: int, height: int) -> dict[str, float]:
 
 
 def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
-    from wan_trt.export.graphs import MotionEncoderGraph, TransformerGraph
+    from wan_trt.models.graphs import MotionEncoderGraph, TransformerGraph
     from wan_trt.runtime.fast_torch import (
         ATTENTION_MARGIN,
         BLOCK_LINEARS,

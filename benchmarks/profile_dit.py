@@ -63,7 +63,7 @@ def profile_blocks(layers: int, width: int, height: int, frames: int, policy_nam
     import torch
     from torch.profiler import ProfilerActivity, profile
     from wan_trt.calibration.policy import load_policy
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
     from wan_trt.runtime.fast_torch import (
         AmaxObserver,
         FastOptions,

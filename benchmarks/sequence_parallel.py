@@ -103,7 +103,7 @@ def _time(fn: Callable[[], Any], device: str, warmup: int, repeats: int, synchro
 def fp32_exactness(device: str) -> dict[str, Any]:
     """Sequence-parallel vs plain forward of a small fp32 DiT, two shapes (batch 2 with frames cut by the
     rank slices; a token count that needs padding)."""
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
     from wan_trt.runtime.sequence_parallel import SequenceParallelDiT
 
     preset = _check_variant()
@@ -133,7 +133,7 @@ def _replicas_identical(model: torch.nn.Module, device: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
     from wan_trt.runtime.sequence_parallel import SequenceParallelDiT
 
     rank, world = dist.get_rank(), dist.get_world_size()

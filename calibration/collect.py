@@ -195,15 +195,15 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
                     dtype: str = "auto") -> CalibrationCache:
     """The CLI's entry: unquantized engines dir (for the weights) + preprocessed folders → cache file.
 
-    The sampling is resolved as for ``infer`` (``wan_trt.recipes.resolve``: the options over the recipe over
-    the preset's defaults) and recorded in the cache. ``device`` cpu with ``dtype`` auto: the engines' PyTorch
-    reference on the CPU (``torch_engines``; fp32 for fp32 engines). cuda, or ``dtype`` bf16 on either device:
+    The sampling is resolved as for ``infer`` (``wan_trt.runtime.recipes.resolve``: the options over the
+    recipe over the preset's defaults) and recorded in the cache. ``device`` cpu with ``dtype`` auto: the
+    engines' PyTorch reference on the CPU (``torch_engines``; fp32 for fp32 engines). cuda, or ``dtype`` bf16 on either device:
     the bf16 reference rebuilt straight on the device (``bf16_reference_engines``), so the ranges are those of
     bf16 activations — what the fast path's FP8 Linears quantize and what Q/DQ graphs over
     ``--high-precision bf16`` see.
     """
     from wan_trt.driving_inputs import load_driving_inputs
-    from wan_trt.recipes import check_recipe_engines, resolve
+    from wan_trt.runtime.recipes import check_recipe_engines, resolve
     from wan_trt.runtime.loading import bf16_reference_engines, torch_engines
     from wan_trt.runtime.manifest import built_with, read_manifest
     from wan_trt.tokenizer import load_tokenizer, tokenize

@@ -54,7 +54,7 @@ def module_path(node: onnx.NodeProto) -> str | None:
             if len(scopes) < 2:
                 return None
             path = scopes[-2]
-            return path.removeprefix("inner.")  # a half-precision wrapper's graph (export.precision)
+            return path.removeprefix("inner.")  # a half-precision wrapper's graph (wan_trt.models.precision)
     return None
 
 

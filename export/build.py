@@ -21,11 +21,12 @@ from wan_trt.errors import BadInputError, EngineError
 from wan_trt.export.accuracy import ACCURACY_FILE, Fp32Reference, write_accuracy
 from wan_trt.export.directory import directory_manifest, write_text_files
 from wan_trt.export.onnx_export import EXPORT_SIZES, export_graph
-from wan_trt.export.precision import (HALF_QDQ_TOLERANCE, HALF_TOLERANCE, HalfPrecisionGraph, as_fp32_graph,
-                                      onnx_float_types)
+from wan_trt.models.precision import HalfPrecisionGraph
+from wan_trt.export.precision import HALF_QDQ_TOLERANCE, HALF_TOLERANCE, as_fp32_graph, onnx_float_types
 from wan_trt.export.sources import float_dtypes, in_dtypes, load_sources
 from wan_trt.export.staging import check_out_dir, staged_directory
-from wan_trt.export.tensorrt import TrtOptions, build_tensorrt_engines, current_environment
+from wan_trt.export.tensorrt import TrtOptions, build_tensorrt_engines
+from wan_trt.runtime.tensorrt_engine import current_environment
 from wan_trt.lora import LoraSpec
 from wan_trt.metrics import relative_l2
 from wan_trt.presets import Preset
@@ -45,7 +46,7 @@ def build_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpo
                   trt_builder=None, accuracy_video: bool | None = None, refit_from: Path | None = None) -> Path:
     """Export all graphs of ``preset`` into ``out_dir`` (atomically). Returns the directory.
 
-    ``precision`` fp16/bf16 exports the graphs ``export.precision.graph_dtypes`` names in that type
+    ``precision`` fp16/bf16 exports the graphs ``wan_trt.models.precision.graph_dtypes`` names in that type
     (I/O stays float32). With ``quantization`` the DiT graph gets FP8/INT8 Q/DQ nodes per the policy
     over a graph whose other layers are in ``quantization.high_precision``, checked in ONNX Runtime
     against the PyTorch fake-quant model. Any build but fp32 writes ``accuracy.json`` (denoiser error

@@ -26,12 +26,12 @@ from typing import Any, Callable
 from wan_trt.buckets import Bucket, is_bucketed, profile
 from wan_trt.errors import EngineError
 from wan_trt.runtime.manifest import Manifest, file_sha256
+from wan_trt.runtime.tensorrt_engine import TrtEnvironment
 
 log = logging.getLogger(__name__)
 
 TRT_DIR = "tensorrt"
 TIMING_CACHE = "timing.cache"
-INSTALL_HINT = "TensorRT is not installed here: pip install '.[trt]' on a machine with an NVIDIA GPU, or use the Dockerfile"
 
 
 @dataclass(frozen=True)
@@ -48,15 +48,6 @@ class TrtOptions:
                 "weight_streaming": self.weight_streaming}
 
 
-@dataclass(frozen=True)
-class TrtEnvironment:
-    """What an engine is tied to: TensorRT version and GPU architecture."""
-
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
-
-
 @dataclass
 class PlanEntry:
     graph: str
@@ -68,20 +59,6 @@ class PlanEntry:
     profile: dict[str, list[list[int]]] = field(default_factory=dict)
     onnx_structure_sha256: str | None = None  # the graph without its weights (refit needs it unchanged)
     refitted: bool = False  # made by refitting a previous engine with this ONNX file's weights
-
-
-def current_environment() -> TrtEnvironment:
-    """The TensorRT version and GPU of this machine; EngineError when either is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise EngineError(INSTALL_HINT) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise EngineError("TensorRT needs an NVIDIA GPU and none is visible (torch.cuda.is_available() is False)")
-    major, minor = torch.cuda.get_device_capability()
-    return TrtEnvironment(trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}")
 
 
 def engine_key(onnx_sha256: str, bucket: Bucket | None, options: TrtOptions, env: TrtEnvironment) -> str:
@@ -227,19 +204,6 @@ def refit_plan(plan_path: Path, onnx_path: Path) -> bytes:
         missing = refitter.get_missing_weights()
         raise EngineError(f"refitting '{plan_path}' left {len(missing)} weights unset (e.g. {missing[:1]}): rebuild it")
     return bytes(engine.serialize())
-
-
-def check_compatible(section: dict[str, Any], env: TrtEnvironment, directory: Path) -> None:
-    """Refuse engines built for another TensorRT version or GPU architecture, naming the mismatch."""
-    built = section["environment"]
-    rebuild = f"wan-trt build --backend tensorrt --out {directory}"
-    if built["tensorrt_version"] != env.tensorrt_version:
-        raise EngineError(f"engines in '{directory}' were built with TensorRT {built['tensorrt_version']}, this is "
-                          f"TensorRT {env.tensorrt_version}: rebuild with: {rebuild}")
-    if built["compute_capability"] != env.compute_capability:
-        raise EngineError(f"engines in '{directory}' were built for compute capability {built['compute_capability']} "
-                          f"({built['gpu_name']}), this GPU is {env.compute_capability} ({env.gpu_name}): "
-                          f"rebuild with: {rebuild}")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

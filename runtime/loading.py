@@ -62,7 +62,7 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
     """
     modules = reference_graph_modules(manifest, directory)
     if any(entry.dtype != "fp32" for entry in manifest.graphs.values()):
-        from wan_trt.export.precision import HalfPrecisionGraph
+        from wan_trt.models.precision import HalfPrecisionGraph
 
         modules = {name: HalfPrecisionGraph(modules[name], entry.dtype, entry.spec.input_names)
                    if entry.dtype != "fp32" else modules[name] for name, entry in manifest.graphs.items()}
@@ -87,7 +87,7 @@ def bf16_reference_engines(manifest: Manifest, directory: Path | None, device: s
     encoder are built in fp32. On a GPU the once-per-video encoders (umT5, CLIP) wait on the host between
     their calls (calibration checks first that there is a GPU: ``calibration.collect.check_calibration_device``).
     """
-    from wan_trt.export.precision import HalfPrecisionGraph, cast_module, graph_dtypes
+    from wan_trt.models.precision import HalfPrecisionGraph, cast_module, graph_dtypes
     from wan_trt.runtime.fast_torch import FastEngine
 
     gpu = torch.device(device).type == "cuda"
@@ -114,7 +114,7 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None, d
     checkpoint are not hashed again (23.7 B parameters at full size: minutes): the folder's fingerprint
     stands for them. ``counter`` random weights are checked by their recipe's digest.
     """
-    from wan_trt.export.graphs import graph_modules  # imports diffusers/transformers: torch backend only
+    from wan_trt.models.graphs import graph_modules  # imports diffusers/transformers: torch backend only
     from wan_trt.lora import LoraSpec
     from wan_trt.reference_models import build_reference_models
 

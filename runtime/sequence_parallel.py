@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from wan_trt.export.graphs import TransformerGraph, _rope, _sdpa
+from wan_trt.models.graphs import TransformerGraph, _rope, _sdpa
 
 from wan_trt.errors import BadInputError, EngineError
 
@@ -241,7 +241,7 @@ def shard_dit_engine(engine) -> None:
     """Make a torch backend's DiT engine (a TorchEngine) sequence-parallel over the default process group.
 
     The engine's module is the fp32 ``TransformerGraph`` or a half-precision graph wrapping one
-    (``export.precision.HalfPrecisionGraph``, its ``inner`` module); quantized DiTs are refused.
+    (``wan_trt.models.precision.HalfPrecisionGraph``, its ``inner`` module); quantized DiTs are refused.
     """
     module = getattr(engine, "module", None)
     if isinstance(module, TransformerGraph):

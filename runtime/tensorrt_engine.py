@@ -10,6 +10,7 @@ relies on are tested without TensorRT.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,6 +23,41 @@ from wan_trt.errors import EngineError
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES = {"float32": torch.float32, "int64": torch.int64}
+INSTALL_HINT = "TensorRT is not installed here: pip install '.[trt]' on a machine with an NVIDIA GPU, or use the Dockerfile"
+
+
+@dataclass(frozen=True)
+class TrtEnvironment:
+    """What an engine is tied to: TensorRT version and GPU architecture."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+
+
+def current_environment() -> TrtEnvironment:
+    """The TensorRT version and GPU of this machine; EngineError when either is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise EngineError(INSTALL_HINT) from None
+    if not torch.cuda.is_available():
+        raise EngineError("TensorRT needs an NVIDIA GPU and none is visible (torch.cuda.is_available() is False)")
+    major, minor = torch.cuda.get_device_capability()
+    return TrtEnvironment(trt.__version__, torch.cuda.get_device_name(), f"{major}.{minor}")
+
+
+def check_compatible(section: dict[str, Any], env: TrtEnvironment, directory: Path) -> None:
+    """Refuse engines built for another TensorRT version or GPU architecture, naming the mismatch."""
+    built = section["environment"]
+    rebuild = f"wan-trt build --backend tensorrt --out {directory}"
+    if built["tensorrt_version"] != env.tensorrt_version:
+        raise EngineError(f"engines in '{directory}' were built with TensorRT {built['tensorrt_version']}, this is "
+                          f"TensorRT {env.tensorrt_version}: rebuild with: {rebuild}")
+    if built["compute_capability"] != env.compute_capability:
+        raise EngineError(f"engines in '{directory}' were built for compute capability {built['compute_capability']} "
+                          f"({built['gpu_name']}), this GPU is {env.compute_capability} ({env.gpu_name}): "
+                          f"rebuild with: {rebuild}")
 
 
 class TrtEngine:
@@ -77,8 +113,6 @@ class TrtEngine:
 
 def tensorrt_engines(directory: Path, manifest) -> dict[str, TrtEngine]:
     """Engines for every graph from the manifest's ``tensorrt`` section, after the compatibility check."""
-    from wan_trt.export.tensorrt import check_compatible, current_environment
-
     section = manifest.tensorrt
     if not section:
         raise EngineError(f"'{directory}' has no TensorRT engines: build them with: "

@@ -191,7 +191,7 @@ def test_distributed_workers_receive_the_choice(tmp_path):
     import dataclasses
 
     from wan_trt.inference import InferenceOptions
-    from wan_trt.runtime.distributed import _load_options
+    from wan_trt.launch import _load_options
 
     options = InferenceOptions(engines_dir=tmp_path, out_path=tmp_path / "o.mp4", clip_preprocess="diffusers")
     path = tmp_path / "options.json"

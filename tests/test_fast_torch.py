@@ -42,7 +42,7 @@ ALL_LINEARS_POLICY = PrecisionPolicy(1, 1, ft.BLOCK_LINEARS, "test-all-linears")
 
 
 def _graph(seed: int = 0):
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
 
     return TransformerGraph(fresh_reference_models(seed).transformer).eval()
 
@@ -144,7 +144,7 @@ def test_fast_dit_fp8_equals_fake_quant_dit(policy):
 def test_tiny_gpu_preset_fits_the_fp8_kernels():
     """``tiny-gpu`` (the GPU smoke test's preset): head dim 128 (cuDNN FP8 attention), every Linear any shipped
     policy quantizes has in/out features divisible by 16 (torch._scaled_mm), and the fast DiT = its graph."""
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
     from wan_trt.presets import get_preset
     from wan_trt.reference_models import build_reference_models
     from wan_trt.tokenizer import build_tiny_tokenizer
@@ -404,7 +404,7 @@ def test_fast_refuses_int8_plans():
 
 def test_meta_built_transformer_runs():
     """benchmarks/models.py: meta construction + on-device init gives a complete, finite model (tiny, CPU)."""
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
 
     from benchmarks.models import build_transformer
     from wan_trt.presets import get_preset
@@ -435,7 +435,7 @@ def test_qk_norm_rope_fp8_equals_quantized_qk_norm_rope():
 
 def test_decode_streamed_equals_decoder_graphs():
     """The in-place-cache decode (fast path's VAE) = the vae_decoder_first/step graphs over 3 latent frames."""
-    from wan_trt.export.graphs import VaeDecoderFirst, VaeDecoderStep
+    from wan_trt.models.graphs import VaeDecoderFirst, VaeDecoderStep
 
     vae = fresh_reference_models().vae
     first, step = VaeDecoderFirst(vae).eval(), VaeDecoderStep(vae).eval()

@@ -13,7 +13,7 @@ from onnx import TensorProto
 from conftest import ALL_BLOCKS_POLICY
 from wan_trt.calibration.policy import load_policy
 from wan_trt.errors import EngineError
-from wan_trt.export.precision import graph_dtypes
+from wan_trt.models.precision import graph_dtypes
 from wan_trt.metrics import psnr
 from wan_trt.runtime.loading import open_pipeline
 from wan_trt.runtime.manifest import read_manifest
@@ -126,8 +126,8 @@ def test_fp8_weight_bytes_follow_the_size_arithmetic(fp8_over_bf16, half_engines
     the arithmetic (1 byte instead of 2 per quantized weight, plus each layer's scales and zero
     points), and the same arithmetic over the real architecture (17.3 B parameters, meta device).
     """
-    from wan_trt.export.graphs import TransformerGraph
-    from wan_trt.export.precision import cast_module
+    from wan_trt.models.graphs import TransformerGraph
+    from wan_trt.models.precision import cast_module
     from wan_trt.preflight import meta_modules
     from wan_trt.presets import get_preset
 

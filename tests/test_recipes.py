@@ -16,7 +16,7 @@ from wan_trt.calibration.cache import CalibrationCache, load_cache
 from wan_trt.cli import main
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.presets import get_preset
-from wan_trt.recipes import (
+from wan_trt.runtime.recipes import (
     RECIPES,
     check_recipe_engines,
     manifest_has_distillation_lora,

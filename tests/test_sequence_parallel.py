@@ -52,7 +52,7 @@ def _free_port() -> int:
 
 def _graph():
     from diffusers import WanAnimateTransformer3DModel
-    from wan_trt.export.graphs import TransformerGraph
+    from wan_trt.models.graphs import TransformerGraph
 
     torch.manual_seed(7)
     config = dict(SP_TRANSFORMER, patch_size=tuple(SP_TRANSFORMER["patch_size"]))
@@ -65,7 +65,7 @@ def _graph():
 
 
 def _bf16_graph():
-    from wan_trt.export.precision import HalfPrecisionGraph
+    from wan_trt.models.precision import HalfPrecisionGraph
 
     names = ["latent_input", "timestep", "text_embeds", "image_embeds", "pose_latents", "motion_vectors"]
     return HalfPrecisionGraph(_graph(), "bf16", names).eval()

@@ -18,7 +18,8 @@ from wan_trt.buckets import Bucket, is_bucketed, profile, select_bucket
 from wan_trt.cli import main
 from wan_trt.components import infer_sizes, segment_sizes
 from wan_trt.errors import BadInputError, EngineError
-from wan_trt.export.tensorrt import TrtEnvironment, TrtOptions, build_tensorrt_engines, check_compatible
+from wan_trt.export.tensorrt import TrtOptions, build_tensorrt_engines
+from wan_trt.runtime.tensorrt_engine import TrtEnvironment, check_compatible
 from wan_trt.runtime.manifest import check_manifest_files, file_sha256, read_manifest, write_manifest
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None

@@ -219,7 +219,7 @@ def test_a_manifest_without_files_that_claims_onnx_is_corrupt(torch_dir, tmp_pat
 
 
 def test_bf16_torch_build_records_the_onnx_builds_dtypes_and_the_torch_backend_follows(preset, torch_dir, tmp_path):
-    from wan_trt.export.precision import HalfPrecisionGraph, graph_dtypes
+    from wan_trt.models.precision import HalfPrecisionGraph, graph_dtypes
     from wan_trt.runtime.loading import torch_engines
 
     engines = build_torch_engines(preset, tmp_path / "bf16", precision="bf16")

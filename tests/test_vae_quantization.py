@@ -16,7 +16,7 @@ from wan_trt.calibration.conv_quant import (CHANNEL_MULTIPLE, ConvLayerPlan, Con
                                             observe_convs, select_convs, write_conv_qdq)
 from wan_trt.components import graph_specs
 from wan_trt.errors import BadInputError
-from wan_trt.export.graphs import VaeDecoderFirst, VaeDecoderStep, cache_layouts
+from wan_trt.models.graphs import VaeDecoderFirst, VaeDecoderStep, cache_layouts
 from wan_trt.export.onnx_export import EXPORT_SIZES
 from wan_trt.metrics import relative_l2
 from wan_trt.runtime.engines import OrtEngine, TorchEngine

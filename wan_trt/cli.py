@@ -67,8 +67,8 @@ def main(verbose: bool) -> None:
 
 def _sampling_options(command):
     """``--recipe``, ``--sampler``, ``--steps``, ``--shift``, ``--sigmas``: the same for infer and calibrate
-    (resolved by ``wan_trt.recipes.resolve``: the options given over the recipe over the defaults)."""
-    from wan_trt.recipes import RECIPES
+    (resolved by ``wan_trt.runtime.recipes.resolve``: the options given over the recipe over the defaults)."""
+    from wan_trt.runtime.recipes import RECIPES
     from wan_trt.runtime.samplers import SAMPLERS
 
     options = [
@@ -280,8 +280,8 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
         clip_preprocess=clip_preprocess, recipe=recipe, sampler=sampler, shift=shift, sigmas=sigmas,
         timings=timings,
     )
-    if gpus > 1:  # torchrun workers (wan_trt.runtime.distributed); rank 0 writes the mp4
-        from wan_trt.runtime.distributed import launch_infer
+    if gpus > 1:  # torchrun workers (wan_trt.launch); rank 0 writes the mp4
+        from wan_trt.launch import launch_infer
 
         code = launch_infer(options)
         if code:
@@ -323,7 +323,7 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: st
     from wan_trt.calibration.collect import check_calibration_device, run_calibration
     from wan_trt.demo_media import make_demo_inputs
     from wan_trt.preflight import check_calibrate
-    from wan_trt.recipes import resolve
+    from wan_trt.runtime.recipes import resolve
     from wan_trt.runtime.manifest import read_manifest
 
     sampling = dict(recipe=recipe, sampler=sampler, steps=steps, shift=shift, sigmas=sigmas,
@@ -414,7 +414,7 @@ def inspect(engines_dir: str) -> None:
     """Print the LoRAs merged into an engines directory, each graph, and the precision of every DiT Linear layer
     and self-attention."""
     from wan_trt.calibration.qdq import layer_precisions
-    from wan_trt.recipes import manifest_loras
+    from wan_trt.runtime.recipes import manifest_loras
     from wan_trt.runtime.manifest import read_manifest
 
     directory = Path(engines_dir)

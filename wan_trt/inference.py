@@ -18,10 +18,10 @@ from wan_trt.metrics import psnr
 from wan_trt.preflight import check_infer
 from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
 from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_components, graph_tolerances
-from wan_trt.runtime.distributed import is_main_rank
+from wan_trt.launch import is_main_rank
 from wan_trt.runtime.guard import guard_engines
 from wan_trt.runtime.loading import open_pipeline, torch_engines
-from wan_trt.recipes import check_recipe_engines, resolve
+from wan_trt.runtime.recipes import check_recipe_engines, resolve
 from wan_trt.runtime.manifest import Manifest, built_with, read_manifest, require_backend
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
 from wan_trt.runtime.samplers import Sampling
@@ -37,7 +37,7 @@ class InferenceOptions:
     backend: str = "onnxruntime"
     device: str = "cpu"
     seed: int = 0
-    steps: int | None = None  # None: the recipe's, else the preset's (wan_trt.recipes.resolve)
+    steps: int | None = None  # None: the recipe's, else the preset's (wan_trt.runtime.recipes.resolve)
     prompt: str | None = None
     negative_prompt: str = ""
     guidance_scale: float | None = None  # None: the recipe's, else 1 (no CFG)
@@ -53,12 +53,12 @@ class InferenceOptions:
     face: str | None = None
     background: str | None = None
     mask: str | None = None
-    gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.runtime.distributed)
+    gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.launch)
     fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast_torch)
     fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
     fp8_attention_smoothing: str = "auto"  # --fp8-attention-smoothing (with --fast): auto | none | k | v | kv
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
-    recipe: str | None = None  # --recipe: named sampling defaults (wan_trt.recipes)
+    recipe: str | None = None  # --recipe: named sampling defaults (wan_trt.runtime.recipes)
     sampler: str | None = None  # --sampler unipc|euler|dpmpp [the recipe's, else unipc]
     shift: float | None = None  # --shift [the recipe's, else the preset's]
     sigmas: str | None = None  # --sigmas: the whole schedule, comma-separated, ending at 0

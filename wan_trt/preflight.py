@@ -225,9 +225,9 @@ def quantized_parameter_count(transformer, policy, option: str = "--policy") -> 
 
 
 def graph_dtype(name: str, precision: str) -> str:
-    """The float type one graph is exported in at a float build precision (``export.precision`` decides)."""
+    """The float type one graph is exported in at a float build precision (``wan_trt.models.precision`` decides)."""
     if precision in ("fp16", "bf16"):
-        from wan_trt.export.precision import graph_dtypes
+        from wan_trt.models.precision import graph_dtypes
 
         return graph_dtypes(precision, [name])[name]
     return "fp32"

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 _COMPONENT_SEED_OFFSETS = {"text_encoder": 11, "image_encoder": 23, "vae": 37, "transformer": 53}
 COMPONENTS = tuple(_COMPONENT_SEED_OFFSETS)
 # Kept in fp32 whatever the dtype (besides diffusers' own ``_keep_in_fp32_modules``): the motion encoder is
-# small and its motion basis' QR (export.graphs.MotionEncoderGraph) is taken from its fp32 weights.
+# small and its motion basis' QR (wan_trt.models.graphs.MotionEncoderGraph) is taken from its fp32 weights.
 _KEEP_FP32 = ("motion_encoder",)
 
 

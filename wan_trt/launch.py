@@ -2,7 +2,7 @@
 
 The command checks what it can cheaply (backend, GPU count, the DiT's head count, engines), writes
 the inference options to a temporary JSON file and starts N workers
-(``python -m wan_trt.runtime.distributed``) with the launcher behind ``torchrun --standalone``.
+(``python -m wan_trt.launch``) with the launcher behind ``torchrun --standalone``.
 Each worker joins the process group (NCCL with one GPU each for ``--device cuda``, gloo for
 ``--device cpu``) and runs the whole ``run_inference``: the encoders, the VAE and the scheduler are
 computed on every rank (identical inputs and seed give identical results), the DiT is
@@ -76,12 +76,12 @@ def launch_infer(options) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.gpus)))
         config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=options.gpus, run_id=str(uuid.uuid4()),
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
-        log.info("starting %d processes (%s, torchrun --standalone): %s -m wan_trt.runtime.distributed", options.gpus,
+        log.info("starting %d processes (%s, torchrun --standalone): %s -m wan_trt.launch", options.gpus,
                  "NCCL, one GPU each" if options.device == "cuda" else "gloo on the CPU", sys.executable)
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures: our status files
         failed = False
         try:
-            elastic_launch(config, sys.executable)("-m", "wan_trt.runtime.distributed", str(options_file), scratch)
+            elastic_launch(config, sys.executable)("-m", "wan_trt.launch", str(options_file), scratch)
         except ChildFailedError:
             failed = True
         except SignalException as stop:  # SIGTERM/SIGINT: the agent has stopped the workers
