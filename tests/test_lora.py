@@ -358,3 +358,56 @@ def test_manifest_records_each_lora_and_the_torch_backend_rebuilds_their_weights
     (single / "manifest.json").write_text(json.dumps(data))
     assert read_manifest(single).loras == []
 
+
+
+# ------------------------------------------------------------------------------ FP8 with a LoRA
+
+
+@pytest.mark.slow
+def test_fp8_with_a_distillation_lora_calibrates_the_merged_weights_on_the_recipe_s_schedule(base, tmp_path):
+    """Issue 22, item 5, as a user runs it: engines with a 4-step distillation LoRA merged, calibrated with
+    ``--recipe lightx2v-4step``: the cache carries the merged weights' hash and Euler 4 steps; FP8 engines build
+    from it with the same LoRA and run the recipe; without the LoRA (other weights) the cache is refused, and a
+    run on another schedule is refused, each in one line."""
+    from wan_trt.calibration.cache import load_cache
+    from wan_trt.demo_media import make_demo_inputs
+    from wan_trt.runtime.manifest import read_manifest
+    from wan_trt.runtime.samplers import Sampling
+
+    lora = tmp_path / "lightx2v_4step_rank8.safetensors"
+    save_file(render(lora_items(base, rank=8, seed=12), prefix="diffusion_model."), str(lora))
+    inputs = make_demo_inputs(tmp_path / "inputs", num_frames=9)
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(main, list(args))
+
+    merged = tmp_path / "engines"
+    assert run("build", "--backend", "torch", "--lora", str(lora), "--out", str(merged)).exit_code == 0
+    cache_path = tmp_path / "calib.json"
+    result = run("calibrate", "--engines", str(merged), "--data", str(inputs), "--recipe", "lightx2v-4step",
+                 "--segment-frames", "9", "--out", str(cache_path))
+    assert result.exit_code == 0, result.output
+    cache = load_cache(cache_path)
+    assert cache.weights_hash == read_manifest(merged).weights_hash
+    assert cache.sampling["options"] == Sampling("euler", 4, 5.0).describe() == "--sampler euler --steps 4 --shift 5"
+
+    fp8 = tmp_path / "engines-fp8"
+    result = run("build", "--backend", "torch", "--lora", str(lora), "--precision", "fp8", "--calibration",
+                 str(cache_path), "--out", str(fp8))
+    assert result.exit_code == 0, result.output
+    result = run("infer", "--engines", str(fp8), "--input", str(inputs), "--recipe", "lightx2v-4step",
+                 "--backend", "torch", "--out", str(tmp_path / "four-steps.mp4"))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "four-steps.mp4").stat().st_size > 0
+
+    refused = run("build", "--backend", "torch", "--precision", "fp8", "--calibration", str(cache_path),
+                  "--out", str(tmp_path / "base-fp8"))
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("wan-trt: error:")]
+    assert refused.exit_code == 2 and len(errors) == 1 and "weights" in errors[0], refused.output
+    assert not (tmp_path / "base-fp8").exists()
+    refused = run("infer", "--engines", str(fp8), "--input", str(inputs), "--backend", "torch",
+                  "--out", str(tmp_path / "twenty-steps.mp4"))
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("wan-trt: error:")]
+    assert refused.exit_code == 2 and len(errors) == 1 and "--sampler euler --steps 4" in errors[0], refused.output
+    assert not (tmp_path / "twenty-steps.mp4").exists()
