@@ -117,6 +117,7 @@ def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOpti
     out = directory / TRT_DIR
     out.mkdir(exist_ok=True)
     reusable, refittable = {}, {}
+    had_refittable: set[tuple[str, str | None]] = set()  # (graph, bucket) of the previous refittable engines
     if previous is not None:
         old_dir, old_section = previous
         reusable = {e["key"]: old_dir / e["file"] for e in old_section.get("engines", [])}
@@ -127,6 +128,7 @@ def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOpti
                     bucket = Bucket.parse(e["bucket"]) if e["bucket"] else None
                     refittable[_refit_key(e["graph"], bucket, e["onnx_structure_sha256"], options, env)] = \
                         old_dir / e["file"]
+                    had_refittable.add((e["graph"], e["bucket"]))
     entries = []
     hashes: dict[str, tuple[str, str | None]] = {}  # graph -> (file hash, structure hash): once per graph, not bucket
     jobs = plan_jobs(manifest, options)
@@ -154,6 +156,10 @@ def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOpti
             _write_atomic(directory / file, refit(source, onnx_path))
         else:
             source = None
+            if (name, bucket.name if bucket else None) in had_refittable:
+                log.info("[%d/%d] %s: the graph's structure differs from the previous engine's (nodes, names, "
+                         "types or shapes; e.g. weights that were equal, shared in the previous export, now differ): "
+                         "rebuilding, not refitting", number, len(jobs), label)
             log.info("[%d/%d] building TensorRT engine %s", number, len(jobs), label)
             data = build(onnx_path, shapes, options, manifest.precision, directory / TRT_DIR / TIMING_CACHE)
             _write_atomic(directory / file, data)
