@@ -7,7 +7,7 @@ sharpness: random q, k, v, an fp32 reference (memory-efficient SDPA on fp32 inpu
 median time (CUDA events, 2 warm-ups, 10 repeats), TFLOP/s (4·S²·H·D) and rel-L2 vs the reference:
 
 * ``cudnn_bf16``: bf16 ``scaled_dot_product_attention`` on cuDNN (the fast path's bf16 attention);
-* ``cudnn_fp8``: cuDNN's ``sdpa_fp8`` as ``runtime/fast_torch.py`` calls it (FP8 output);
+* ``cudnn_fp8``: cuDNN's ``sdpa_fp8`` as ``runtime/fast/attention.py`` calls it (FP8 output);
 * ``fa3_fp8``: FlashAttention-3's FP8 forward (bf16 output), same E4M3 q, k, v and descales;
 * ``fa3_bf16``: FlashAttention-3's bf16 forward.
 
@@ -35,13 +35,14 @@ log = logging.getLogger("benchmarks.fp8_attention_kernels")
 
 def _kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable[[], torch.Tensor] | str]:
     """name -> a call returning the attention output as fp32 ``[B, S, H*D]`` (or why it is unavailable)."""
-    from wan_trt.runtime import fast_torch as ft
+    from wan_trt.runtime.fast.attention import CudnnFp8Attention, Fa3Fp8Attention, sdpa
+    from wan_trt.runtime.fast.glue import quant_dynamic
 
     bf = [t.to(torch.bfloat16) for t in (q, k, v)]
-    (q8, dq), (k8, dk), (v8, dv) = (ft.quant_dynamic(t) for t in bf)
-    out: dict[str, Callable[[], torch.Tensor] | str] = {"cudnn_bf16": lambda: ft.sdpa(*bf)}
+    (q8, dq), (k8, dk), (v8, dv) = (quant_dynamic(t) for t in bf)
+    out: dict[str, Callable[[], torch.Tensor] | str] = {"cudnn_bf16": lambda: sdpa(*bf)}
     try:
-        cudnn = ft.CudnnFp8Attention()
+        cudnn = CudnnFp8Attention()
 
         def cudnn_fp8():
             o, do = cudnn(q8, k8, v8, dq, dk, dv)
@@ -50,7 +51,7 @@ def _kernels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Cal
     except Exception as error:  # noqa: BLE001 - recorded in the JSON
         out["cudnn_fp8"] = f"unavailable: {type(error).__name__}: {error}"[:300]
     try:
-        fa3 = ft.Fa3Fp8Attention()
+        fa3 = Fa3Fp8Attention()
         out["fa3_fp8"] = lambda: fa3(q8, k8, v8, dq, dk, dv)[0]
         out["fa3_bf16"] = lambda: fa3.attention(*bf, causal=False)
     except Exception as error:  # noqa: BLE001

@@ -40,12 +40,8 @@ def run(width: int, height: int, frames: int, layers: int | None) -> dict[str, A
     import torch
     from wan_trt.calibration.policy import load_policy
     from wan_trt.models.graphs import TransformerGraph
-    from wan_trt.runtime.fast_torch import (
-        AmaxObserver,
-        FastOptions,
-        FastTransformer,
-        fp8_plan,
-    )
+    from wan_trt.runtime.fast.linear import AmaxObserver, fp8_plan
+    from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 
     from benchmarks.gpu import dit_inputs
     from benchmarks.models import build_transformer, stock_processors

@@ -6,7 +6,7 @@ and fast forwards, accuracy) → kernel micro-benchmarks. Times are medians of C
 repeats after a warm-up; memory is the allocator's peak in each stage.
 
 Baseline: diffusers' modules as shipped (their own attention processors, default SDPA), bf16 with
-diffusers' fp32 modules (``_keep_in_fp32_modules``), eager. Fast: ``runtime/fast_torch.py``.
+diffusers' fp32 modules (``_keep_in_fp32_modules``), eager. Fast: ``runtime/fast/``.
 """
 
 # ruff: noqa: B023  (every timed lambda is called at once, inside the loop iteration that made it)
@@ -128,7 +128,7 @@ def bench_vae(cfg: GpuConfig) -> dict[str, Any]:
         VaeEncoderFirst,
         VaeEncoderStep,
     )
-    from wan_trt.runtime.fast_torch import decode_streamed
+    from wan_trt.runtime.fast.vae import decode_streamed
 
     vae = build_vae(cfg.preset)
     modules = [VaeEncoderFirst(vae), VaeEncoderStep(vae), VaeDecoderFirst(vae), VaeDecoderStep(vae)]
@@ -157,7 +157,7 @@ def bench_vae(cfg: GpuConfig) -> dict[str, Any]:
                         "decode": {"timing": dec, "memory": dec_mem.to_json(), "latent_frames": latent_frames,
                                    "frames_out": cfg.frames, "how": "graph modules, explicit cache I/O"},
                         "decode_inplace_cache": {"timing": fast, "memory": fast_mem.to_json(),
-                                                 "how": "runtime.fast_torch.decode_streamed (diffusers' cache list)",
+                                                 "how": "runtime.fast.vae.decode_streamed (diffusers' cache list)",
                                                  "max_abs_vs_graph_decode": float((fast_video.float() - graph_video.float()).abs().max())}}
         del graph_video, fast_video
         _release(video, latents)
@@ -198,13 +198,8 @@ def dit_flops(cfg: GpuConfig, width: int, height: int) -> dict[str, float]:
 
 def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
     from wan_trt.models.graphs import MotionEncoderGraph, TransformerGraph
-    from wan_trt.runtime.fast_torch import (
-        ATTENTION_MARGIN,
-        BLOCK_LINEARS,
-        AmaxObserver,
-        fp8_plan,
-        to_inference_dtype,
-    )
+    from wan_trt.runtime.fast.linear import AmaxObserver, fp8_plan
+    from wan_trt.runtime.fast.transformer import ATTENTION_MARGIN, BLOCK_LINEARS, to_inference_dtype
 
     import torch._dynamo
 
@@ -349,7 +344,7 @@ def _variants(graph, plans: dict[str, Any], names: tuple[str, ...], kernel: str 
 
 def _base_variant(graph, plans: dict[str, Any], name: str, kernel: str, by_plan: dict[str, Any]):
     """One variant without modifiers; FP8 variants of one plan share its weights through ``by_plan``."""
-    from wan_trt.runtime.fast_torch import FastOptions, FastTransformer
+    from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 
     base, _, pinned = name.rpartition("_") if name.endswith(("_cudnn", "_fa3")) else (name, "", "")
     fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy", fp8_attention_kernel=pinned or kernel)
@@ -374,7 +369,8 @@ def _base_variant(graph, plans: dict[str, Any], name: str, kernel: str, by_plan:
 # ------------------------------------------------------------------------------------------------
 
 def bench_micro(cfg: GpuConfig) -> dict[str, Any]:
-    from wan_trt.runtime.fast_torch import CudnnFp8Attention, quant_dynamic, sdpa
+    from wan_trt.runtime.fast.attention import CudnnFp8Attention, sdpa
+    from wan_trt.runtime.fast.glue import quant_dynamic
 
     tr = cfg.preset.transformer
     heads, head_dim = tr["num_attention_heads"], tr["attention_head_dim"]

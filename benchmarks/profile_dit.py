@@ -64,12 +64,8 @@ def profile_blocks(layers: int, width: int, height: int, frames: int, policy_nam
     from torch.profiler import ProfilerActivity, profile
     from wan_trt.calibration.policy import load_policy
     from wan_trt.models.graphs import TransformerGraph
-    from wan_trt.runtime.fast_torch import (
-        AmaxObserver,
-        FastOptions,
-        FastTransformer,
-        fp8_plan,
-    )
+    from wan_trt.runtime.fast.linear import AmaxObserver, fp8_plan
+    from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 
     from benchmarks.gpu import dit_inputs
     from benchmarks.models import build_transformer, stock_processors

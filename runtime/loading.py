@@ -22,7 +22,7 @@ def load_engines(directory: Path, manifest: Manifest, backend: str, device: str 
                  fp8_attention_smoothing: str = "auto") -> dict[str, Engine]:
     """Engines for every graph in the manifest on ``backend`` (``onnxruntime`` or ``torch``).
 
-    ``fast``: the torch backend's fast GPU path (``runtime/fast_torch.py``), with ``fp8_attention_kernel``
+    ``fast``: the torch backend's fast GPU path (``runtime/fast/``), with ``fp8_attention_kernel``
     (auto, cudnn, fa3) and ``fp8_attention_smoothing`` for the FP8 self-attention of fp8 engines; other
     backends refuse it.
     """
@@ -31,7 +31,7 @@ def load_engines(directory: Path, manifest: Manifest, backend: str, device: str 
     if backend in BACKENDS:
         require_backend(directory, manifest, backend)
     if fast:
-        from wan_trt.runtime.fast_torch import fast_torch_engines
+        from wan_trt.runtime.fast.engines import fast_torch_engines
 
         return fast_torch_engines(manifest, device, directory, fp8_attention_kernel, fp8_attention_smoothing)
     if backend == "onnxruntime":
@@ -88,7 +88,7 @@ def bf16_reference_engines(manifest: Manifest, directory: Path | None, device: s
     their calls (calibration checks first that there is a GPU: ``calibration.collect.check_calibration_device``).
     """
     from wan_trt.models.precision import HalfPrecisionGraph, cast_module, graph_dtypes
-    from wan_trt.runtime.fast_torch import FastEngine
+    from wan_trt.runtime.fast.engines import FastEngine
 
     gpu = torch.device(device).type == "cuda"
     modules = reference_graph_modules(manifest, directory, device, torch.bfloat16)

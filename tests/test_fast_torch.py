@@ -1,4 +1,4 @@
-"""The fast PyTorch path (runtime/fast_torch.py) on the CPU: its math against the references.
+"""The fast PyTorch path (runtime/fast/) on the CPU: its math against the references.
 
 What needs a GPU (cuDNN FP8 attention, torch.compile'd glue, the speed) is measured by
 ``python -m benchmarks.run gpu`` on the H100 (results in benchmarks/results/). Here, in fp32 so that
@@ -22,7 +22,13 @@ from wan_trt.calibration.quantize import (
     linear_layers,
     make_plan,
 )
-from wan_trt.runtime import fast_torch as ft
+from wan_trt.calibration.attention import smooth_kv
+from wan_trt.runtime.fast.attention import Fa3Fp8Attention, fa3_available, fp8_attention_kernel, sdpa
+from wan_trt.runtime.fast.engines import fast_torch_engines
+from wan_trt.runtime.fast.glue import Glue, qk_norm_rope, qk_norm_rope_fp8, quant_dynamic, residual_norm_affine, to_out_input
+from wan_trt.runtime.fast.linear import AmaxObserver, FP8, FP8_MAX, Fp8Linear, fp8_plan, quantize_fp8
+from wan_trt.runtime.fast.transformer import BLOCK_LINEARS, FastOptions, FastTransformer, to_inference_dtype
+from wan_trt.runtime.fast.vae import decode_streamed
 
 from wan_trt.components import segment_sizes
 from wan_trt.errors import BadInputError, EngineError
@@ -30,7 +36,7 @@ from wan_trt.metrics import relative_l2
 
 SCALED_MM_ON_CPU = True
 try:
-    torch._scaled_mm(torch.zeros(16, 16).to(ft.FP8), torch.zeros(16, 16).to(ft.FP8).t(), torch.ones(16, 1),
+    torch._scaled_mm(torch.zeros(16, 16).to(FP8), torch.zeros(16, 16).to(FP8).t(), torch.ones(16, 1),
                      torch.ones(1, 16), out_dtype=torch.float32)
 except (RuntimeError, NotImplementedError):
     SCALED_MM_ON_CPU = False
@@ -38,7 +44,7 @@ needs_scaled_mm = pytest.mark.skipif(not SCALED_MM_ON_CPU, reason="this torch ha
 # the tiny DiT has 10 blocks: keep 1 first and 1 last in high precision so that 8 blocks are quantized
 TINY_POLICY = PrecisionPolicy(1, 1, load_policy().block_layers, "test")
 # every Linear of a block in FP8, the cross-attention's too (its FP8 q input and FP8 merged-heads output)
-ALL_LINEARS_POLICY = PrecisionPolicy(1, 1, ft.BLOCK_LINEARS, "test-all-linears")
+ALL_LINEARS_POLICY = PrecisionPolicy(1, 1, BLOCK_LINEARS, "test-all-linears")
 
 
 def _graph(seed: int = 0):
@@ -62,11 +68,11 @@ def _feed(graph, seed: int = 0, batch: int = 1) -> tuple[torch.Tensor, ...]:
 
 def _calibrated_plan(graph, feed, policy: PrecisionPolicy = TINY_POLICY):
     quantized = {p: m for p, m in linear_layers(graph).items() if p in set(policy.quantized_layers(10))}
-    observer = ft.AmaxObserver(quantized)
+    observer = AmaxObserver(quantized)
     with torch.no_grad():
         graph(*feed)
     amax = observer.remove()
-    return amax, ft.fp8_plan(linear_layers(graph), amax, policy, 10)
+    return amax, fp8_plan(linear_layers(graph), amax, policy, 10)
 
 
 @needs_scaled_mm
@@ -74,8 +80,8 @@ def test_fp8_linear_equals_fake_quant_linear():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 80)
     x = torch.randn(3, 50, 96) * 2.5
-    layer = ft.fp8_plan({"l": linear}, {"l": float(x.abs().max())}, _OnePolicy("l"), 1).layers["l"]
-    fast = ft.Fp8Linear.from_linears([linear], [layer], out_dtype=torch.float32)
+    layer = fp8_plan({"l": linear}, {"l": float(x.abs().max())}, _OnePolicy("l"), 1).layers["l"]
+    fast = Fp8Linear.from_linears([linear], [layer], out_dtype=torch.float32)
     want = FakeQuantLinear(linear, layer, "fp8")(x)
     got = fast(x)
     assert got.shape == want.shape
@@ -102,7 +108,7 @@ def test_fp8_plan_equals_make_plan():
     cache = CalibrationCache("w", "tiny", "max", ["s"], 1,
                              {p: LayerStats(float(rng.uniform(0.5, 9.0)), []) for p in paths})
     want = make_plan(linears, cache, TINY_POLICY, "fp8", 10)
-    got = ft.fp8_plan(linears, {p: s.amax for p, s in cache.layers.items()}, TINY_POLICY, 10)
+    got = fp8_plan(linears, {p: s.amax for p, s in cache.layers.items()}, TINY_POLICY, 10)
     assert set(got.layers) == set(want.layers) and len(got.layers) == 8 * len(TINY_POLICY.block_layers)
     for path, layer in want.layers.items():
         assert got.layers[path].act_scale == layer.act_scale
@@ -115,7 +121,7 @@ def test_fast_dit_bf16_linears_equals_transformer_graph():
     feed = _feed(graph, seed=1, batch=2)
     with torch.no_grad():
         want = graph(*feed)[0]
-    fast = ft.FastTransformer(graph, None, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    fast = FastTransformer(graph, None, FastOptions(attention="bf16", compile=False, dtype=torch.float32))
     got = fast(*feed)[0]
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert relative_l2(got, want) <= 1e-5
@@ -133,7 +139,7 @@ def test_fast_dit_fp8_equals_fake_quant_dit(policy):
     with torch.no_grad():
         want = reference(*feed)[0]
         fp32 = graph(*feed)[0]
-    fast = ft.FastTransformer(graph, plan, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    fast = FastTransformer(graph, plan, FastOptions(attention="bf16", compile=False, dtype=torch.float32))
     assert sum(ops.qkv is not None for ops in fast.block_ops) == 8
     got = fast(*feed)[0]
     assert relative_l2(got, want) <= 1e-4
@@ -160,7 +166,7 @@ def test_tiny_gpu_preset_fits_the_fp8_kernels():
     feed = _feed(graph, seed=6)
     with torch.no_grad():
         want = graph(*feed)[0]
-    fast = ft.FastTransformer(graph, None, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    fast = FastTransformer(graph, None, FastOptions(attention="bf16", compile=False, dtype=torch.float32))
     assert relative_l2(fast(*feed)[0], want) <= 1e-5
 
 
@@ -169,12 +175,12 @@ def _fa3_stand_in(calls: list, bf16_calls: list | None = None):
     without descales (``bf16_calls`` given) its high-precision forward, output in the inputs' dtype."""
     def attention(q, k, v, causal, q_descale=None, k_descale=None, v_descale=None):
         if q_descale is None and bf16_calls is not None:
-            assert q.dtype == k.dtype == v.dtype != ft.FP8 and not causal
+            assert q.dtype == k.dtype == v.dtype != FP8 and not causal
             bf16_calls.append(q.shape)
             return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(
                 1, 2)
         batch, _, heads, _ = q.shape
-        assert q.dtype == k.dtype == v.dtype == ft.FP8 and not causal
+        assert q.dtype == k.dtype == v.dtype == FP8 and not causal
         for d in (q_descale, k_descale, v_descale):
             assert d.shape == (batch, heads) and d.dtype == torch.float32
         deq = [t.float() * d[:, None, :, None] for t, d in ((q, q_descale), (k, k_descale), (v, v_descale))]
@@ -197,14 +203,14 @@ def test_fast_dit_fa3_fp8_attention_path(static, smoothing):
     graph = _graph()
     feed = _feed(graph, seed=7)
     _, plan = _calibrated_plan(graph, feed)
-    bf16 = ft.FastTransformer(graph, plan, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    bf16 = FastTransformer(graph, plan, FastOptions(attention="bf16", compile=False, dtype=torch.float32))
     want = bf16(*feed)[0]
-    options = ft.FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32,
+    options = FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32,
                              attention_smoothing=smoothing)
-    fast = ft.FastTransformer(graph, plan, options)
+    fast = FastTransformer(graph, plan, options)
     calls: list = []
     bf16_calls: list = []  # the policy-kept blocks' bf16 attention follows the FP8 kernel choice: FA3 too
-    fast._fp8_attn = fast._fa3_bf16 = ft.Fa3Fp8Attention(_fa3_stand_in(calls, bf16_calls))
+    fast._fp8_attn = fast._fa3_bf16 = Fa3Fp8Attention(_fa3_stand_in(calls, bf16_calls))
     if static:
         fast.record_attention_amax()
         fast(*feed)
@@ -231,20 +237,20 @@ def test_v_smoothing_takes_a_large_v_offset_out_of_the_fp8_rounding():
             block.attn1.to_v.bias += 3.0
     feed = _feed(graph, seed=7)
     _, plan = _calibrated_plan(graph, feed)
-    want = ft.FastTransformer(graph, plan, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32))(
+    want = FastTransformer(graph, plan, FastOptions(attention="bf16", compile=False, dtype=torch.float32))(
         *feed)[0]
 
-    def error(smoothing: str, glue: ft.Glue | None = None) -> float:
-        options = ft.FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32,
+    def error(smoothing: str, glue: Glue | None = None) -> float:
+        options = FastOptions(attention="fp8", fp8_attention_kernel="fa3", compile=False, dtype=torch.float32,
                                  attention_smoothing=smoothing)
-        fast = ft.FastTransformer(graph, plan, options)
-        fast._fp8_attn = fast._fa3_bf16 = ft.Fa3Fp8Attention(_fa3_stand_in([], []))
+        fast = FastTransformer(graph, plan, options)
+        fast._fp8_attn = fast._fa3_bf16 = Fa3Fp8Attention(_fa3_stand_in([], []))
         fast._glue = glue
         return relative_l2(fast(*feed)[0], want)
 
     plain, smoothed = error("none"), error("v")
     assert smoothed < 0.6 * plain and plain < 5e-2, (smoothed, plain)  # measured: 6.5e-3 vs 1.4e-2
-    mean_dropped = ft.Glue(to_out_input=lambda o, d, v_mean, act, dtype: ft.to_out_input(o, d, None, act, dtype))
+    mean_dropped = Glue(to_out_input=lambda o, d, v_mean, act, dtype: to_out_input(o, d, None, act, dtype))
     assert error("v", mean_dropped) > 0.3
 
 
@@ -256,27 +262,27 @@ def test_smooth_kv_leaves_attention_unchanged():
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 64, 3, 16, generator=gen, dtype=torch.float64) for _ in range(3))
     k, v = k + 2 * torch.randn(1, 1, 3, 16, generator=gen, dtype=torch.float64), v - 3
-    want = ft.sdpa(q, k, v)
+    want = sdpa(q, k, v)
     for mode in ("k", "v", "kv"):
-        ks, vs, v_mean = ft.smooth_kv(k, v, mode)
+        ks, vs, v_mean = smooth_kv(k, v, mode)
         assert (ks.mean(1).abs().max() < 1e-5) == (mode != "v") and (v_mean is None) == (mode == "k")
-        got = ft.sdpa(q, ks.double(), vs.double())
+        got = sdpa(q, ks.double(), vs.double())
         if v_mean is not None:
             assert vs.mean(1).abs().max() < 1e-5
-            got = ft.to_out_input(got.unflatten(-1, (3, 16)), None, v_mean, None, torch.float64)
+            got = to_out_input(got.unflatten(-1, (3, 16)), None, v_mean, None, torch.float64)
         assert relative_l2(got, want) < 1e-6, mode  # smooth_kv computes in fp32
-    ks, vs, v_mean = ft.smooth_kv(k, v, "none")
+    ks, vs, v_mean = smooth_kv(k, v, "none")
     assert ks is k and vs is v and v_mean is None
     o = torch.randn(2, 64, 3, 16, generator=gen)
     descale = torch.tensor(0.01)
-    o8 = ft.quantize_fp8(o, descale)
+    o8 = quantize_fp8(o, descale)
     v_mean = torch.randn(2, 1, 3, 16, generator=gen)
-    got = ft.to_out_input(o8, descale, v_mean, None, torch.float32)
+    got = to_out_input(o8, descale, v_mean, None, torch.float32)
     assert torch.allclose(got, (o8.float() * descale + v_mean).flatten(2, 3))
     act = torch.tensor(0.02)  # cuDNN's FP8 output into an FP8 to_out: requantized with to_out's input scale
-    got = ft.to_out_input(o8, descale, v_mean, act, torch.bfloat16)
-    want = ft.quantize_fp8((o8.float() * descale + v_mean).flatten(2, 3), act)
-    assert got.dtype == ft.FP8 and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    got = to_out_input(o8, descale, v_mean, act, torch.bfloat16)
+    want = quantize_fp8((o8.float() * descale + v_mean).flatten(2, 3), act)
+    assert got.dtype == FP8 and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_fast_dit_fa3_bf16_attention_equals_sdpa():
@@ -284,12 +290,12 @@ def test_fast_dit_fa3_bf16_attention_equals_sdpa():
     stand-in here): the same function as SDPA's; auto follows the FP8 kernel choice; unknown names are refused."""
     graph = _graph()
     feed = _feed(graph, seed=5)
-    options = ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32)
-    want = ft.FastTransformer(graph, None, options)(*feed)[0]
-    fast = ft.FastTransformer(graph, None, ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32,
+    options = FastOptions(attention="bf16", compile=False, dtype=torch.float32)
+    want = FastTransformer(graph, None, options)(*feed)[0]
+    fast = FastTransformer(graph, None, FastOptions(attention="bf16", compile=False, dtype=torch.float32,
                                                           bf16_attention_kernel="fa3"))
     calls: list = []
-    fast._fa3_bf16 = ft.Fa3Fp8Attention(_fa3_stand_in([], calls))
+    fast._fa3_bf16 = Fa3Fp8Attention(_fa3_stand_in([], calls))
     got = fast(*feed)[0]
     assert len(calls) == 10
     assert relative_l2(got, want) < 1e-6
@@ -298,12 +304,12 @@ def test_fast_dit_fa3_bf16_attention_equals_sdpa():
     sdpa_pinned._fa3_bf16 = fast._fa3_bf16
     sdpa_pinned(*feed)
     assert not calls
-    assert ft.FastTransformer(graph, None, options).bf16_kernel_name == ("fa3" if ft.fa3_available() else "sdpa")
-    pinned = ft.FastTransformer(graph, None, ft.FastOptions(fp8_attention_kernel="cudnn", compile=False))
+    assert FastTransformer(graph, None, options).bf16_kernel_name == ("fa3" if fa3_available() else "sdpa")
+    pinned = FastTransformer(graph, None, FastOptions(fp8_attention_kernel="cudnn", compile=False))
     assert pinned.bf16_kernel_name == "sdpa"
     assert pinned.with_options(fp8_attention_kernel="fa3").bf16_kernel_name == "fa3"
     with pytest.raises(EngineError, match="choose one of auto, sdpa, fa3"):
-        ft.FastTransformer(graph, None, ft.FastOptions(bf16_attention_kernel="flash"))
+        FastTransformer(graph, None, FastOptions(bf16_attention_kernel="flash"))
     with pytest.raises(EngineError, match="choose one of auto, sdpa, fa3"):
         pinned.with_options(bf16_attention_kernel="flash")
 
@@ -316,28 +322,28 @@ def test_fp32_residual_stream_is_closer_to_the_fp32_model():
     with torch.no_grad():
         truth = graph(*feed)[0]
     bf16 = copy.deepcopy(graph).to(torch.bfloat16)
-    err = {res: relative_l2(ft.FastTransformer(bf16, None, ft.FastOptions(compile=False, residual=res))(*feed)[0],
+    err = {res: relative_l2(FastTransformer(bf16, None, FastOptions(compile=False, residual=res))(*feed)[0],
                             truth) for res in ("model", "fp32")}
     assert 1e-3 < err["fp32"] < 0.75 * err["model"], err
     with pytest.raises(EngineError, match="choose one of model, fp32"):
-        ft.FastTransformer(bf16, None, ft.FastOptions(residual="bf16"))
+        FastTransformer(bf16, None, FastOptions(residual="bf16"))
 
 
 def test_fp8_attention_kernel_choice():
     with pytest.raises(EngineError, match="choose one of auto, cudnn, fa3"):
-        ft.fp8_attention_kernel("flash")
-    if not ft.fa3_available():
+        fp8_attention_kernel("flash")
+    if not fa3_available():
         with pytest.raises(EngineError, match="FlashAttention-3"):
-            ft.fp8_attention_kernel("fa3")
+            fp8_attention_kernel("fa3")
 
 
 def test_release_bf16_keeps_the_function_and_drops_the_weights():
     graph = _graph()
     feed = _feed(graph, seed=4)
     _, plan = _calibrated_plan(graph, feed)
-    options = ft.FastOptions(attention="bf16", compile=False, dtype=torch.float32)
-    want = ft.FastTransformer(copy.deepcopy(graph), plan, options)(*feed)[0]
-    fast = ft.FastTransformer(graph, plan, options, release_bf16=True)
+    options = FastOptions(attention="bf16", compile=False, dtype=torch.float32)
+    want = FastTransformer(copy.deepcopy(graph), plan, options)(*feed)[0]
+    fast = FastTransformer(graph, plan, options, release_bf16=True)
     assert isinstance(graph.transformer.blocks[4].ffn.net[2], torch.nn.Identity)
     assert isinstance(graph.transformer.blocks[0].ffn.net[2], torch.nn.Linear)  # kept block
     assert torch.equal(fast(*feed)[0], want)
@@ -354,30 +360,30 @@ def test_compiled_glue_rounds_as_the_reference():
         return torch.randn(*shape, generator=gen).to(dtype)
 
     heads, dim, length = 2, 16, 24
-    compiled = ft.Glue.compiled()
+    compiled = Glue.compiled()
     q, k, wq, wk = rnd(1, length, heads * dim), rnd(1, length, heads * dim), rnd(heads * dim), rnd(heads * dim)
     cos, sin = rnd(1, length, 1, dim, dtype=torch.float32), rnd(1, length, 1, dim, dtype=torch.float32)
-    for want, got in zip(ft.qk_norm_rope(q, k, wq, wk, 1e-6, heads, cos, sin),
+    for want, got in zip(qk_norm_rope(q, k, wq, wk, 1e-6, heads, cos, sin),
                          compiled.qk_norm_rope(q, k, wq, wk, 1e-6, heads, cos, sin), strict=True):
         assert torch.equal(want, got)
     x, y = rnd(1, length, heads * dim) * 30, rnd(1, length, heads * dim)
     gate, weight, bias = rnd(1, 1, heads * dim, dtype=torch.float32), rnd(heads * dim), rnd(heads * dim)
-    for want, got in zip(ft.residual_norm_affine(x, y, gate, weight, bias, 1e-6, None),
+    for want, got in zip(residual_norm_affine(x, y, gate, weight, bias, 1e-6, None),
                          compiled.residual_norm_affine(x, y, gate, weight, bias, 1e-6, None), strict=True):
         assert torch.equal(want, got)
 
 
 def test_quant_dynamic_round_trip():
     x = torch.randn(2, 40, 3, 16) * 7
-    q, descale = ft.quant_dynamic(x)
-    assert q.dtype == ft.FP8 and descale.shape == (1, 1, 1, 1)
-    assert float(q.float().abs().max()) == ft.FP8_MAX  # the amax lands on the top of the range
+    q, descale = quant_dynamic(x)
+    assert q.dtype == FP8 and descale.shape == (1, 1, 1, 1)
+    assert float(q.float().abs().max()) == FP8_MAX  # the amax lands on the top of the range
     assert relative_l2(q.float() * descale, x) < 2 ** -4
 
 
 def test_to_inference_dtype_keeps_named_modules_fp32():
     model = fresh_reference_models().transformer
-    ft.to_inference_dtype(model, torch.bfloat16, tuple(model._keep_in_fp32_modules))
+    to_inference_dtype(model, torch.bfloat16, tuple(model._keep_in_fp32_modules))
     assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert model.blocks[0].scale_shift_table.dtype == torch.float32
     assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32
@@ -391,15 +397,15 @@ def test_fast_refuses_other_backends_and_cpu():
         load_engines(None, None, "onnxruntime", fast=True)
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="CUDA GPU"):
-            ft.fast_torch_engines(None, "cpu", None)
+            fast_torch_engines(None, "cpu", None)
 
 
 def test_fast_refuses_int8_plans():
     graph = _graph()
-    plan = ft.fp8_plan(linear_layers(graph), {p: 1.0 for p in TINY_POLICY.quantized_layers(10)}, TINY_POLICY, 10)
+    plan = fp8_plan(linear_layers(graph), {p: 1.0 for p in TINY_POLICY.quantized_layers(10)}, TINY_POLICY, 10)
     plan.precision = "int8"
     with pytest.raises(EngineError, match="FP8 plans only"):
-        ft.FastTransformer(graph, plan, ft.FastOptions(compile=False))
+        FastTransformer(graph, plan, FastOptions(compile=False))
 
 
 def test_meta_built_transformer_runs():
@@ -423,13 +429,13 @@ def test_qk_norm_rope_fp8_equals_quantized_qk_norm_rope():
     wq, wk = torch.rand(24) + 0.5, torch.rand(24) + 0.5
     cos, sin = torch.randn(1, 30, 1, 12), torch.randn(1, 30, 1, 12)
     inv = torch.tensor([40.0, 60.0, 100.0])
-    qr, kr = ft.qk_norm_rope(q, k, wq, wk, 1e-6, 2, cos, sin)
+    qr, kr = qk_norm_rope(q, k, wq, wk, 1e-6, 2, cos, sin)
     for smoothing in ("none", "kv"):  # kv: the same cast of the smoothed k and v, and v's mean returned
-        q8, k8, v8, v_mean = ft.qk_norm_rope_fp8(q, k, v, wq, wk, 1e-6, 2, cos, sin, inv, smoothing)
-        ks, vs, v_mean_want = ft.smooth_kv(kr, v.unflatten(-1, (2, -1)), smoothing)
-        assert torch.equal(q8.view(torch.uint8), ft.quantize_fp8(qr, 1 / 40.0).view(torch.uint8))
-        assert torch.equal(k8.view(torch.uint8), ft.quantize_fp8(ks, 1 / 60.0).view(torch.uint8))
-        assert torch.equal(v8.view(torch.uint8), ft.quantize_fp8(vs, 1 / 100.0).view(torch.uint8))
+        q8, k8, v8, v_mean = qk_norm_rope_fp8(q, k, v, wq, wk, 1e-6, 2, cos, sin, inv, smoothing)
+        ks, vs, v_mean_want = smooth_kv(kr, v.unflatten(-1, (2, -1)), smoothing)
+        assert torch.equal(q8.view(torch.uint8), quantize_fp8(qr, 1 / 40.0).view(torch.uint8))
+        assert torch.equal(k8.view(torch.uint8), quantize_fp8(ks, 1 / 60.0).view(torch.uint8))
+        assert torch.equal(v8.view(torch.uint8), quantize_fp8(vs, 1 / 100.0).view(torch.uint8))
         assert (v_mean is None) == (smoothing == "none") and (v_mean is None or torch.equal(v_mean, v_mean_want))
 
 
@@ -448,7 +454,7 @@ def test_decode_streamed_equals_decoder_graphs():
             chunks.append(outs[0])
             caches = outs[1:]
     want = torch.cat(chunks, dim=2)
-    got = torch.cat(list(ft.decode_streamed(vae, latents)), dim=2)
+    got = torch.cat(list(decode_streamed(vae, latents)), dim=2)
     assert got.shape == want.shape == (1, 3, 9, 48, 64)
     assert relative_l2(got, want) <= 1e-6
 
@@ -513,12 +519,12 @@ def test_benchmark_variant_modifiers():
     graph = _graph()
     with pytest.raises(ValueError, match="unknown modifier bogus"):
         gpu._variants(graph, {}, ("fast_bf16+bogus",))
-    base = ft.FastTransformer(graph, None, ft.FastOptions())  # the defaults each modifier changes
+    base = FastTransformer(graph, None, FastOptions())  # the defaults each modifier changes
     for modifier, changes in gpu.VARIANT_MODIFIERS.items():
         variant = base.with_options(**changes)
         assert variant.model is base.model and variant.block_ops is base.block_ops, modifier
         for key, value in changes.items():
             assert getattr(variant.options, key) == value and getattr(base.options, key) != value, modifier
     _, plan = _calibrated_plan(graph, _feed(graph))
-    fp8 = ft.FastTransformer(graph, plan, ft.FastOptions(attention="fp8", compile=False))
+    fp8 = FastTransformer(graph, plan, FastOptions(attention="fp8", compile=False))
     assert len(fp8.fp8_attention) == 8 and not fp8.with_options(attention="bf16").fp8_attention

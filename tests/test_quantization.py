@@ -178,7 +178,7 @@ def test_shipped_policies_by_name():
 def test_benchmark_policies_load_and_name_block_linears(path):
     """The diagnostic policies under benchmarks/policies/ (the GPU benchmark's --policy) are valid policies
     whose layers are the DiT blocks' own Linears."""
-    from wan_trt.runtime.fast_torch import BLOCK_LINEARS
+    from wan_trt.runtime.fast.transformer import BLOCK_LINEARS
 
     policy = load_policy(path)
     assert policy.source == str(path) and set(policy.block_layers) <= set(BLOCK_LINEARS)
@@ -259,7 +259,7 @@ def test_fast_plan_takes_the_smoothed_attention_ranges(quantized_engines, monkey
 
     import wan_trt.calibration.cache as cache_module
     from wan_trt.errors import EngineError
-    from wan_trt.runtime.fast_torch import fast_plan
+    from wan_trt.runtime.fast.engines import fast_plan
     from wan_trt.runtime.loading import reference_graph_modules
     from wan_trt.runtime.manifest import read_manifest
 

@@ -295,7 +295,7 @@ def test_fp8_torch_backend_computes_the_same_fake_quant_dit(fp8_dirs):
 
 @pytest.mark.slow
 def test_fp8_fast_plan_and_inspect_match_the_onnx_directory(fp8_dirs):
-    from wan_trt.runtime.fast_torch import fast_plan
+    from wan_trt.runtime.fast.engines import fast_plan
     from wan_trt.runtime.loading import reference_graph_modules
 
     plans = {}

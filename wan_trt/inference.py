@@ -54,7 +54,7 @@ class InferenceOptions:
     background: str | None = None
     mask: str | None = None
     gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.launch)
-    fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast_torch)
+    fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast)
     fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
     fp8_attention_smoothing: str = "auto"  # --fp8-attention-smoothing (with --fast): auto | none | k | v | kv
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)

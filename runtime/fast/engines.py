@@ -1,0 +1,128 @@
+"""The engines of ``infer --fast``: the fast DiT, VAE and encoders behind the runtime's engine interface,
+and the FP8 plan read from the engines' calibration cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
+from wan_trt.calibration.quantize import QuantPlan
+from wan_trt.errors import EngineError
+from wan_trt.runtime.engines import pipeline_outputs
+from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer, to_inference_dtype
+
+log = logging.getLogger(__name__)
+
+
+class FastEngine:
+    """A graph module on the GPU in bf16: float inputs cast on the way in; caches stay on the device,
+    other outputs come back as float32 on the host. ``offload``: the module lives on the host and
+    visits the GPU only for its call (the memory plan of the one-shot encoders)."""
+
+    def __init__(self, module: torch.nn.Module, spec, device: str = "cuda", dtype: torch.dtype | None = torch.bfloat16,
+                 offload: bool = False) -> None:
+        self.module, self.spec, self.device, self.dtype, self.offload = module, spec, device, dtype, offload
+        self.module.to("cpu" if offload else device)
+        self.seconds = 0.0
+
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import time
+
+        args = []
+        for t in self.spec.inputs:
+            value = feed[t.name].to(self.device, non_blocking=True)
+            args.append(value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value)
+        start = time.perf_counter()
+        if self.offload:
+            self.module.to(self.device)
+        with torch.inference_mode():
+            outputs = self.module(*args)
+        if self.offload:
+            self.module.to("cpu")
+            torch.cuda.empty_cache()
+        result = pipeline_outputs(self.spec.output_names, outputs, torch.float32)  # the host copy waits for the GPU
+        self.seconds += time.perf_counter() - start
+        return result
+
+
+def fast_plan(graph: torch.nn.Module, directory, manifest,
+              smoothing: str = "auto") -> tuple[QuantPlan, dict[int, tuple[float, float, float]], str]:
+    """The FP8 plan of a quantized engines directory (its calibration cache and policy, as the build made it),
+    the calibrated |q|, |k|, |v| ranges of the blocks whose self-attention it quantizes (k's and v's less
+    their token mean where the smoothing subtracts it), and that smoothing: ``smoothing``, or for auto
+    ``DEFAULT_SMOOTHING`` where the cache has its ranges, else none (logged: a cache from before smoothing)."""
+    from wan_trt.calibration.attention import stats_key
+    from wan_trt.calibration.cache import load_cache
+    from wan_trt.calibration.policy import PrecisionPolicy
+    from wan_trt.calibration.quantize import linear_layers, make_plan
+
+    q = manifest.quantization
+    policy = PrecisionPolicy.from_json(q["policy"])
+    path = directory / q["calibration_file"]
+    cache = load_cache(path)
+    plan = make_plan(linear_layers(graph), cache, policy, q["precision"], int(manifest.preset.transformer["num_layers"]),
+                     head_dim=int(graph.transformer.config.attention_head_dim))
+    def keys(mode: str) -> list[list[str]]:
+        return [[stats_key(block, name) for name in range_names(mode)] for block in sorted(plan.attention)]
+
+    def missing(mode: str) -> list[str]:
+        return [key for row in keys(mode) for key in row if key not in cache.layers]
+
+    if smoothing == "auto":
+        smoothing = DEFAULT_SMOOTHING
+        if missing(smoothing):
+            log.warning("%s predates FP8 attention smoothing (no %s): --fast runs its FP8 attention unsmoothed; "
+                        "re-run wan-trt calibrate and wan-trt build --calibration for about half the error "
+                        "(docs/precision.md)", path, missing(smoothing)[0])
+            smoothing = "none"
+    if missing(smoothing):
+        raise EngineError(f"{path} has no range for {missing(smoothing)[0]} (--fp8-attention-smoothing {smoothing}; "
+                          "caches calibrated before smoothing existed lack them): re-run wan-trt calibrate and "
+                          "wan-trt build --calibration with the new cache, or pass --fp8-attention-smoothing none")
+    ranges = {block: tuple(cache.layers[key].amax for key in row)
+              for block, row in zip(sorted(plan.attention), keys(smoothing))}
+    return plan, ranges, smoothing
+
+
+def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: str = "auto",
+                       fp8_attention_smoothing: str = "auto") -> dict:
+    """The ``--fast`` engines for an fp32 or fp8 engines directory (see the module docstring)."""
+    from wan_trt.runtime.loading import reference_graph_modules
+
+    if device == "cpu" or not torch.cuda.is_available():
+        raise EngineError("--fast needs a CUDA GPU (torch.cuda.is_available() is False): run without --fast on a CPU")
+    precision = manifest.precision
+    if precision not in ("fp32", "fp8"):
+        raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
+    modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16)  # straight to the GPU in bf16
+    plan, attention_ranges, smoothing = (fast_plan(modules["transformer"], directory, manifest, fp8_attention_smoothing)
+                                         if precision == "fp8" else (None, {}, "none"))
+    graph = modules["transformer"]
+    keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
+    to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
+    options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
+                          fp8_attention_kernel=fp8_attention_kernel, attention_smoothing=smoothing)
+    fast = FastTransformer(graph, plan, options, release_bf16=True).to("cuda")
+    if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
+        fast.use_static_attention(attention_ranges)
+        fast._attention_fp8()  # choose (and check) the kernel now, before any video is decoded
+    if len(fast.fp8_attention) < len(fast.block_ops):
+        fast._attention_bf16_kernel()  # the same for the bf16 self-attention's kernel
+    torch.cuda.empty_cache()
+    log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s%s; bf16 on %s)",
+             "FP8" if plan else "bf16", options.attention, len(fast.fp8_attention), len(fast.block_ops),
+             f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "",
+             f", smoothing {options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
+    engines = {}
+    for name, entry in manifest.graphs.items():
+        if name == "transformer":
+            engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None)  # casts itself; timestep stays fp32
+            continue
+        offload = name in ("text_encoder", "image_encoder")  # run once per video, before the DiT
+        module = to_inference_dtype(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
+        engines[name] = FastEngine(module, entry.spec, "cuda", torch.bfloat16, offload=offload)
+    return engines

@@ -1,0 +1,368 @@
+"""The fast DiT: the exported DiT's math (``TransformerGraph``) with FP8 Linears and attention per the
+precision policy, compiled glue and bf16 elsewhere (``FastOptions`` sets the kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES
+from wan_trt.calibration.quantize import QuantPlan
+from wan_trt.errors import EngineError
+from wan_trt.runtime.fast.attention import (
+    CudnnFp8Attention, Fa3Fp8Attention, fp8_attention_kernel, resolve_attention_kernel, sdpa, sdpa_heads
+)
+from wan_trt.runtime.fast.glue import Glue
+from wan_trt.runtime.fast.linear import FP8, FP8_MAX, Fp8Linear, TINY
+
+log = logging.getLogger(__name__)
+
+
+BF16_ATTENTION_KERNELS = ("auto", "sdpa", "fa3")
+ATTENTION_MODES = ("bf16", "fp8")
+ATTENTION_MARGIN = 1.25  # static q/k/v scales: headroom over the calibrated range
+def _check_options(options: FastOptions) -> None:
+    for name, value, allowed in (("fast attention", options.attention, ATTENTION_MODES),
+                                 ("bf16 attention kernel", options.bf16_attention_kernel, BF16_ATTENTION_KERNELS),
+                                 ("fast residual stream", options.residual, ("model", "fp32")),
+                                 ("FP8 attention blocks", options.fp8_attention_blocks, ("policy", "plan", "all")),
+                                 ("FP8 attention smoothing", options.attention_smoothing, SMOOTHING_MODES)):
+        if value not in allowed:
+            raise EngineError(f"{name} '{value}': choose one of {', '.join(allowed)}")
+
+
+@dataclass
+class FastOptions:
+    attention: str = "bf16"  # bf16 | fp8 (FP8 self-attention in the blocks listed below)
+    fp8_attention_kernel: str = "auto"  # auto | cudnn | fa3 (see fp8_attention_kernel())
+    # policy: the blocks whose Linears are quantized | plan: the plan's attention blocks | all
+    fp8_attention_blocks: str = "policy"
+    compile: bool = True
+    fast_accum: bool = True
+    dtype: torch.dtype = torch.bfloat16
+    # the residual stream between blocks: "model" (dtype, rounded at each update as the reference) | "fp32"
+    residual: str = "model"
+    # self-attention of the blocks without FP8 attention: sdpa (cuDNN first) | fa3 (FlashAttention-3, bf16) |
+    # auto: fa3 where fp8_attention_kernel is fa3, or auto with FA3 installed on a Hopper GPU; else sdpa
+    bf16_attention_kernel: str = "auto"
+    # FP8 self-attention: subtract the token mean of k, v or both before quantizing (calibration.attention.smooth_kv)
+    attention_smoothing: str = DEFAULT_SMOOTHING
+
+    def to_json(self) -> dict:
+        return {"attention": self.attention, "fp8_attention_kernel": self.fp8_attention_kernel,
+                "fp8_attention_blocks": self.fp8_attention_blocks, "compile": self.compile,
+                "fast_accum": self.fast_accum, "dtype": str(self.dtype), "residual": self.residual,
+                "bf16_attention_kernel": self.bf16_attention_kernel, "attention_smoothing": self.attention_smoothing}
+
+
+BLOCK_LINEARS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                 "attn2.to_v", "attn2.to_out.0", "attn2.add_k_proj", "attn2.add_v_proj", "ffn.net.0.proj", "ffn.net.2")
+
+
+@dataclass
+class _Linears:
+    """A block's Linear ops: FP8 where the plan has the layer, the model's own Linear otherwise."""
+
+    qkv: Fp8Linear | None = None  # attn1 q|k|v fused (all three quantized); the three entries below are then None
+    ops: dict[str, torch.nn.Module | None] = field(default_factory=dict)
+
+
+def _block_ops(block: torch.nn.Module, prefix: str, plan: QuantPlan | None, out_dtype: torch.dtype,
+               fast_accum: bool) -> _Linears:
+    out = _Linears()
+    layers = {} if plan is None else plan.layers
+    qkv = [f"{prefix}.attn1.to_{c}" for c in "qkv"]
+    if all(n in layers for n in qkv):
+        out.qkv = Fp8Linear.from_linears([block.get_submodule(f"attn1.to_{c}") for c in "qkv"],
+                                         [layers[n] for n in qkv], out_dtype, fast_accum)
+    for name in BLOCK_LINEARS:
+        path = f"{prefix}.{name}"
+        if out.qkv is not None and path in qkv or name.startswith("attn2.add_") and block.attn2.add_k_proj is None:
+            out.ops[name] = None
+        elif path in layers:
+            out.ops[name] = Fp8Linear.from_linears([block.get_submodule(name)], [layers[path]], out_dtype, fast_accum)
+        else:
+            out.ops[name] = block.get_submodule(name)
+    return out
+
+
+class FastTransformer(torch.nn.Module):
+    """``TransformerGraph``'s function (same inputs and output) on the fast path.
+
+    ``graph`` is a ``TransformerGraph`` (its diffusers model in ``graph.transformer``); ``plan`` the
+    FP8 quantization plan (None: bf16 Linears). With ``release_bf16`` the quantized Linears' bf16
+    weights are dropped from the model (it can then no longer run as the reference).
+    """
+
+    def __init__(self, graph: torch.nn.Module, plan: QuantPlan | None, options: FastOptions | None = None,
+                 release_bf16: bool = False) -> None:
+        super().__init__()
+        self.options = options or FastOptions()
+        _check_options(self.options)
+        if plan is not None and plan.precision != "fp8":
+            raise EngineError(f"the fast path runs FP8 plans only (this plan is {plan.precision})")
+        self.model = graph.transformer
+        self.plan = plan
+        self.block_ops = [_block_ops(b, f"transformer.blocks.{i}", plan, self.options.dtype, self.options.fast_accum)
+                          for i, b in enumerate(self.model.blocks)]
+        for i, ops in enumerate(self.block_ops):  # registered so .to() moves them
+            for name, op in ops.ops.items():
+                if isinstance(op, Fp8Linear):
+                    self.add_module(f"fp8_{i}_{name.replace('.', '_')}", op)
+            if ops.qkv is not None:
+                self.add_module(f"fp8_{i}_qkv", ops.qkv)
+        self.fp8_attention = self._fp8_attention_blocks()
+        if release_bf16 and plan is not None:
+            for path in plan.layers:  # transformer.blocks.<i>.<name>: the FP8 copy replaces it
+                parent, _, attr = path.removeprefix("transformer.").rpartition(".")
+                setattr(self.model.get_submodule(parent), attr, torch.nn.Identity())
+        self._glue: Glue | None = None
+        self._fp8_attn: CudnnFp8Attention | Fa3Fp8Attention | None = None
+        self._bf16_kernel: str | None = None  # bf16_attention_kernel resolved on the first bf16 attention
+        self._fa3_bf16: Fa3Fp8Attention | None = None
+        self.attention_scales: dict[int, tuple] = {}  # block -> (1/descale [3], (descale_q, descale_k, descale_v))
+        self.recorded_amax: dict[int, torch.Tensor] | None = None
+
+    def _glue_fns(self, device: torch.device) -> Glue:
+        if self._glue is None:
+            self._glue = Glue.compiled() if (self.options.compile and device.type == "cuda") else Glue()
+        return self._glue
+
+    def _attention_fp8(self) -> CudnnFp8Attention | Fa3Fp8Attention:
+        if self._fp8_attn is None:
+            self._fp8_attn = fp8_attention_kernel(self.options.fp8_attention_kernel)
+        return self._fp8_attn
+
+    def _fp8_attention_blocks(self) -> set[int]:
+        """The blocks whose self-attention runs in FP8 (``attention`` and ``fp8_attention_blocks``)."""
+        if self.options.attention != "fp8":
+            return set()
+        if self.options.fp8_attention_blocks == "all":
+            return set(range(len(self.block_ops)))
+        if self.options.fp8_attention_blocks == "plan":
+            return set(self.plan.attention) if self.plan is not None else set()
+        return {i for i, ops in enumerate(self.block_ops)  # policy: the blocks with FP8 Linears
+                if ops.qkv is not None or any(isinstance(o, Fp8Linear) for o in ops.ops.values())}
+
+    def with_options(self, **changes) -> FastTransformer:
+        """A copy with some options changed that shares this one's modules and FP8 weights (and its static
+        attention scales, unless the smoothing changes); kernel and glue choices are made again on its first call."""
+        import copy
+
+        other = copy.copy(self)
+        other.options = dataclasses.replace(self.options, **changes)
+        _check_options(other.options)
+        other.fp8_attention = other._fp8_attention_blocks()
+        # static scales are ranges of what is quantized: smoothing changes that, so they are calibrated again
+        same = other.options.attention_smoothing == self.options.attention_smoothing
+        other.attention_scales = dict(self.attention_scales) if same else {}
+        if self.attention_scales and not same:
+            log.info("with_options: attention smoothing %s -> %s drops the static q/k/v scales (dynamic until "
+                     "record_attention_amax + use_static_attention)", self.options.attention_smoothing,
+                     other.options.attention_smoothing)
+        other.recorded_amax = None
+        other._glue = other._fp8_attn = other._fa3_bf16 = other._bf16_kernel = None
+        return other
+
+    @property
+    def bf16_kernel_name(self) -> str:
+        """The bf16 self-attention kernel: fa3 or sdpa (``FastOptions.bf16_attention_kernel`` resolved)."""
+        if self._bf16_kernel is None:
+            kernel = self.options.bf16_attention_kernel
+            if kernel == "auto":  # the FP8 attention's kernel family: FA3, or cuDNN's (SDPA for bf16)
+                kernel = "fa3" if resolve_attention_kernel(self.options.fp8_attention_kernel) == "fa3" else "sdpa"
+            self._bf16_kernel = kernel
+        return self._bf16_kernel
+
+    def _attention_bf16_kernel(self) -> Fa3Fp8Attention | None:
+        """FA3 when it runs the bf16 self-attention (made, and checked, on the first call), else None (SDPA)."""
+        if self.bf16_kernel_name != "fa3":
+            return None
+        if self._fa3_bf16 is None:
+            self._fa3_bf16 = Fa3Fp8Attention()
+        return self._fa3_bf16
+
+    def _attention_bf16(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """bf16 self-attention ``[B, L, H, D]`` → ``[B, L, H*D]``: FA3's bf16 forward (at 75.6k tokens on the
+        H200, 169 ms per block against cuDNN's 204) or SDPA."""
+        fa3 = self._attention_bf16_kernel()
+        return fa3.bf16(q, k, v).flatten(2, 3) if fa3 is not None else sdpa(q, k, v)
+
+    @property
+    def fp8_kernel_name(self) -> str | None:
+        """The FP8 attention kernel in use (class name), None before the first FP8 attention call."""
+        return type(self._fp8_attn).__name__ if self._fp8_attn is not None else None
+
+    # ---- one block ---------------------------------------------------------------------------
+    def _self_attention(self, index: int, block, x, shift, scale, rotary, glue: Glue) -> torch.Tensor:
+        ops, attn = self.block_ops[index], block.attn1
+        eps = block.norm1.eps
+        if ops.qkv is not None:
+            h = glue.norm_modulate(x, shift, scale, eps, ops.qkv.act_scale, self.options.dtype)
+            q, k, v = ops.qkv.forward_fp8(h, ops.qkv.act_scale).chunk(3, dim=-1)
+        else:
+            h = glue.norm_modulate(x, shift, scale, eps, None, self.options.dtype)
+            q, k, v = (_run(ops.ops[f"attn1.to_{c}"], h) for c in "qkv")
+        to_out = ops.ops["attn1.to_out.0"]
+        static = self.attention_scales.get(index) if index in self.fp8_attention else None
+        smoothing = self.options.attention_smoothing
+        if static is not None:  # calibrated q/k/v scales: the FP8 cast is fused into the RMSNorm + RoPE kernel
+            inv, descales = static
+            q8, k8, v8, v_mean = glue.qk_norm_rope_fp8(q, k, v, attn.norm_q.weight, attn.norm_k.weight,
+                                                       attn.norm_q.eps, attn.heads, *rotary, inv, smoothing)
+            o, do = self._attention_fp8()(q8, k8, v8, *descales)
+        else:
+            q, k = glue.qk_norm_rope(q, k, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, attn.heads,
+                                     *rotary)
+            v = v.unflatten(-1, (attn.heads, -1))
+            if index not in self.fp8_attention:
+                return _run(to_out, self._attention_bf16(q, k, v.contiguous()).to(self.options.dtype))
+            k, v, v_mean = glue.smooth_kv(k, v, smoothing) if smoothing != "none" else (k, v, None)
+            (q8, dq), (k8, dk), (v8, dv) = glue.quant_dynamic(q), glue.quant_dynamic(k), glue.quant_dynamic(v)
+            if self.recorded_amax is not None:
+                self._record(index, (dq, dk, dv))
+            o, do = self._attention_fp8()(q8, k8, v8, dq, dk, dv)
+        # o: E4M3 with its descale do (cuDNN), or bf16 with do None (FA3)
+        if do is not None and v_mean is None and isinstance(to_out, Fp8Linear):  # cuDNN's FP8 output as it is
+            return to_out.forward_fp8(o.flatten(2, 3), do)
+        # else to_out's input is made as any FP8 Linear's (v's mean added where v was smoothed), in one kernel
+        act = _act_scale(to_out)
+        y = glue.to_out_input(o, do, v_mean, act, self.options.dtype)
+        return to_out.forward_fp8(y, act) if act is not None else to_out(y)
+
+    # ---- static FP8 attention scales -----------------------------------------------------------
+    def record_attention_amax(self) -> None:
+        """From now on, remember each FP8-attention block's largest |q|, |k|, |v| (dynamic scaling meanwhile)."""
+        self.recorded_amax = {}
+
+    def _record(self, index: int, descales) -> None:
+        amax = torch.stack([d.reshape(()) for d in descales]) * FP8_MAX
+        old = self.recorded_amax.get(index)
+        self.recorded_amax[index] = amax if old is None else torch.maximum(old, amax)
+
+    def use_static_attention(self, amax: Mapping[int, tuple[float, float, float]] | None = None,
+                             margin: float = ATTENTION_MARGIN) -> dict[int, list[float]]:
+        """Fix per-block q/k/v scales (``amax · margin / 448``) from ``amax`` or from what was recorded.
+
+        Values beyond a calibrated range saturate at ±448: the margin covers inputs a bit larger than
+        the calibration's. Returns the amax table used (JSON-friendly).
+        """
+        if amax is None:
+            if not self.recorded_amax:
+                raise EngineError("no attention ranges recorded: call record_attention_amax() and run a forward first")
+            amax = {i: tuple(float(v) for v in t.tolist()) for i, t in self.recorded_amax.items()}
+        self.recorded_amax = None
+        self.attention_scales = {}
+        device = next(self.model.parameters()).device
+        for index, values in amax.items():
+            descale = torch.tensor([max(v, TINY) * margin / FP8_MAX for v in values], device=device)
+            self.attention_scales[int(index)] = (1.0 / descale, tuple(d.reshape(1, 1, 1, 1) for d in descale))
+        return {int(i): [float(v) for v in vals] for i, vals in amax.items()}
+
+    def _cross_attention(self, index: int, block, h, context_img, context_txt, glue: Glue) -> torch.Tensor:
+        """Cross-attention on ``h`` (the normalized tokens, FP8 when ``attn2.to_q`` is quantized)."""
+        ops, attn = self.block_ops[index], block.attn2
+        to_q, to_out = ops.ops["attn2.to_q"], ops.ops["attn2.to_out.0"]
+        q = to_q.forward_fp8(h, to_q.act_scale) if isinstance(to_q, Fp8Linear) else to_q(h)
+        heads = attn.heads
+        q = glue.rms_norm(q, attn.norm_q.weight, attn.norm_q.eps).unflatten(-1, (heads, -1))
+        k = attn.norm_k(_run(ops.ops["attn2.to_k"], context_txt)).unflatten(-1, (heads, -1))
+        v = _run(ops.ops["attn2.to_v"], context_txt).unflatten(-1, (heads, -1))
+        out, out_img = sdpa_heads(q, k, v), None
+        if ops.ops["attn2.add_k_proj"] is not None:  # the CLIP image context branch
+            k_img = attn.norm_added_k(_run(ops.ops["attn2.add_k_proj"], context_img)).unflatten(-1, (heads, -1))
+            v_img = _run(ops.ops["attn2.add_v_proj"], context_img).unflatten(-1, (heads, -1))
+            out_img = sdpa_heads(q, k_img, v_img)
+        act = _act_scale(to_out)
+        merged = glue.merge_heads(out, out_img, act)
+        return to_out.forward_fp8(merged, act) if act is not None else to_out(merged)
+
+    def _ffn(self, index: int, h, glue: Glue) -> torch.Tensor:
+        """The FFN on ``h`` (the normalized, modulated tokens; FP8 when ``ffn.net.0.proj`` is quantized)."""
+        ops = self.block_ops[index]
+        up, down = ops.ops["ffn.net.0.proj"], ops.ops["ffn.net.2"]
+        u = up.forward_fp8(h, up.act_scale) if isinstance(up, Fp8Linear) else up(h)
+        act = _act_scale(down)
+        g = glue.gelu_quant(u, act)
+        return down.forward_fp8(g, act) if act is not None else down(g)
+
+    def _block(self, index: int, x, context_img, context_txt, temb6, rotary, glue: Glue) -> torch.Tensor:
+        """One transformer block; each residual update is fused with the norm that follows it."""
+        block, ops = self.model.blocks[index], self.block_ops[index]
+        mod = (block.scale_shift_table.float() + temb6.float()).chunk(6, dim=1)  # each [B, 1, D]
+        shift, scale, gate, c_shift, c_scale, c_gate = mod
+        y = self._self_attention(index, block, x, shift, scale, rotary, glue)
+        norm2 = block.norm2
+        x, h = glue.residual_norm_affine(x, y, gate, norm2.weight, norm2.bias, norm2.eps,
+                                         _act_scale(ops.ops["attn2.to_q"]), self.options.dtype)
+        y = self._cross_attention(index, block, h, context_img, context_txt, glue)
+        x, h = glue.residual_norm_modulate(x, y, c_shift, c_scale, block.norm3.eps,
+                                           _act_scale(ops.ops["ffn.net.0.proj"]), self.options.dtype)
+        return glue.gated_residual(x, self._ffn(index, h, glue), c_gate)
+
+    # ---- the graph -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, latent_input, timestep, text_embeds, image_embeds, pose_latents, motion_vectors):
+        model, dtype = self.model, self.options.dtype
+        glue = self._glue_fns(latent_input.device)
+        latent_input, text_embeds, image_embeds, pose_latents, motion_vectors = (
+            t.to(dtype) for t in (latent_input, text_embeds, image_embeds, pose_latents, motion_vectors))
+        batch, _, frames, height, width = latent_input.shape
+        p_t, p_h, p_w = model.config.patch_size
+        cos, sin = model.rope(latent_input)
+        rotary = (cos.to(torch.float32), sin.to(torch.float32))
+
+        tokens = model.patch_embedding(latent_input)
+        pose = model.pose_patch_embedding(pose_latents)
+        tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:] + pose], dim=2)
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous()
+        if self.options.residual == "fp32":
+            tokens = tokens.float()
+
+        temb, timestep_proj, text_context, image_context = model.condition_embedder(
+            timestep, text_embeds, image_embeds, timestep_seq_len=None)
+        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+
+        face_tokens = model.face_encoder(motion_vectors)
+        face_tokens = torch.cat([torch.zeros_like(face_tokens[:, :1]), face_tokens], dim=1)
+
+        every = model.config.inject_face_latents_blocks
+        for index in range(len(model.blocks)):
+            tokens = self._block(index, tokens, image_context, text_context, timestep_proj, rotary, glue)
+            if index % every == 0:
+                tokens = model.face_adapter[index // every](tokens.to(dtype), face_tokens) + tokens
+
+        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
+        tokens = (model.norm_out(tokens.float()) * (1 + scale) + shift).to(dtype)
+        tokens = model.proj_out(tokens)
+        tokens = tokens.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
+        velocity = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        return (velocity.float(),)
+
+
+def _run(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return op(x)
+
+
+def _act_scale(op: torch.nn.Module | None) -> torch.Tensor | None:
+    """The static input scale of an FP8 Linear (its input is quantized by the kernel before it), else None."""
+    return op.act_scale if isinstance(op, Fp8Linear) else None
+
+
+def to_inference_dtype(module: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
+    """Cast floating parameters and buffers to ``dtype`` except those whose name contains one of ``keep_fp32``
+    (diffusers' ``_keep_in_fp32_modules``: time embedder, modulation tables, norms, RoPE, motion basis)."""
+    for name, p in module.named_parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(torch.float32 if any(k in name for k in keep_fp32) else dtype)
+    for mod_name, mod in module.named_modules():
+        for key, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != FP8:
+                full = f"{mod_name}.{key}"
+                mod._buffers[key] = b.to(torch.float32 if any(k in full for k in keep_fp32) else dtype)
+    return module
