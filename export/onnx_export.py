@@ -71,6 +71,10 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, sizes: Ma
             optimize=True,
             verbose=False,
         )
+    # torch.export's graph annotations (its range constraints print in an order that follows Python's hash
+    # seed) would make two exports of one module differ byte for byte; nothing reads them. The nodes' own
+    # annotations stay: calibration.qdq finds each Linear's module path in them.
+    program.model.graph.metadata_props.clear()
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=size > TWO_GB)

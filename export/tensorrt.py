@@ -83,6 +83,11 @@ def structure_sha256(onnx_path: Path) -> str:
         for entry in init.external_data:
             if entry.key == "checksum":
                 entry.value = ""
+    # the exporter's annotations (torch.export's range constraints, stack traces) compile to nothing, and
+    # their text is not stable across processes (the range constraints' order follows Python's hash seed)
+    model.graph.ClearField("metadata_props")
+    for node in model.graph.node:
+        node.ClearField("metadata_props")
     return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
 
 
@@ -157,9 +162,8 @@ def build_tensorrt_engines(directory: Path, manifest: Manifest, options: TrtOpti
         else:
             source = None
             if (name, bucket.name if bucket else None) in had_refittable:
-                log.info("[%d/%d] %s: the graph's structure differs from the previous engine's (nodes, names, "
-                         "types or shapes; e.g. weights that were equal, shared in the previous export, now differ): "
-                         "rebuilding, not refitting", number, len(jobs), label)
+                log.info("[%d/%d] %s: the graph's structure (nodes, names, types or shapes) differs from the "
+                         "previous engine's: rebuilding, not refitting", number, len(jobs), label)
             log.info("[%d/%d] building TensorRT engine %s", number, len(jobs), label)
             data = build(onnx_path, shapes, options, manifest.precision, directory / TRT_DIR / TIMING_CACHE)
             _write_atomic(directory / file, data)
