@@ -21,10 +21,11 @@ from safetensors.torch import save_file
 from synthetic_checkpoints import (noisy_tiny_models, tiny_transformer_output, write_diffusers_checkpoint,
                                    write_tokenizer)
 from wan_trt.checkpoints import (
-    DIFFUSERS, ORIGINAL, StrictLoader, detect_layout, empty_transformer, load_checkpoint, load_lora_file,
-    load_original_transformer_tensors, merge_lora, parse_lora_arg,
+    DIFFUSERS, ORIGINAL, StrictLoader, detect_layout, empty_transformer, load_checkpoint,
+    load_original_transformer_tensors,
 )
 from wan_trt.errors import BadInputError
+from wan_trt.lora import load_lora_file, merge_lora, parse_lora_arg
 from wan_trt.metrics import relative_l2
 from wan_trt.presets import get_preset
 from wan_trt.reference_models import build_reference_models

@@ -24,7 +24,7 @@ memory-mapped) into modules whose parameters were created on the meta device, so
 the weights is made: peak memory is the model plus one tensor being converted (measured: loading a
 775 MB transformer grew the peak RSS by 4 MB, by ~880 MB once every weight had been read).
 
-LoRA files are read and merged by ``wan_trt.lora`` (its old names stay importable from here).
+LoRA files are read and merged by ``wan_trt.lora``.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from wan_trt.errors import BadInputError
+from wan_trt.json_files import read_json_object
 from wan_trt.presets import Preset
 
 log = logging.getLogger(__name__)
@@ -135,13 +136,7 @@ def _check_model_index(root: Path) -> None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise BadInputError(f"{path}: unreadable JSON ({error}): {_FIX_DOWNLOAD}") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"{path}: expected a JSON object: {_FIX_DOWNLOAD}")
-    return data
+    return read_json_object(path, str(path), _FIX_DOWNLOAD)
 
 
 # ------------------------------------------------------------------------------------ file readers
@@ -828,17 +823,3 @@ def load_checkpoint(preset: Preset, checkpoint: str | Path, *, vocab_size: int,
             "image_encoder": lambda: load_original_image_encoder(root / ORIGINAL_CLIP, preset, dtype=dtype),
         }
     return {name: load().to(device) for name, load in loaders.items()}
-
-
-# ----------------------------------------------------------------------------------------- LoRA
-
-_MOVED_TO_LORA = ("parse_lora_arg", "load_lora_file", "merge_lora")
-
-
-def __getattr__(name: str) -> Any:
-    """The LoRA code lives in ``wan_trt.lora``; its old names stay importable from here."""
-    if name in _MOVED_TO_LORA:
-        from wan_trt import lora
-
-        return getattr(lora, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Write a JSON file atomically: a temp file beside it, then a rename (nothing half-written on failure)."""
+"""JSON files: read one object with a one-line error; write atomically (a temp file beside it, then a rename:
+nothing half-written on failure)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,21 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from wan_trt.errors import BadInputError
+
+
+def read_json_object(path: Path, source: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; a ``BadInputError`` naming ``source`` and ``fix`` when unreadable or not
+    an object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise BadInputError(f"{source}: unreadable JSON ({first}): {fix}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{source}: expected a JSON object: {fix}")
+    return data
 
 
 def write_json_atomic(path: str | Path, data: Any, *, indent: int = 1) -> Path:

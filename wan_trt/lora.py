@@ -29,7 +29,6 @@ LoRAs are summed in float32, in their order, and added to each weight once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import re
@@ -40,6 +39,7 @@ from typing import Any, Sequence
 import torch
 
 from wan_trt.errors import BadInputError
+from wan_trt.json_files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +199,7 @@ def _load_torch_lora(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_adapter_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise BadInputError(f"--lora {path}: unreadable JSON ({_first_line(error)}): download the LoRA again") from None
-    if not isinstance(config, dict):
-        raise BadInputError(f"--lora {path}: expected a JSON object: download the LoRA again")
-    return config
+    return read_json_object(path, f"--lora {path}", "download the LoRA again")
 
 
 def _first_line(error: Exception) -> str:
