@@ -406,6 +406,12 @@ def infer_not_enough_disk_for_the_video(env):
 
 
 @case
+def infer_not_enough_host_memory(env):  # a CPU run: weights + ONNX Runtime's attention scores past what is free
+    env.monkeypatch.setattr(preflight, "available_host_bytes", lambda: 64 * 1024**2)
+    return _infer(env, "--input", str(env.inputs), named="host memory", code=3)
+
+
+@case
 def infer_not_enough_device_memory(env):
     env.monkeypatch.setattr(preflight, "free_device_bytes", lambda device: 64 * 1024**2)
     return _infer(env, "--input", str(env.inputs), "--device", "cuda", named="64x48", code=3)

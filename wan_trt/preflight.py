@@ -35,6 +35,11 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
     10.8 GB bf16 — the formula gives 22.6 / 11.3 GB).
 
   Activation bytes are 2 where the manifest says the graph computes in fp16/bf16, else 4. A refusal suggests the largest smaller bucket that fits.
+* **host memory** (``infer --device cpu``): every graph's weights + the larger of the DiT's activations (as
+  above, in fp32; with ONNX Runtime also its attention's ``batch × heads × tokens²`` score matrix and its
+  softmax, which its CPU kernels materialise) and the VAE chunk's, + 2 GiB; against what this process can
+  get (MemAvailable, a cgroup limit, ``ulimit -v``). A refusal names the largest size of the same shape
+  that fits (``wan-trt preprocess --resolution``) and ``--backend torch`` where that fits.
 """
 
 from __future__ import annotations
@@ -373,7 +378,7 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
 
     config = manifest.preset.transformer
     dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
-    tokens = ((segment_frames - 1) // 4 + 2) * (height // 16) * (width // 16)  # latent frames + reference slot
+    tokens = _dit_tokens(width, height, segment_frames)
     dit = batch * -(-tokens // gpus) * (DIT_ACTIVATION_WIDTHS * dim + int(config["ffn_dim"])) * act_bytes("transformer")
     vae = (VAE_ACTIVATION_FACTOR * VAE_CHUNK_FRAMES * height * width * int(manifest.preset.vae["base_dim"])
            * act_bytes("vae_decoder_step"))
@@ -464,6 +469,8 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
                f"a {frames}-frame {width}x{height} video", free_disk)
     device = "cuda" if options.backend == "tensorrt" else options.device
     if device == "cpu":
+        check_host_memory(manifest, directory, width, height, segment_frames, backend=options.backend,
+                          batch=2 if options.guidance_scale > 1 else 1)
         return
     prompts = [options.prompt if options.prompt is not None else DEFAULT_PROMPT]
     if options.guidance_scale > 1:
@@ -492,3 +499,120 @@ def check_calibrate(manifest, directory: Path, out_path: Path, segment_frames: i
     if manifest.precision in QUANTIZED_PRECISIONS:
         raise EngineError(f"--engines '{directory}' holds {manifest.precision} engines: calibrate needs unquantized "
                           "engines of the same weights (wan-trt build --precision fp32)")
+
+
+# ------------------------------------------------------------------------------- host memory (CPU runs)
+
+#: ONNX Runtime's CPU attention is the exported MatMul → Softmax → MatMul: it holds the whole
+#: ``batch × heads × tokens × tokens`` score matrix and its softmax at once (measured: the tiny preset's
+#: DiT at 1280x720 x 77 frames asks ORT for one 45,722,880,000-byte buffer = 2 heads × 75,600² × 4 bytes).
+#: The torch backend's CPU attention (``scaled_dot_product_attention``'s flash kernel) holds no such matrix.
+ORT_SCORE_COPIES = 2
+HOST_OVERHEAD = 2 * GIB  # the interpreter, torch, ONNX Runtime, decoded driving video
+SMALLEST_SIDE = 256  # the smallest pixel side suggested when a run does not fit
+
+
+@dataclass(frozen=True)
+class HostEstimate:
+    weights: int
+    dit_activations: int  # attention scores included
+    attention_scores: int
+    vae_activations: int
+    overhead: int = HOST_OVERHEAD
+
+    @property
+    def total(self) -> int:
+        return self.weights + max(self.dit_activations, self.vae_activations) + self.overhead
+
+
+def available_host_bytes() -> int | None:
+    """Host memory this process can still get: the kernel's MemAvailable, capped by a cgroup (v2) memory limit
+    and by this process's address-space limit (``ulimit -v``); None where none of them can be read."""
+    import resource
+
+    limits = []
+    meminfo = _read_text("/proc/meminfo")
+    for line in meminfo.splitlines():
+        if line.startswith("MemAvailable:"):
+            limits.append(int(line.split()[1]) * KIB)
+    cgroup_max, cgroup_used = _read_text("/sys/fs/cgroup/memory.max").strip(), _read_text(
+        "/sys/fs/cgroup/memory.current").strip()
+    if cgroup_max.isdigit() and cgroup_used.isdigit():
+        limits.append(int(cgroup_max) - int(cgroup_used))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        status = _read_text("/proc/self/status")
+        used = next((int(line.split()[1]) * KIB for line in status.splitlines() if line.startswith("VmSize:")), 0)
+        limits.append(soft - used)
+    return max(0, min(limits)) if limits else None
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def estimate_host_bytes(manifest, directory: Path, width: int, height: int, segment_frames: int, *, backend: str,
+                        batch: int = 1) -> HostEstimate:
+    """Peak host memory of a CPU run: every graph's weights (both backends keep all of them), plus the larger of
+    the DiT's activations (the device formula's, and with ONNX Runtime its attention score matrices) and the
+    VAE's streamed chunk, plus ``HOST_OVERHEAD``."""
+    weights = sum(graph_weight_bytes(manifest, directory).values())
+    device = estimate_device_bytes(manifest, directory, width, height, segment_frames, batch=batch)
+    scores = 0
+    if backend == "onnxruntime":
+        config = manifest.preset.transformer
+        scores = ORT_SCORE_COPIES * batch * int(config["num_attention_heads"]) * _dit_tokens(
+            width, height, segment_frames) ** 2 * 4  # ORT's CPU kernels compute in fp32
+    return HostEstimate(weights, device.dit_activations + scores, scores, device.vae_activations)
+
+
+def _dit_tokens(width: int, height: int, segment_frames: int) -> int:
+    return ((segment_frames - 1) // 4 + 2) * (height // 16) * (width // 16)  # latent frames + reference slot
+
+
+def check_host_memory(manifest, directory: Path, width: int, height: int, segment_frames: int, *, backend: str,
+                      batch: int = 1, available: int | None = None) -> HostEstimate:
+    """EngineError (exit 3) when a CPU run's estimated peak exceeds the host memory this process can get, naming
+    the largest size of the same shape that fits (the ``wan-trt preprocess --resolution`` to use)."""
+    def estimate(w: int, h: int, on: str = backend) -> HostEstimate:
+        return estimate_host_bytes(manifest, directory, w, h, segment_frames, backend=on, batch=batch)
+
+    need = estimate(width, height)
+    available = available_host_bytes() if available is None else available
+    if available is None:
+        log.debug("host memory: cannot read what is available here; not checked")
+        return need
+    if need.total <= available:
+        log.debug("host memory: about %s needed, %s available", _size(need.total), _size(available))
+        return need
+    scores = (f", of which ONNX Runtime's attention score matrices {_size(need.attention_scores)}"
+              if need.attention_scores else "")
+    fitting = _largest_fitting(width, height, lambda w, h: estimate(w, h).total <= available)
+    if fitting:
+        w, h = fitting
+        advice = (f"preprocess the driving video smaller (wan-trt preprocess --resolution {w}x{h}: about "
+                  f"{_size(estimate(w, h).total)})")
+    else:
+        advice = "no smaller size fits either: free memory"
+    if backend == "onnxruntime" and estimate(width, height, "torch").total <= available:
+        advice += ", or run with --backend torch (its CPU attention holds no score matrix)"
+    raise EngineError(
+        f"host memory: a CPU run ({backend}) of {width}x{height} x {segment_frames}-frame segments needs about "
+        f"{_size(need.total)} (weights {_size(need.weights)}, activations "
+        f"{_size(max(need.dit_activations, need.vae_activations))}{scores}), {_size(available)} available: "
+        f"{advice}, or run on a GPU (--device cuda)")
+
+
+def _largest_fitting(width: int, height: int, fits) -> tuple[int, int] | None:
+    """The largest ``w`` × ``h`` below ``width`` × ``height`` with the same aspect (sides multiples of 16, the
+    shorter at least ``SMALLEST_SIDE``) for which ``fits(w, h)``; None if even the smallest does not."""
+    short = min(width, height)
+    for side in range(short - 16 - short % 16, SMALLEST_SIDE - 1, -16):
+        w, h = (round(width * side / short / 16) * 16, side) if width >= height else (
+            side, round(height * side / short / 16) * 16)
+        if fits(w, h):
+            return w, h
+    return None
