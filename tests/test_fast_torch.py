@@ -99,6 +99,9 @@ class _OnePolicy:
     def quantized_layers(self, num_blocks: int) -> list[str]:
         return [self.path]
 
+    def attention_blocks(self, num_blocks: int, precision: str) -> list[int]:
+        return []
+
 
 def test_fp8_plan_equals_make_plan():
     graph = _graph()
@@ -400,12 +403,75 @@ def test_fast_refuses_other_backends_and_cpu():
             fast_torch_engines(None, "cpu", None)
 
 
-def test_fast_refuses_int8_plans():
+def _int8_plan(graph, feed, policy: PrecisionPolicy = TINY_POLICY):
+    """The INT8 plan (SmoothQuant, alpha 0.5) of a cache calibrated on ``feed``: per-tensor and per-channel maxima."""
+    quantized = {p: m for p, m in linear_layers(graph).items() if p in set(policy.quantized_layers(10))}
+    channel: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(module, args):
+            value = args[0].detach().abs().flatten(0, -2).amax(dim=0)
+            channel[name] = value if name not in channel else torch.maximum(channel[name], value)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantized.items()]
+    with torch.no_grad():
+        graph(*feed)
+    for handle in handles:
+        handle.remove()
+    cache = CalibrationCache("w", "tiny", "max", ["s"], 1,
+                             {p: LayerStats(float(c.max()), c.tolist()) for p, c in channel.items()})
+    return make_plan(linear_layers(graph), cache, policy, "int8", 10)
+
+
+def test_int8_linear_equals_fake_quant_linear():
+    """``torch._int_mm`` with SmoothQuant = the INT8 Q/DQ graph's fake-quant Linear (fresh inputs, an outlier channel)."""
+    from wan_trt.runtime.fast.int8 import Int8Linear
+
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(96, 80)
+    x = torch.randn(3, 50, 96) * 2.5
+    x[..., 7] *= 30  # the outlier SmoothQuant moves into the weight
+    cache = CalibrationCache("w", "tiny", "max", ["s"], 1,
+                             {"l": LayerStats(float(x.abs().max()), x.abs().amax(dim=(0, 1)).tolist())})
+    layer = make_plan({"l": linear}, cache, _OnePolicy("l"), "int8", 1).layers["l"]
+    assert layer.smooth is not None
+    fresh = torch.randn(2, 40, 96) * 2.5
+    for inputs in (x, fresh):
+        want = FakeQuantLinear(linear, layer, "int8")(inputs).detach()
+        got = Int8Linear(linear, layer, torch.float32)(inputs).detach()
+        assert got.shape == want.shape and relative_l2(got, want) <= 1e-5
+        assert 1e-3 < relative_l2(got, linear(inputs).detach()) < 0.1  # INT8 is really there
+
+
+@pytest.mark.parametrize("policy", [TINY_POLICY, ALL_LINEARS_POLICY], ids=["default-layers", "all-linears"])
+def test_fast_dit_int8_equals_fake_quant_dit(policy):
+    """INT8 plan: the fast DiT (``torch._int_mm`` W8A8 Linears, bf16-path attention) = the INT8 fake-quant DiT."""
+    from wan_trt.runtime.fast.int8 import Int8Linear
+
+    graph = _graph()
+    plan = _int8_plan(graph, _feed(graph, seed=2), policy)
+    feed = _feed(graph, seed=6)  # fresh inputs, not the calibration's
+    reference = apply_fake_quant(copy.deepcopy(graph), plan)
+    with torch.no_grad():
+        want = reference(*feed)[0]
+        fp32 = graph(*feed)[0]
+    fast = FastTransformer(graph, plan, FastOptions(attention="bf16", compile=False, dtype=torch.float32))
+    assert sum(isinstance(op, Int8Linear) for ops in fast.block_ops for op in ops.ops.values()) == len(plan.layers)
+    got = fast(*feed)[0]
+    assert relative_l2(got, want) <= 1e-4
+    assert relative_l2(got, fp32) > 1e-4  # INT8 changed something: the comparison above is not vacuous
+
+
+def test_fast_refuses_other_plans_and_fp8_attention_with_int8():
     graph = _graph()
     plan = fp8_plan(linear_layers(graph), {p: 1.0 for p in TINY_POLICY.quantized_layers(10)}, TINY_POLICY, 10)
-    plan.precision = "int8"
-    with pytest.raises(EngineError, match="FP8 plans only"):
+    plan.precision = "fp16"
+    with pytest.raises(EngineError, match="FP8 and INT8 plans only"):
         FastTransformer(graph, plan, FastOptions(compile=False))
+    plan.precision = "int8"
+    with pytest.raises(EngineError, match="INT8 plans run their attention in bf16"):
+        FastTransformer(graph, plan, FastOptions(attention="fp8", compile=False))
 
 
 def test_meta_built_transformer_runs():

@@ -1,5 +1,6 @@
 """The fast DiT: the exported DiT's math (``TransformerGraph``) with FP8 Linears and attention per the
-precision policy, compiled glue and bf16 elsewhere (``FastOptions`` sets the kernels).
+precision policy (or INT8 W8A8 Linears, ``int8.py``, with bf16 attention), compiled glue and bf16
+elsewhere (``FastOptions`` sets the kernels).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from wan_trt.runtime.fast.attention import (
     CudnnFp8Attention, Fa3Fp8Attention, fp8_attention_kernel, resolve_attention_kernel, sdpa, sdpa_heads
 )
 from wan_trt.runtime.fast.glue import Glue
+from wan_trt.runtime.fast.int8 import Int8Linear
 from wan_trt.runtime.fast.linear import FP8, FP8_MAX, Fp8Linear, TINY
 
 log = logging.getLogger(__name__)
@@ -76,14 +78,17 @@ def _block_ops(block: torch.nn.Module, prefix: str, plan: QuantPlan | None, out_
                fast_accum: bool) -> _Linears:
     out = _Linears()
     layers = {} if plan is None else plan.layers
+    int8 = plan is not None and plan.precision == "int8"
     qkv = [f"{prefix}.attn1.to_{c}" for c in "qkv"]
-    if all(n in layers for n in qkv):
+    if not int8 and all(n in layers for n in qkv):
         out.qkv = Fp8Linear.from_linears([block.get_submodule(f"attn1.to_{c}") for c in "qkv"],
                                          [layers[n] for n in qkv], out_dtype, fast_accum)
     for name in BLOCK_LINEARS:
         path = f"{prefix}.{name}"
         if out.qkv is not None and path in qkv or name.startswith("attn2.add_") and block.attn2.add_k_proj is None:
             out.ops[name] = None
+        elif path in layers and int8:  # its own input quantization (SmoothQuant factors differ per layer)
+            out.ops[name] = Int8Linear(block.get_submodule(name), layers[path], out_dtype)
         elif path in layers:
             out.ops[name] = Fp8Linear.from_linears([block.get_submodule(name)], [layers[path]], out_dtype, fast_accum)
         else:
@@ -104,15 +109,17 @@ class FastTransformer(torch.nn.Module):
         super().__init__()
         self.options = options or FastOptions()
         _check_options(self.options)
-        if plan is not None and plan.precision != "fp8":
-            raise EngineError(f"the fast path runs FP8 plans only (this plan is {plan.precision})")
+        if plan is not None and plan.precision not in ("fp8", "int8"):
+            raise EngineError(f"the fast path runs FP8 and INT8 plans only (this plan is {plan.precision})")
+        if plan is not None and plan.precision == "int8" and self.options.attention == "fp8":
+            raise EngineError("INT8 plans run their attention in bf16: FP8 attention needs an FP8 plan")
         self.model = graph.transformer
         self.plan = plan
         self.block_ops = [_block_ops(b, f"transformer.blocks.{i}", plan, self.options.dtype, self.options.fast_accum)
                           for i, b in enumerate(self.model.blocks)]
         for i, ops in enumerate(self.block_ops):  # registered so .to() moves them
             for name, op in ops.ops.items():
-                if isinstance(op, Fp8Linear):
+                if isinstance(op, (Fp8Linear, Int8Linear)):
                     self.add_module(f"fp8_{i}_{name.replace('.', '_')}", op)
             if ops.qkv is not None:
                 self.add_module(f"fp8_{i}_qkv", ops.qkv)
