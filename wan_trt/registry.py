@@ -8,7 +8,7 @@ is the one thing kept out (it needs diffusers): ``wan_trt.models.graphs.GRAPH_FA
 factory per entry, keyed by the same names.
 
 Graph names are written out here only (and in the pipeline's calls, ``wan_trt.runtime.pipeline``);
-other modules use the constants below (``tests/test_graph_names.py`` fails otherwise). Four graphs
+other modules use the constants below (``tests/test_registry.py`` fails otherwise). Four graphs
 share their name with a part of the model they come from (``transformer``, ``text_encoder``,
 ``image_encoder``: checkpoint components, ``wan_trt.presets.Component``; ``motion_encoder``: the DiT's
 sub-module): where code means the component, it says ``Component.…``, not the graph constant.
