@@ -20,7 +20,8 @@ from wan_trt.runtime.engines import Engine
 
 VIDEO_PSNR_MIN = 40.0  # dB, engines' video vs the reference's
 # The graphs a policy's ``vae_decoder_convs`` makes Q/DQ (the registry's ``quantized_by``); read by the build.
-VAE_DECODER_GRAPHS = tuple(name for name, graph in registry.GRAPHS.items() if graph.quantized_by == registry.VAE_DECODER_CONVS)
+VAE_DECODER_GRAPHS = tuple(name for name, graph in registry.GRAPHS.items()
+                           if graph.quantized_by == registry.VAE_DECODER_CONVS)
 
 
 def graph_tolerances(manifest) -> dict[str, float]:

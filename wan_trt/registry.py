@@ -167,7 +167,8 @@ def _text_encoder(s: SpecSizes) -> Io:
 def _image_encoder(s: SpecSizes) -> Io:
     return Io(
         inputs=(TensorSpec("clip_pixels", "float32", ("B", 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)),),
-        outputs=(TensorSpec("image_embeds", "float32", ("B", s.clip_tokens, int(s.preset.image_encoder["hidden_size"]))),),
+        outputs=(TensorSpec("image_embeds", "float32",
+                            ("B", s.clip_tokens, int(s.preset.image_encoder["hidden_size"]))),),
     )
 
 
@@ -211,32 +212,53 @@ _VAE_DECODER = Parameters(Component.VAE, parts=("decoder", "post_quant_conv"))
 
 #: The graphs, in the order the pipeline first uses them.
 GRAPHS: dict[str, Graph] = {g.name: g for g in (
-    Graph(TEXT_ENCODER, "text_encoder", "umT5 encoder; padded positions are zeroed as the reference pipeline does",
-          _text_encoder, Parameters(Component.TEXT_ENCODER), batched=True,
-          half_precisions=("bf16",),  # umT5 overflows in fp16
-          once_per_video=True),
-    Graph(IMAGE_ENCODER, "image_encoder", "CLIP vision tower, penultimate layer's hidden states (CLS + patches)",
-          _image_encoder, Parameters(Component.IMAGE_ENCODER),
-          once_per_video=True),  # fp32, as the official recipe
+    Graph(
+        name=TEXT_ENCODER, component="text_encoder", io=_text_encoder,
+        doc="umT5 encoder; padded positions are zeroed as the reference pipeline does",
+        parameters=Parameters(Component.TEXT_ENCODER), batched=True, once_per_video=True,
+        half_precisions=("bf16",),  # umT5 overflows in fp16
+    ),
+    Graph(
+        name=IMAGE_ENCODER, component="image_encoder", io=_image_encoder,
+        doc="CLIP vision tower, penultimate layer's hidden states (CLS + patches)",
+        parameters=Parameters(Component.IMAGE_ENCODER), once_per_video=True,  # fp32, as the official recipe
+    ),
     # The VAE is all convolutions (no bf16 Conv before opset 22) and unproven in fp16 with real weights: fp32.
-    Graph(VAE_ENCODER_FIRST, "vae_encoder", "first chunk (1 frame) → its normalised latent and the caches",
-          _vae_encoder(1), _VAE_ENCODER, bucketed=True, vae_side="encoder", first_chunk=True),
-    Graph(VAE_ENCODER_STEP, "vae_encoder", "every later chunk (4 frames) → one normalised latent frame",
-          _vae_encoder(4), _VAE_ENCODER, bucketed=True, vae_side="encoder"),
-    Graph(VAE_DECODER_FIRST, "vae_decoder", "first latent frame → 1 pixel frame in [-1, 1] and the caches",
-          _vae_decoder(1), _VAE_DECODER, bucketed=True, quantized_by=VAE_DECODER_CONVS,
-          qdq_tolerance=VAE_QDQ_TOLERANCE, vae_side="decoder", first_chunk=True),
-    Graph(VAE_DECODER_STEP, "vae_decoder", "every later latent frame → 4 pixel frames in [-1, 1]",
-          _vae_decoder(4), _VAE_DECODER, bucketed=True, quantized_by=VAE_DECODER_CONVS,
-          qdq_tolerance=VAE_QDQ_TOLERANCE, vae_side="decoder"),
-    Graph(MOTION_ENCODER, "motion_encoder",
-          "face crops → motion vectors (the QR of the motion basis is precomputed from the weights)",
-          _motion_encoder, Parameters(Component.TRANSFORMER, parts=("motion_encoder",)),
-          half_precisions=("fp16",)),  # its convs are custom (no bf16 Conv before opset 22): fp32 under bf16
-    Graph(TRANSFORMER, "transformer", "DiT with pose patch embedding, face encoder and face blocks → flow velocity",
-          _transformer, Parameters(Component.TRANSFORMER, excluding=("motion_encoder",)), batched=True,
-          bucketed=True, half_precisions=("fp16", "bf16"),
-          quantized_by=EVERY_QUANTIZED_BUILD, qdq_tolerance=QDQ_TOLERANCE),
+    Graph(
+        name=VAE_ENCODER_FIRST, component="vae_encoder", io=_vae_encoder(1),
+        doc="first chunk (1 frame) → its normalised latent and the caches",
+        parameters=_VAE_ENCODER, bucketed=True, vae_side="encoder", first_chunk=True,
+    ),
+    Graph(
+        name=VAE_ENCODER_STEP, component="vae_encoder", io=_vae_encoder(4),
+        doc="every later chunk (4 frames) → one normalised latent frame",
+        parameters=_VAE_ENCODER, bucketed=True, vae_side="encoder",
+    ),
+    Graph(
+        name=VAE_DECODER_FIRST, component="vae_decoder", io=_vae_decoder(1),
+        doc="first latent frame → 1 pixel frame in [-1, 1] and the caches",
+        parameters=_VAE_DECODER, bucketed=True, vae_side="decoder", first_chunk=True,
+        quantized_by=VAE_DECODER_CONVS, qdq_tolerance=VAE_QDQ_TOLERANCE,
+    ),
+    Graph(
+        name=VAE_DECODER_STEP, component="vae_decoder", io=_vae_decoder(4),
+        doc="every later latent frame → 4 pixel frames in [-1, 1]",
+        parameters=_VAE_DECODER, bucketed=True, vae_side="decoder",
+        quantized_by=VAE_DECODER_CONVS, qdq_tolerance=VAE_QDQ_TOLERANCE,
+    ),
+    Graph(
+        name=MOTION_ENCODER, component="motion_encoder", io=_motion_encoder,
+        doc="face crops → motion vectors (the QR of the motion basis is precomputed from the weights)",
+        parameters=Parameters(Component.TRANSFORMER, parts=("motion_encoder",)),
+        half_precisions=("fp16",),  # its convs are custom (no bf16 Conv before opset 22): fp32 under bf16
+    ),
+    Graph(
+        name=TRANSFORMER, component="transformer", io=_transformer,
+        doc="DiT with pose patch embedding, face encoder and face blocks → flow velocity",
+        parameters=Parameters(Component.TRANSFORMER, excluding=("motion_encoder",)),  # the motion encoder's own graph
+        batched=True, bucketed=True, half_precisions=("fp16", "bf16"),
+        quantized_by=EVERY_QUANTIZED_BUILD, qdq_tolerance=QDQ_TOLERANCE,
+    ),
 )}
 GRAPH_NAMES = tuple(GRAPHS)
 
