@@ -45,7 +45,7 @@ def tiny_pipeline(seed: int = 0):
     from wan_trt.runtime.engines import TorchEngine
     from wan_trt.runtime.pipeline import AnimatePipeline
 
-    from wan_trt.components import graph_specs
+    from wan_trt.registry import graph_specs
     from wan_trt.reference_models import build_reference_models
     from wan_trt.tokenizer import build_tiny_tokenizer, tokenize
 

@@ -38,7 +38,8 @@ from benchmarks._bootstrap import ensure_wan_trt
 ensure_wan_trt()
 
 # No torch import at module level: the parent of the per-graph subprocesses stays small.
-from wan_trt.components import GraphSpec, graph_specs  # noqa: E402
+from wan_trt.components import GraphSpec  # noqa: E402
+from wan_trt.registry import graph_specs  # noqa: E402
 from wan_trt.errors import BadInputError  # noqa: E402
 from wan_trt.json_files import write_json_atomic  # noqa: E402
 from wan_trt.presets import Preset, get_preset  # noqa: E402

@@ -39,6 +39,7 @@ from wan_trt.calibration.quantize import QUANTIZED_PRECISIONS, linear_layers
 from wan_trt.driving_inputs import DrivingInputs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.presets import DEFAULT_PROMPT
+from wan_trt.registry import TRANSFORMER, VAE_DECODER_STEP
 from wan_trt.runtime.manifest import Manifest
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
 from wan_trt.runtime.samplers import Sampling
@@ -185,7 +186,7 @@ def check_calibration_device(device: str, dtype: str) -> None:
 
 def compute_dtype(manifest: Manifest, device: str, dtype: str) -> str:
     """The DiT's arithmetic: bf16 on cuda or with ``--dtype bf16``, else the engines' own (fp32 for fp32 engines)."""
-    return "bf16" if device == "cuda" or dtype == "bf16" else manifest.graphs["transformer"].dtype
+    return "bf16" if device == "cuda" or dtype == "bf16" else manifest.graphs[TRANSFORMER].dtype
 
 
 def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: int | None, method: str,
@@ -223,10 +224,10 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
     log.info("calibrating on %s in %s (model ready in %.1f s)", device, arithmetic, time.perf_counter() - start)
     tokenizer = load_tokenizer(engines_dir / manifest.tokenizer_file)
     pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt))
-    cache = calibrate(pipeline, engines["transformer"].module, manifest, samples,
+    cache = calibrate(pipeline, engines[TRANSFORMER].module, manifest, samples,
                       sampling=settings.sampling, method=method, percentile=percentile,
                       segment_frames=segment_frames, target=target, guidance_scale=settings.guidance_scale,
-                      vae_module=engines["vae_decoder_step"].module, device=device, dtype=arithmetic)
+                      vae_module=engines[VAE_DECODER_STEP].module, device=device, dtype=arithmetic)
     cache.save(out)
     peak = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if device == "cuda" else ""
     log.info("calibration cache for %d layers written to %s (%.1f s%s)", len(cache.layers), out,

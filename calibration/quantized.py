@@ -19,6 +19,7 @@ from wan_trt.calibration.qdq import write_qdq
 from wan_trt.calibration.quantize import QUANTIZED_PRECISIONS, QuantPlan, apply_fake_quant, linear_layers, make_plan
 from wan_trt.errors import BadInputError
 from wan_trt.presets import Preset
+from wan_trt.registry import TRANSFORMER, VAE_DECODER_STEP
 from wan_trt.runtime.compare import QDQ_TOLERANCE, VAE_DECODER_GRAPHS  # noqa: F401  (re-exported for the build)
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class QuantizedVaeDecoder:
     def write_and_check(self, name: str, onnx_path: Path, module: torch.nn.Module, feed: dict) -> int:
         """Rewrite the exported graph ``name`` with Q/DQ in place and prove each quantized conv in ORT:
         identical quantized inputs and its output within ``CONV_LAYER_TOLERANCE``. Returns the count."""
-        quantized = write_conv_qdq(onnx_path, onnx_path, self.plan, require_all=name == "vae_decoder_step")
+        quantized = write_conv_qdq(onnx_path, onnx_path, self.plan, require_all=name == VAE_DECODER_STEP)
         convs = conv_layers(module)
         for check in check_conv_qdq_layers(onnx_path, feed, convs, self.plan):
             if check.code_mismatch != 0 or not check.output_rel_l2 <= CONV_LAYER_TOLERANCE:
@@ -155,10 +156,10 @@ def prepare_quantization(request: QuantizationRequest, weights_hash: str, module
                          preset: Preset, *, reference: bool = True
                          ) -> tuple[QuantizedTransformer, QuantizedVaeDecoder | None]:
     """A quantized build's DiT plan and, where the policy quantizes them, the VAE decoder's convs'."""
-    quant = QuantizedTransformer.prepare(request, weights_hash, modules["transformer"], preset, reference=reference)
+    quant = QuantizedTransformer.prepare(request, weights_hash, modules[TRANSFORMER], preset, reference=reference)
     vae_quant = None
     if quant.policy.vae_decoder_convs:
-        vae_quant = QuantizedVaeDecoder.prepare(quant.cache, quant.precision, modules["vae_decoder_step"],
+        vae_quant = QuantizedVaeDecoder.prepare(quant.cache, quant.precision, modules[VAE_DECODER_STEP],
                                                 quant.calibration_path)
     return quant, vae_quant
 
@@ -189,7 +190,7 @@ def planned_layer_precisions(manifest) -> dict[str, str]:
     with torch.device("meta"):
         transformer = empty_transformer(manifest.preset)
     q = manifest.quantization or {}
-    float_type = manifest.graphs["transformer"].dtype
+    float_type = manifest.graphs[TRANSFORMER].dtype
     keep = set(getattr(transformer, "_keep_in_fp32_modules", None) or ())
     num_blocks = int(manifest.preset.transformer["num_layers"])
     quantized = set(PrecisionPolicy.from_json(q["policy"]).quantized_layers(num_blocks)) if q else set()

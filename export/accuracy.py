@@ -25,6 +25,7 @@ import torch
 from wan_trt.components import GraphSpec, segment_sizes
 from wan_trt.metrics import psnr, relative_l2
 from wan_trt.presets import DEFAULT_PROMPT, Preset
+from wan_trt.registry import TRANSFORMER
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,8 @@ class Fp32Reference:
     @staticmethod
     def capture(modules: Mapping[str, torch.nn.Module], specs: Mapping[str, GraphSpec], preset: Preset, tokenizer,
                 with_video: bool) -> "Fp32Reference":
-        spec = specs["transformer"]
-        denoiser = {t: _run(modules["transformer"], spec, feed) for t, feed in _denoiser_feeds(spec).items()}
+        spec = specs[TRANSFORMER]
+        denoiser = {t: _run(modules[TRANSFORMER], spec, feed) for t, feed in _denoiser_feeds(spec).items()}
         video = None
         if with_video:
             log.info("generating the fp32 accuracy video (%dx%d, %d frames, %d steps)", VIDEO["width"], VIDEO["height"],
@@ -89,11 +90,11 @@ def write_accuracy(out: Path, reference: Fp32Reference, *, precision: str, graph
     """Measure the built DiT graph (``runnable_path``: the file or its fp32 twin) and the modules; write JSON."""
     from wan_trt.runtime.engines import OrtEngine
 
-    spec = specs["transformer"]
+    spec = specs[TRANSFORMER]
     engine = OrtEngine(runnable_path, spec, optimization="basic")
     feeds = _denoiser_feeds(spec)
     graph_rows = {t: relative_l2(engine.run(feed)[spec.output_names[0]], reference.denoiser[t]) for t, feed in feeds.items()}
-    torch_rows = {t: relative_l2(_run(modules["transformer"], spec, feed), reference.denoiser[t]) for t, feed in feeds.items()}
+    torch_rows = {t: relative_l2(_run(modules[TRANSFORMER], spec, feed), reference.denoiser[t]) for t, feed in feeds.items()}
     report = {
         "precision": precision,
         "graph_dtypes": dict(graph_dtypes),

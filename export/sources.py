@@ -12,13 +12,14 @@ import torch
 
 from wan_trt.calibration.quantized import QuantizationRequest
 from wan_trt.checkpoint_fingerprint import checkpoint_fingerprint
-from wan_trt.components import GraphSpec, graph_specs
+from wan_trt.components import GraphSpec
 from wan_trt.errors import BadInputError
 from wan_trt.models.graphs import cache_layouts, graph_modules
 from wan_trt.models.precision import FLOAT_PRECISIONS, HalfPrecisionGraph, graph_dtypes
 from wan_trt.lora import LoraReport, LoraSpec
 from wan_trt.presets import Preset
 from wan_trt.reference_models import COMPONENTS, build_reference_models
+from wan_trt.registry import graph_specs
 from wan_trt.tokenizer import build_tiny_tokenizer
 
 log = logging.getLogger(__name__)

@@ -12,27 +12,21 @@ from typing import Mapping
 
 import torch
 
+from wan_trt import registry
 from wan_trt.components import CACHE_OUTPUT_PREFIX
 from wan_trt.metrics import max_abs, relative_l2
+from wan_trt.registry import COMPONENT_TOLERANCE, QDQ_TOLERANCE, VAE_QDQ_TOLERANCE  # noqa: F401  (re-exported)
 from wan_trt.runtime.engines import Engine
 
-COMPONENT_TOLERANCE = 1e-4  # rel-L2 of fp32 engines vs PyTorch, per graph output
-QDQ_TOLERANCE = 1e-3  # rel-L2 of a Q/DQ graph in ORT vs the same quantization simulated in PyTorch
 VIDEO_PSNR_MIN = 40.0  # dB, engines' video vs the reference's
-# A Q/DQ VAE decoder in ORT vs its fake-quant module, end to end: proven equal layer by layer at build
-# time, but an input within float rounding of a quantization boundary takes the neighbouring code on
-# one side, and through ~20 quantized convs those one-step differences compound (5e-2 seen, INT8).
-VAE_QDQ_TOLERANCE = 1e-1
-VAE_DECODER_GRAPHS = ("vae_decoder_first", "vae_decoder_step")
+# The graphs a policy's ``vae_decoder_convs`` makes Q/DQ (the registry's ``quantized_by``); read by the build.
+VAE_DECODER_GRAPHS = tuple(name for name, graph in registry.GRAPHS.items()
+                           if graph.quantized_by == registry.VAE_DECODER_CONVS)
 
 
 def graph_tolerances(manifest) -> dict[str, float]:
     """Per-graph rel-L2 tolerances of a manifest's engines vs the PyTorch reference (others: 1e-4)."""
-    quantization = manifest.quantization or {}
-    tolerances = {"transformer": QDQ_TOLERANCE} if quantization else {}
-    if quantization.get("vae_decoder_convs"):
-        tolerances.update({name: VAE_QDQ_TOLERANCE for name in VAE_DECODER_GRAPHS})
-    return tolerances
+    return registry.graph_tolerances(manifest.quantization)
 
 
 class RecordingEngine:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from wan_trt.errors import BadInputError, EngineError
+from wan_trt.registry import GRAPHS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER_STEP
 from wan_trt.runtime.engines import BACKENDS, Engine, OrtEngine, TorchEngine, ort_providers
 from wan_trt.runtime.manifest import Manifest, build_command, built_with, read_manifest, require_backend
 from wan_trt.runtime.pipeline import AnimatePipeline
@@ -71,8 +72,8 @@ def torch_engines(manifest: Manifest, device: str = "cpu", directory: Path | Non
 
         if directory is None:
             raise EngineError("quantized engines need their directory to rebuild the fake-quant PyTorch reference")
-        modules["transformer"] = reference_for_manifest(modules["transformer"], directory, manifest)
-        quantize_vae_for_manifest(modules["vae_decoder_step"], directory, manifest)
+        modules[TRANSFORMER] = reference_for_manifest(modules[TRANSFORMER], directory, manifest)
+        quantize_vae_for_manifest(modules[VAE_DECODER_STEP], directory, manifest)
     return {name: TorchEngine(modules[name], entry.spec, "cuda" if device != "cpu" else "cpu")
             for name, entry in manifest.graphs.items()}
 
@@ -97,7 +98,7 @@ def bf16_reference_engines(manifest: Manifest, directory: Path | None, device: s
     for name, entry in manifest.graphs.items():
         module = (HalfPrecisionGraph(modules[name], "bf16", entry.spec.input_names) if dtypes[name] == "bf16"
                   else cast_module(modules[name], "fp32"))
-        if name in ("text_encoder", "image_encoder"):  # no input cast (dtype None): the graph casts its own
+        if GRAPHS[name].once_per_video:  # no input cast (dtype None): the graph casts its own
             engines[name] = FastEngine(module, entry.spec, device, dtype=None, offload=gpu)
         else:
             engines[name] = TorchEngine(module, entry.spec, device)
@@ -119,7 +120,7 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None, d
     from wan_trt.reference_models import build_reference_models
 
     check_checkpoint_unchanged(manifest, directory)
-    vocab = manifest.graphs["text_encoder"].spec.vocab_size
+    vocab = manifest.graphs[TEXT_ENCODER].spec.vocab_size
     loras = [LoraSpec.from_json(record) for record in manifest.loras]
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
                                     checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint,

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wan_trt import registry as g
+
 # The stages of a run, by the graphs that make them (the rest of the time is the pipeline's own glue).
 STAGES = {
-    "text/image encoding": ("text_encoder", "image_encoder"),
-    "VAE encode": ("vae_encoder_first", "vae_encoder_step"),
-    "motion encoder": ("motion_encoder",),
-    "DiT": ("transformer",),
-    "VAE decode": ("vae_decoder_first", "vae_decoder_step"),
+    "text/image encoding": (g.TEXT_ENCODER, g.IMAGE_ENCODER),
+    "VAE encode": (g.VAE_ENCODER_FIRST, g.VAE_ENCODER_STEP),
+    "motion encoder": (g.MOTION_ENCODER,),
+    "DiT": (g.TRANSFORMER,),
+    "VAE decode": (g.VAE_DECODER_FIRST, g.VAE_DECODER_STEP),
 }
 
 

@@ -27,6 +27,7 @@ from wan_trt.demo_media import make_demo_inputs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.media import read_video, write_video
 from wan_trt.presets import get_preset
+from wan_trt.registry import GRAPH_NAMES, GRAPHS
 
 FAST = ["--steps", "1", "--segment-frames", "9"]
 
@@ -344,7 +345,7 @@ def _fake_tensorrt_section(engines: Path, data: dict, bucket: str) -> None:
     (engines / "tensorrt").mkdir()
     entries = []
     for graph in data["graphs"]:
-        bucketed = graph in preflight.BUCKETED_GRAPHS
+        bucketed = GRAPHS[graph].bucketed
         file = f"tensorrt/{graph}{'.' + bucket if bucketed else ''}.plan"
         (engines / file).write_bytes(f"plan {graph}".encode())
         entries.append({"graph": graph, "bucket": bucket if bucketed else None, "file": file,
@@ -688,7 +689,7 @@ def test_there_are_at_least_25_distinct_cases_over_every_command():
 def test_engines_estimate_bounds_the_real_tiny_directory_and_scales_with_the_options(tiny_engines):
     tiny = get_preset("tiny")
     counts = preflight.graph_parameter_counts(preflight.meta_modules(tiny, preflight._tiny_vocab()))
-    assert set(counts) == set(preflight.PIPELINE_GRAPHS)
+    assert set(counts) == set(GRAPH_NAMES)
     actual = sum(f.stat().st_size for f in tiny_engines.rglob("*") if f.is_file())
     estimate = preflight.estimate_engines_bytes(counts, "fp32", text_dim=tiny.text_encoder["d_model"])
     assert actual <= estimate <= 20 * actual, (actual, estimate)  # generous, not absurd
@@ -790,5 +791,6 @@ def test_device_memory_refusal_suggests_the_largest_smaller_bucket_that_fits():
 def test_bucketed_graphs_agree_with_the_bucket_rules(manifest):
     from wan_trt.buckets import is_bucketed
 
-    assert {name for name, entry in manifest.graphs.items() if is_bucketed(entry.spec)} == set(preflight.BUCKETED_GRAPHS)
-    assert set(manifest.graphs) == set(preflight.PIPELINE_GRAPHS)
+    assert {name for name, entry in manifest.graphs.items() if is_bucketed(entry.spec)} == {
+        name for name, graph in GRAPHS.items() if graph.bucketed}
+    assert set(manifest.graphs) == set(GRAPH_NAMES)

@@ -14,7 +14,7 @@ from conftest import as_torch, fresh_reference_models
 from wan_trt.calibration.conv_quant import (CHANNEL_MULTIPLE, ConvLayerPlan, ConvQuantPlan, apply_fake_quant_convs,
                                             check_conv_qdq_layers, conv_layers, count_conv_qdq, make_conv_plan,
                                             observe_convs, select_convs, write_conv_qdq)
-from wan_trt.components import graph_specs
+from wan_trt.registry import graph_specs
 from wan_trt.errors import BadInputError
 from wan_trt.models.graphs import VaeDecoderFirst, VaeDecoderStep, cache_layouts
 from wan_trt.export.onnx_export import EXPORT_SIZES

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from wan_trt.components import GraphSpec, evaluate_dim, segment_sizes
 from wan_trt.errors import BadInputError, EngineError
+from wan_trt.registry import GRAPHS
 
-BATCHED_GRAPHS = ("transformer", "text_encoder")  # batch 2 with classifier-free guidance
-MAX_BATCH = 2
+MAX_BATCH = 2  # classifier-free guidance (``wan_trt.registry.Graph.batched``)
 MOTION_BATCH = 8  # face crops per motion-encoder call (the pipeline's batch)
 
 
@@ -46,7 +46,8 @@ def default_buckets(sizes: tuple[tuple[int, int], ...], frames: int) -> list[Buc
 
 
 def is_bucketed(spec: GraphSpec) -> bool:
-    """True when the graph's shapes depend on the video size or length."""
+    """True when the graph's shapes depend on the video size or length (``wan_trt.registry.Graph.bucketed``
+    declares the same; a test checks the two agree)."""
     return any(isinstance(d, str) and any(s in d for s in ("h2", "w2", "F")) for t in spec.inputs for d in t.dims)
 
 
@@ -54,7 +55,7 @@ def profile(spec: GraphSpec, bucket: Bucket | None) -> dict[str, tuple[tuple[int
     """(min, opt, max) shape of every input of ``spec`` for one bucket (None: a bucket-free graph)."""
     base = segment_sizes(bucket.frames, bucket.height, bucket.width) if bucket else segment_sizes(5, 32, 32)
     low, opt, high = dict(base), dict(base), dict(base)
-    if spec.name in BATCHED_GRAPHS:
+    if spec.name in GRAPHS and GRAPHS[spec.name].batched:
         high["B"] = MAX_BATCH
     low["N"], opt["N"], high["N"] = 1, MOTION_BATCH, MOTION_BATCH
     return {t.name: tuple(tuple(evaluate_dim(d, s) for d in t.dims) for s in (low, opt, high)) for t in spec.inputs}

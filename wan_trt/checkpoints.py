@@ -41,7 +41,7 @@ import torch
 
 from wan_trt.errors import BadInputError
 from wan_trt.json_files import read_json_object
-from wan_trt.presets import Preset
+from wan_trt.presets import Component, Preset
 
 log = logging.getLogger(__name__)
 
@@ -741,7 +741,7 @@ def load_diffusers_transformer(folder: Path, preset: Preset, *, dtype: torch.dty
     """
     _check_component_files(folder, "diffusion_pytorch_model")
     _check_config(folder / "config.json", _read_json(folder / "config.json"), preset.transformer, preset,
-                  _DIFFUSERS_CLASSES["transformer"])
+                  _DIFFUSERS_CLASSES[Component.TRANSFORMER])
     files = _safetensors_files(folder, "diffusion_pytorch_model")
     model = empty_transformer(preset)
     loader = StrictLoader(model, dtype=dtype, keep_in_fp32=_keep_in_fp32(model), what="WanAnimateTransformer3DModel",

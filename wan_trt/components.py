@@ -1,8 +1,9 @@
-"""Every graph of the deployed model, declared once: tensor names, dtypes, symbolic dims, sample inputs.
+"""How a graph's tensors are declared: names, dtypes, symbolic dims, sample inputs.
 
-Export (dynamic axes), the engines manifest, the runtime backends and the tests all read these
-declarations. Dims are small expressions over a few symbols, evaluated either with integers (to
-make sample inputs) or with ``torch.export.Dim`` objects (to export):
+The graphs themselves are declared in ``wan_trt.registry`` (``graph_specs``); export (dynamic axes),
+the engines manifest, the runtime backends and the tests all read those declarations. Dims are
+small expressions over a few symbols, evaluated either with integers (to make sample inputs) or
+with ``torch.export.Dim`` objects (to export):
 
 ====== ==================================================================
 ``B``  batch (1; 2 with classifier-free guidance)
@@ -27,7 +28,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from wan_trt.presets import CLIP_IMAGE_SIZE, TEXT_TOKENS, Preset
+from wan_trt.presets import TEXT_TOKENS
 
 SYMBOLS = ("B", "F", "h2", "w2", "L", "N")
 CACHE_INPUT_PREFIX = "cache"
@@ -158,7 +159,7 @@ def _sample(t: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator, voc
 
 
 # --------------------------------------------------------------------------------------------------
-# The declarations
+# The streamed VAE's caches
 # --------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -174,107 +175,6 @@ def vae_cache_specs(prefix: str, slots: Iterable[CacheSlot]) -> list[TensorSpec]
         TensorSpec(f"{prefix}_{i:02d}", "float32", ("B", s.channels, 2, f"{s.scale}*h2", f"{s.scale}*w2"))
         for i, s in enumerate(slots)
     ]
-
-
-def graph_specs(
-    preset: Preset,
-    encoder_caches: list[CacheSlot],
-    decoder_caches: list[CacheSlot],
-    vocab_size: int,
-) -> dict[str, GraphSpec]:
-    """All graphs of a preset, keyed by graph name, in the order the pipeline first uses them."""
-    tr, te, ie = preset.transformer, preset.text_encoder, preset.image_encoder
-    z = preset.latent_channels
-    face = preset.face_size
-    motion_dim = int(tr["motion_encoder_dim"])
-    lat = ("2*h2", "2*w2")
-    pix = ("16*h2", "16*w2")
-
-    def streamed(name: str, component: str, first: bool, io_in: list[TensorSpec], io_out: list[TensorSpec],
-                 slots: list[CacheSlot], doc: str) -> GraphSpec:
-        cache_in = vae_cache_specs(CACHE_INPUT_PREFIX, slots)
-        cache_out = vae_cache_specs(CACHE_OUTPUT_PREFIX, slots)
-        return GraphSpec(
-            name=name,
-            component=component,
-            inputs=tuple(io_in if first else io_in + cache_in),
-            outputs=tuple(io_out + cache_out),
-            doc=doc,
-            cache_pairs=() if first else tuple((i.name, o.name) for i, o in zip(cache_in, cache_out)),
-        )
-
-    specs = [
-        GraphSpec(
-            name="text_encoder",
-            component="text_encoder",
-            inputs=(
-                TensorSpec("input_ids", "int64", ("B", "L"), "tokens"),
-                TensorSpec("attention_mask", "int64", ("B", "L"), "mask"),
-            ),
-            outputs=(TensorSpec("text_embeds", "float32", ("B", "L", int(te["d_model"]))),),
-            doc="umT5 encoder; padded positions are zeroed as the reference pipeline does",
-            vocab_size=vocab_size,
-        ),
-        GraphSpec(
-            name="image_encoder",
-            component="image_encoder",
-            inputs=(TensorSpec("clip_pixels", "float32", ("B", 3, CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE)),),
-            outputs=(TensorSpec("image_embeds", "float32", ("B", (CLIP_IMAGE_SIZE // int(ie["patch_size"])) ** 2 + 1,
-                                                             int(ie["hidden_size"]))),),
-            doc="CLIP vision tower, penultimate layer's hidden states (CLS + patches)",
-        ),
-        streamed(
-            "vae_encoder_first", "vae_encoder", True,
-            [TensorSpec("video", "float32", ("B", 3, 1, *pix), "pixels")],
-            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
-            encoder_caches,
-            "first chunk (1 frame) → its normalised latent and the caches",
-        ),
-        streamed(
-            "vae_encoder_step", "vae_encoder", False,
-            [TensorSpec("video", "float32", ("B", 3, 4, *pix), "pixels")],
-            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
-            encoder_caches,
-            "every later chunk (4 frames) → one normalised latent frame",
-        ),
-        streamed(
-            "vae_decoder_first", "vae_decoder", True,
-            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
-            [TensorSpec("video", "float32", ("B", 3, 1, *pix))],
-            decoder_caches,
-            "first latent frame → 1 pixel frame in [-1, 1] and the caches",
-        ),
-        streamed(
-            "vae_decoder_step", "vae_decoder", False,
-            [TensorSpec("latents", "float32", ("B", z, 1, *lat))],
-            [TensorSpec("video", "float32", ("B", 3, 4, *pix))],
-            decoder_caches,
-            "every later latent frame → 4 pixel frames in [-1, 1]",
-        ),
-        GraphSpec(
-            name="motion_encoder",
-            component="motion_encoder",
-            inputs=(TensorSpec("face_pixels", "float32", ("N", 3, face, face), "pixels"),),
-            outputs=(TensorSpec("motion_vectors", "float32", ("N", motion_dim)),),
-            doc="face crops → motion vectors (the QR of the motion basis is precomputed from the weights)",
-        ),
-        GraphSpec(
-            name="transformer",
-            component="transformer",
-            inputs=(
-                TensorSpec("latent_input", "float32", ("B", int(tr["in_channels"]), "F+1", *lat)),
-                TensorSpec("timestep", "float32", ("B",), "timestep"),
-                TensorSpec("text_embeds", "float32", ("B", TEXT_TOKENS, int(tr["text_dim"]))),
-                TensorSpec("image_embeds", "float32", ("B", (CLIP_IMAGE_SIZE // int(ie["patch_size"])) ** 2 + 1,
-                                                       int(tr["image_dim"]))),
-                TensorSpec("pose_latents", "float32", ("B", z, "F", *lat)),
-                TensorSpec("motion_vectors", "float32", ("B", "4*F-3", motion_dim)),
-            ),
-            outputs=(TensorSpec("velocity", "float32", ("B", int(tr["out_channels"]), "F+1", *lat)),),
-            doc="DiT with pose patch embedding, face encoder and face blocks → flow velocity",
-        ),
-    ]
-    return {s.name: s for s in specs}
 
 
 def segment_sizes(frames: int, height: int, width: int, batch: int = 1, face_frames: int | None = None) -> dict[str, int]:

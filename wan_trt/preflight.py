@@ -58,6 +58,16 @@ from typing import Any
 import click
 
 from wan_trt.errors import BadInputError, EngineError
+from wan_trt.presets import Component
+from wan_trt.registry import (
+    GRAPH_NAMES,
+    GRAPHS,
+    TEXT_ENCODER,
+    TRANSFORMER,
+    VAE_DECODER_STEP,
+    Parameters,
+    graph_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +86,6 @@ RUNTIME_OVERHEAD = GIB  # CUDA context, cuBLAS/cuDNN workspaces
 CACHED_PROMPT_COUNT = 2  # the default prompt and the empty negative prompt (export.directory.CACHED_PROMPTS)
 TEXT_TOKENS = 512
 
-#: Every graph the pipeline calls; the VAE graphs and the DiT get one TensorRT engine per bucket
-#: (``wan_trt.buckets.is_bucketed``; a test checks the two agree).
-PIPELINE_GRAPHS = ("text_encoder", "image_encoder", "vae_encoder_first", "vae_encoder_step", "vae_decoder_first",
-                   "vae_decoder_step", "motion_encoder", "transformer")
-BUCKETED_GRAPHS = ("vae_encoder_first", "vae_encoder_step", "vae_decoder_first", "vae_decoder_step", "transformer")
 
 
 # --------------------------------------------------------------------------------------- values
@@ -183,8 +188,9 @@ def meta_modules(preset, vocab_size: int) -> dict[str, Any]:
     )
 
     with torch.device("meta"):
-        return {"transformer": empty_transformer(preset), "vae": empty_vae(preset),
-                "text_encoder": empty_text_encoder(preset, vocab_size), "image_encoder": empty_image_encoder(preset)}
+        return {Component.TRANSFORMER: empty_transformer(preset), Component.VAE: empty_vae(preset),
+                Component.TEXT_ENCODER: empty_text_encoder(preset, vocab_size),
+                Component.IMAGE_ENCODER: empty_image_encoder(preset)}
 
 
 def _numel(*modules) -> int:
@@ -192,15 +198,14 @@ def _numel(*modules) -> int:
 
 
 def graph_parameter_counts(modules: dict[str, Any]) -> dict[str, int]:
-    """Parameters in each graph: the VAE's first/step graphs each hold the encoder's (decoder's) weights."""
-    transformer, vae = modules["transformer"], modules["vae"]
-    encoder = _numel(vae.encoder, vae.quant_conv)
-    decoder = _numel(vae.decoder, vae.post_quant_conv)
-    motion = _numel(transformer.motion_encoder)
-    return {"text_encoder": _numel(modules["text_encoder"]), "image_encoder": _numel(modules["image_encoder"]),
-            "vae_encoder_first": encoder, "vae_encoder_step": encoder,
-            "vae_decoder_first": decoder, "vae_decoder_step": decoder,
-            "motion_encoder": motion, "transformer": _numel(transformer) - motion}
+    """Parameters in each graph (``wan_trt.registry.Graph.parameters``) of the components' ``modules``: the
+    VAE's first/step graphs each hold the encoder's (decoder's) weights."""
+    def count(share: Parameters) -> int:
+        component = modules[share.component]
+        held = _numel(*(getattr(component, part) for part in share.parts)) if share.parts else _numel(component)
+        return held - _numel(*(getattr(component, part) for part in share.excluding))
+
+    return {name: count(graph.parameters) for name, graph in GRAPHS.items()}
 
 
 _COUNTS: dict[tuple[str, int], tuple[dict[str, int], dict[str, int]]] = {}
@@ -229,15 +234,6 @@ def quantized_parameter_count(transformer, policy, option: str = "--policy") -> 
     return total
 
 
-def graph_dtype(name: str, precision: str) -> str:
-    """The float type one graph is exported in at a float build precision (``wan_trt.models.precision`` decides)."""
-    if precision in ("fp16", "bf16"):
-        from wan_trt.models.precision import graph_dtypes
-
-        return graph_dtypes(precision, [name])[name]
-    return "fp32"
-
-
 def graph_bytes_per_param(name: str, precision: str) -> int:
     """Bytes per (unquantized) weight of one graph at a float build precision."""
     return BYTES_PER_PARAM[graph_dtype(name, precision)]
@@ -254,12 +250,12 @@ def estimate_engines_bytes(counts: dict[str, int], precision: str, *, high_preci
     total = CACHED_PROMPT_COUNT * TEXT_TOKENS * text_dim * 4 + calibration_bytes  # prompt_embeds.npz, calibration
     for name, params in (counts.items() if graph_files else ()):
         weights = params * graph_bytes_per_param(name, floats)
-        if name == "transformer" and precision in QUANTIZED_PRECISIONS:
+        if name == TRANSFORMER and precision in QUANTIZED_PRECISIONS:
             total += weights  # the float export exists while it is rewritten with Q/DQ
             weights = (params - quantized) * graph_bytes_per_param(name, floats) + quantized * BYTES_PER_PARAM[precision]
         total += weights + GRAPH_OVERHEAD
         if trt_buckets:
-            total += (trt_buckets if name in BUCKETED_GRAPHS else 1) * (weights + GRAPH_OVERHEAD)
+            total += (trt_buckets if GRAPHS[name].bucketed else 1) * (weights + GRAPH_OVERHEAD)
     return int(total * DISK_MARGIN)
 
 
@@ -293,9 +289,9 @@ def check_build(preset, out_dir: Path, *, precision: str = "fp32", policy: str |
     if loras:  # every key maps onto the DiT, shapes fit, values are finite: before loading any weights
         from wan_trt.lora import check_loras
 
-        check_loras(modules["transformer"], loras)
+        check_loras(modules[Component.TRANSFORMER], loras)
     counts = graph_parameter_counts(modules)
-    quantized = quantized_parameter_count(modules["transformer"], quantized_policy) if quantized_policy else 0
+    quantized = quantized_parameter_count(modules[Component.TRANSFORMER], quantized_policy) if quantized_policy else 0
     needed = estimate_engines_bytes(counts, precision, high_precision=high_precision, quantized=quantized,
                                     trt_buckets=trt_buckets, text_dim=int(preset.text_encoder["d_model"]),
                                     graph_files=graph_files,
@@ -348,7 +344,7 @@ def graph_weight_bytes(manifest, directory: Path) -> dict[str, int]:
     unfiled = [name for name, entry in manifest.graphs.items() if not entry.file]
     counts = {}
     if unfiled:
-        vocab = int(manifest.graphs["text_encoder"].spec.vocab_size)
+        vocab = int(manifest.graphs[TEXT_ENCODER].spec.vocab_size)
         counts = parameter_counts(manifest.preset, vocab)[1]
     return {name: (graph_file_bytes(directory, entry) if entry.file else counts[name] * BYTES_PER_PARAM[entry.dtype])
             for name, entry in manifest.graphs.items()}
@@ -361,14 +357,14 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
     ``fast`` (``infer --fast``): every module in bf16; the whole model is on the GPU while it loads, then the
     text and image encoders wait on the host and visit the GPU one at a time."""
     if fast:
-        vocab = int(manifest.graphs["text_encoder"].spec.vocab_size)
+        vocab = int(manifest.graphs[TEXT_ENCODER].spec.vocab_size)
         counts = parameter_counts(manifest.preset, vocab)[0]
-        visiting = max(counts["image_encoder"], counts["text_encoder"] if text_encoder else 0)
-        weights = 2 * (counts["transformer"] + counts["vae"] + visiting)
+        visiting = max(counts[Component.IMAGE_ENCODER], counts[Component.TEXT_ENCODER] if text_encoder else 0)
+        weights = 2 * (counts[Component.TRANSFORMER] + counts[Component.VAE] + visiting)
         loading = 2 * sum(counts.values())
     else:
         sizes = graph_weight_bytes(manifest, directory)
-        weights = sum(size for name, size in sizes.items() if text_encoder or name != "text_encoder")
+        weights = sum(size for name, size in sizes.items() if text_encoder or name != TEXT_ENCODER)
         loading = 0
 
     def act_bytes(graph: str) -> int:  # the manifest records the float type each graph computes in
@@ -379,9 +375,9 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
     config = manifest.preset.transformer
     dim = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
     tokens = _dit_tokens(width, height, segment_frames)
-    dit = batch * -(-tokens // gpus) * (DIT_ACTIVATION_WIDTHS * dim + int(config["ffn_dim"])) * act_bytes("transformer")
+    dit = batch * -(-tokens // gpus) * (DIT_ACTIVATION_WIDTHS * dim + int(config["ffn_dim"])) * act_bytes(TRANSFORMER)
     vae = (VAE_ACTIVATION_FACTOR * VAE_CHUNK_FRAMES * height * width * int(manifest.preset.vae["base_dim"])
-           * act_bytes("vae_decoder_step"))
+           * act_bytes(VAE_DECODER_STEP))
     return DeviceEstimate(weights, dit, vae, loading=loading)
 
 
@@ -432,7 +428,7 @@ def check_engines_for_request(manifest, directory: Path, backend: str, width: in
                               segment_frames: int) -> None:
     """The engines have every graph the pipeline calls and, for TensorRT, an engine for this size."""
     rebuild = f"wan-trt build --out {directory}"
-    missing = [name for name in PIPELINE_GRAPHS if name not in manifest.graphs]
+    missing = [name for name in GRAPH_NAMES if name not in manifest.graphs]
     if missing:
         raise EngineError(f"the manifest of '{directory}' lists no {', '.join(missing)}: rebuild with: {rebuild}")
     from wan_trt.runtime.manifest import require_backend
@@ -443,7 +439,7 @@ def check_engines_for_request(manifest, directory: Path, backend: str, width: in
     from wan_trt.buckets import Bucket, select_bucket
 
     built = sorted({Bucket.parse(e["bucket"]) for e in manifest.tensorrt.get("engines", [])
-                    if e.get("graph") == "transformer" and e.get("bucket")})
+                    if e.get("graph") == TRANSFORMER and e.get("bucket")})
     select_bucket(built, width, height, segment_frames, f"wan-trt build --backend tensorrt --out {directory}")
 
 
@@ -479,7 +475,7 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
     buckets = list(manifest.preset.buckets)
     if options.backend == "tensorrt":
         buckets = [(int(w), int(h)) for w, h, _ in (e["bucket"].split("x") for e in manifest.tensorrt["engines"]
-                                                     if e.get("graph") == "transformer" and e.get("bucket"))]
+                                                     if e.get("graph") == TRANSFORMER and e.get("bucket"))]
     check_device_memory(manifest, directory, width, height, segment_frames, device=device,
                         batch=2 if options.guidance_scale > 1 else 1,
                         text_encoder=any(clean_prompt(p) not in cached for p in prompts),

@@ -37,6 +37,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 OFFICIAL_FACE_SIZE = 512  # the preprocessed folder format's face crop size
 
 
+class Component:
+    """The checkpoint's components: diffusers sub-folders, preset sections, reference modules. Not graphs
+    (``wan_trt.registry``), though three graphs share their component's name."""
+
+    TRANSFORMER = "transformer"
+    VAE = "vae"
+    TEXT_ENCODER = "text_encoder"
+    IMAGE_ENCODER = "image_encoder"
+
+
 @dataclass(frozen=True)
 class Preset:
     """Everything needed to build the reference modules and to run them."""
@@ -245,10 +255,10 @@ def preset_from_json(data: dict[str, Any]) -> Preset:
     base = get_preset(data["name"])
     return Preset(
         name=data["name"],
-        transformer=data["transformer"],
-        vae=data["vae"],
-        text_encoder=data["text_encoder"],
-        image_encoder=data["image_encoder"],
+        transformer=data[Component.TRANSFORMER],
+        vae=data[Component.VAE],
+        text_encoder=data[Component.TEXT_ENCODER],
+        image_encoder=data[Component.IMAGE_ENCODER],
         needs_checkpoint=base.needs_checkpoint,
         description=base.description,
         random_init=base.random_init,

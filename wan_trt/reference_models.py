@@ -159,7 +159,7 @@ def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch
                for spec in lora_specs(lora, lora_scale)]
     lora_record = records[0] if len(records) == 1 else (records or None)  # one LoRA: the hash of earlier builds
     architecture = {key: value for key, value in preset.to_json().items()
-                    if key in ("name", "transformer", "vae", "text_encoder", "image_encoder")}
+                    if key == "name" or key in COMPONENTS}
     return ReferenceModels(**shells, known_hash=counter_weights_hash(architecture, seed, vocab_size, lora_record))
 
 

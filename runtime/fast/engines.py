@@ -12,6 +12,7 @@ import torch
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
 from wan_trt.calibration.quantize import QuantPlan
 from wan_trt.errors import EngineError
+from wan_trt.registry import GRAPHS, TRANSFORMER
 from wan_trt.runtime.engines import pipeline_outputs
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer, to_inference_dtype
 
@@ -99,9 +100,9 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
     if precision not in ("fp32", "fp8"):
         raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
     modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16)  # straight to the GPU in bf16
-    plan, attention_ranges, smoothing = (fast_plan(modules["transformer"], directory, manifest, fp8_attention_smoothing)
+    plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest, fp8_attention_smoothing)
                                          if precision == "fp8" else (None, {}, "none"))
-    graph = modules["transformer"]
+    graph = modules[TRANSFORMER]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
     to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
     options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
@@ -119,10 +120,10 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
              f", smoothing {options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
     engines = {}
     for name, entry in manifest.graphs.items():
-        if name == "transformer":
+        if name == TRANSFORMER:
             engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None)  # casts itself; timestep stays fp32
             continue
-        offload = name in ("text_encoder", "image_encoder")  # run once per video, before the DiT
+        offload = GRAPHS[name].once_per_video  # run once per video, before the DiT
         module = to_inference_dtype(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
         engines[name] = FastEngine(module, entry.spec, "cuda", torch.bfloat16, offload=offload)
     return engines

@@ -1,4 +1,4 @@
-"""Export-friendly torch modules, one per declared graph (see ``wan_trt.components``).
+"""Export-friendly torch modules, one per declared graph (``wan_trt.registry``; ``GRAPH_FACTORIES``).
 
 Each module's ``forward`` takes the graph's inputs positionally in declared order and returns its
 outputs as a tuple in declared order. They wrap the diffusers/transformers reference modules and
@@ -17,11 +17,12 @@ exact function that was exported; separate tests tie these modules to the untouc
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from wan_trt import registry
 from wan_trt.components import CacheSlot
 from wan_trt.reference_models import ReferenceModels
 
@@ -302,19 +303,23 @@ class VaeDecoderStep(_VaeDecoderChunk):
         return self.decode(latents, caches, first=False)
 
 
+#: One factory per graph of ``wan_trt.registry.GRAPHS`` (a test checks they match): the export-friendly
+#: module computing it from the reference models.
+GRAPH_FACTORIES: dict[str, Callable[[ReferenceModels], torch.nn.Module]] = {
+    registry.TEXT_ENCODER: lambda models: TextEncoderGraph(models.text_encoder),
+    registry.IMAGE_ENCODER: lambda models: ImageEncoderGraph(models.image_encoder),
+    registry.VAE_ENCODER_FIRST: lambda models: VaeEncoderFirst(models.vae),
+    registry.VAE_ENCODER_STEP: lambda models: VaeEncoderStep(models.vae),
+    registry.VAE_DECODER_FIRST: lambda models: VaeDecoderFirst(models.vae),
+    registry.VAE_DECODER_STEP: lambda models: VaeDecoderStep(models.vae),
+    registry.MOTION_ENCODER: lambda models: MotionEncoderGraph(models.transformer.motion_encoder),
+    registry.TRANSFORMER: lambda models: TransformerGraph(models.transformer),
+}
+
+
 def graph_modules(models: ReferenceModels) -> dict[str, torch.nn.Module]:
-    """One export-friendly module per declared graph name."""
-    transformer = models.transformer
-    return {
-        "text_encoder": TextEncoderGraph(models.text_encoder).eval(),
-        "image_encoder": ImageEncoderGraph(models.image_encoder).eval(),
-        "vae_encoder_first": VaeEncoderFirst(models.vae).eval(),
-        "vae_encoder_step": VaeEncoderStep(models.vae).eval(),
-        "vae_decoder_first": VaeDecoderFirst(models.vae).eval(),
-        "vae_decoder_step": VaeDecoderStep(models.vae).eval(),
-        "motion_encoder": MotionEncoderGraph(transformer.motion_encoder).eval(),
-        "transformer": TransformerGraph(transformer).eval(),
-    }
+    """One export-friendly module per declared graph name, in eval mode, in the registry's order."""
+    return {name: GRAPH_FACTORIES[name](models).eval() for name in registry.GRAPH_NAMES}
 
 
 def cache_layouts(models: ReferenceModels) -> tuple[list[CacheSlot], list[CacheSlot]]:

@@ -6,10 +6,11 @@ named in ``_keep_in_fp32_modules`` â€” time embedding, modulation table, norms â
 and outputs stay float32 (cast at the graph's edges), so the runtime and the declarations in
 ``wan_trt.components`` do not change with the precision. The timestep stays fp32 (bf16 cannot hold 999).
 
-Which graphs follow the precision is decided here, once (``graph_dtypes``): the official recipe runs
-the DiT and umT5 in bf16 and keeps the CLIP image encoder in fp32; umT5 overflows in fp16, so under
-``fp16`` it stays fp32; the VAE stays fp32. ONNX opset 19's ``Conv`` has no bf16, so in a bf16 graph
-the convolutions (the DiT's patch embeddings, the motion encoder's convs) compute in fp32 between casts.
+Which graphs follow the precision is declared in ``wan_trt.registry`` (``Graph.half_precisions``): the
+official recipe runs the DiT and umT5 in bf16 and keeps the CLIP image encoder in fp32; umT5 overflows
+in fp16, so under ``fp16`` it stays fp32; the VAE stays fp32. ONNX opset 19's ``Conv`` has no bf16, so
+in a bf16 graph the convolutions (the DiT's patch embeddings, the motion encoder's convs) compute in
+fp32 between casts.
 """
 
 from __future__ import annotations
@@ -19,24 +20,18 @@ from typing import Iterator
 
 import torch
 
+from wan_trt.registry import graph_dtype
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOAT_PRECISIONS = tuple(DTYPES)
 FP32_INPUTS = frozenset({"timestep"})  # graph inputs that stay float32 inside a half-precision graph
-
-_FOLLOWS_PRECISION = {
-    "transformer": ("fp16", "bf16"),
-    "motion_encoder": ("fp16",),  # its convs are custom (no bf16 Conv before opset 22): fp32 under bf16
-    "text_encoder": ("bf16",),  # umT5 overflows in fp16
-    "image_encoder": (),  # fp32, as the official recipe
-    # the VAE is all convolutions (no bf16 Conv before opset 22) and unproven in fp16 with real weights
-}
 
 
 def graph_dtypes(precision: str, names: list[str]) -> dict[str, str]:
     """The float type (``fp32``/``fp16``/``bf16``) each graph is exported in for a float ``precision``."""
     if precision not in DTYPES:
         raise ValueError(f"not a float precision: {precision}")
-    return {name: precision if precision in _FOLLOWS_PRECISION.get(name, ()) else "fp32" for name in names}
+    return {name: graph_dtype(name, precision) for name in names}
 
 
 def _keep_fp32_names(module: torch.nn.Module) -> set[str]:
