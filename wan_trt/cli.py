@@ -268,15 +268,15 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
           timings: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
+    from wan_trt.runtime.options import RuntimeOptions
 
+    runtime = RuntimeOptions(backend=backend, device=device, gpus=gpus, fast=fast,
+                             fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing)
     options = InferenceOptions(
-        engines_dir=Path(engines_dir), out_path=Path(out_path), backend=backend, device=device, seed=seed,
+        engines_dir=Path(engines_dir), out_path=Path(out_path), runtime=runtime, seed=seed,
         steps=steps, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, mode=mode,
-        relight=relight,
-        guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, fallback=fallback,
-        input_dir=input_dir,
-        ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
-        fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing,
+        relight=relight, guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare,
+        fallback=fallback, input_dir=input_dir, ref=ref, pose=pose, face=face, background=background, mask=mask,
         clip_preprocess=clip_preprocess, recipe=recipe, sampler=sampler, shift=shift, sigmas=sigmas,
         timings=timings,
     )
