@@ -326,14 +326,16 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: st
                     guidance_scale=guidance_scale)
     resolve(**sampling)  # bad values fail before the engines are read
     check_calibration_device(device, dtype)
-    check_calibrate(read_manifest(Path(engines_dir)), Path(engines_dir), Path(out_path), segment_frames)
+    manifest = read_manifest(Path(engines_dir))  # the run's one read
+    check_calibrate(manifest, Path(engines_dir), Path(out_path), segment_frames)
     with tempfile.TemporaryDirectory(prefix="wan-trt-calib-") as scratch:
         folders = [Path(d) for d in data]
         if not folders:
             log.info("no --data given: calibrating on 2 synthetic demo samples")
             folders = [make_demo_inputs(Path(scratch) / f"sample{i}", seed=i, num_frames=21) for i in range(2)]
         run_calibration(Path(engines_dir), folders, Path(out_path), method=method, percentile=percentile,
-                        segment_frames=segment_frames, target=target, device=device, dtype=dtype, **sampling)
+                        segment_frames=segment_frames, target=target, device=device, dtype=dtype, manifest=manifest,
+                        **sampling)
     click.echo(out_path)
 
 
