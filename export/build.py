@@ -34,6 +34,7 @@ from wan_trt.lora import LoraSpec
 from wan_trt.metrics import relative_l2
 from wan_trt.models.precision import HalfPrecisionGraph
 from wan_trt.presets import Preset
+from wan_trt.registry import TEXT_ENCODER, TRANSFORMER, VAE_DECODER_STEP
 from wan_trt.runtime.engines import OrtEngine, TorchEngine
 from wan_trt.runtime.manifest import ONNX_BACKENDS, GraphEntry, Manifest, file_sha256, write_manifest
 from wan_trt.runtime.tensorrt_engine import current_environment
@@ -82,10 +83,10 @@ def build(request: BuildRequest, *, trt_builder=None) -> Path:
 
     with staged_directory(request.out_dir) as staging:
         graphs, quantized_convs = export_graphs(staging, request, sources, prepared)
-        write_text_files(staging, sources, prepared.modules["text_encoder"])
+        write_text_files(staging, sources, prepared.modules[TEXT_ENCODER])
         quant_entry = prepared.quantization_entry(quantized_convs)
         if prepared.vae_quant is not None:  # from here on the (shared) VAE computes what its Q/DQ graphs compute
-            prepared.vae_quant.apply_to(prepared.modules["vae_decoder_step"])
+            prepared.vae_quant.apply_to(prepared.modules[VAE_DECODER_STEP])
         if fp32_reference is not None:
             measure_accuracy(staging, request, sources, prepared, graphs, fp32_reference, quant_entry)
         manifest = request_manifest(request, sources, graphs, ONNX_BACKENDS, quant_entry)
@@ -156,7 +157,7 @@ def checked_graph(staging: Path, name: str, path: Path, prepared: BuildModules) 
     """What an exported graph is verified against: the module, ORT's optimisation level and the tolerance.
     The DiT of a quantized build gets its Q/DQ nodes here and is checked against the fake-quant model."""
     module, optimization, tolerance = prepared.modules[name], "all", BUILD_TOLERANCE
-    if prepared.quant is not None and name == "transformer":
+    if prepared.quant is not None and name == TRANSFORMER:
         prepared.quant.write(path, staging)
         module, optimization, tolerance = prepared.quant.reference, "basic", QDQ_TOLERANCE
     if prepared.dtypes[name] != "fp32":
@@ -176,7 +177,7 @@ def measure_accuracy(staging: Path, request: BuildRequest, sources: BuildSources
     """``accuracy.json``: the built graphs (a quantized DiT: its fake-quant model) against the fp32 reference."""
     modules = prepared.modules
     if prepared.quant is not None:
-        modules = {**modules, "transformer": prepared.quant.reference}
+        modules = {**modules, TRANSFORMER: prepared.quant.reference}
     _write_accuracy(staging, reference, request.directory_precision, prepared.dtypes, graphs, sources.specs,
                     modules, request.preset, sources.tokenizer, quant_entry)
 
@@ -193,7 +194,7 @@ def _write_accuracy(staging: Path, reference: Fp32Reference, precision: str, dty
                     graphs: dict[str, GraphEntry], specs: dict[str, GraphSpec], modules: dict[str, torch.nn.Module],
                     preset: Preset, tokenizer, quantization: dict | None) -> None:
     """``accuracy.json`` in the staging directory; the DiT graph runs in ORT (via its fp32 twin if bf16)."""
-    path = staging / graphs["transformer"].file
+    path = staging / graphs[TRANSFORMER].file
     runnable, runs_as = path, "onnxruntime (CPU, optimisation BASIC)"
     if "bf16" in onnx_float_types(path):
         runnable = as_fp32_graph(path, staging / ".transformer.fp32-twin.onnx")

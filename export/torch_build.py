@@ -29,7 +29,8 @@ from wan_trt.export.request import (BuildModules, BuildRequest, graph_float_type
                                     prepare_modules, request_manifest)
 from wan_trt.export.staging import check_out_dir, staged_directory
 from wan_trt.lora import LoraSpec
-from wan_trt.presets import Preset
+from wan_trt.presets import Component, Preset
+from wan_trt.registry import TEXT_ENCODER
 from wan_trt.runtime.manifest import TORCH_BACKENDS, GraphEntry, write_manifest
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,8 @@ def _bounded_weights(request: BuildRequest, device: str) -> dict[str, Any]:
     on the host, as the ONNX build (their hash covers all of them)."""
     if request.checkpoint is not None or request.preset.random_init != "counter":
         return {}
-    components = {"text_encoder", "vae"} | ({"transformer"} if request.quantization is not None else set())
+    components = {Component.TEXT_ENCODER, Component.VAE} | (
+        {Component.TRANSFORMER} if request.quantization is not None else set())
     return {"device": device, "dtype": torch.bfloat16 if device == "cuda" else torch.float32,
             "components": components}
 
@@ -67,7 +69,7 @@ def build_torch(request: BuildRequest) -> Path:
     prepared = prepare_modules(request, sources, dtypes, reference=False)
     with staged_directory(request.out_dir) as staging:
         log.info("embedding the default prompts (umT5 on %s)", device)
-        write_text_files(staging, sources, prepared.modules["text_encoder"], device)
+        write_text_files(staging, sources, prepared.modules[TEXT_ENCODER], device)
         if prepared.quant is not None:
             prepared.quant.save_cache(staging)
         quant_entry = prepared.quantization_entry(_planned_vae_convs(prepared))

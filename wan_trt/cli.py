@@ -17,6 +17,7 @@ from wan_trt import __version__
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES
 from wan_trt.errors import BadInputError, WanTrtError
 from wan_trt.preflight import SEED, FiniteFloatRange
+from wan_trt.registry import TRANSFORMER
 from wan_trt.runtime.compare import COMPONENT_TOLERANCE, graph_tolerances
 
 log = logging.getLogger("wan_trt")
@@ -425,7 +426,7 @@ def inspect(engines_dir: str) -> None:
         where = f"{entry.file:<24} {entry.size / 1e6:9.2f} MB" if entry.file else f"(no file: torch, {entry.dtype})"
         click.echo(f"  {name:<20} {where}")
     click.echo("DiT Linear layers and self-attention matmuls:")
-    entry = manifest.graphs["transformer"]
+    entry = manifest.graphs[TRANSFORMER]
     if entry.file:
         precisions = layer_precisions(directory / entry.file, entry.dtype)
     else:

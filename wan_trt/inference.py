@@ -19,6 +19,7 @@ from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.preflight import check_infer
 from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE, Preset
+from wan_trt.registry import TRANSFORMER
 from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_components, graph_tolerances
 from wan_trt.launch import is_main_rank
 from wan_trt.runtime.guard import guard_engines
@@ -135,7 +136,7 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     if runtime.gpus > 1:  # one rank of `infer --gpus N`: the DiT runs sequence-parallel over the process group
         from wan_trt.runtime.sequence_parallel import shard_dit_engine
 
-        shard_dit_engine(pipeline.engines["transformer"])
+        shard_dit_engine(pipeline.engines[TRANSFORMER])
     fallback = (lambda: torch_engines(manifest, device, options.engines_dir)) if options.fallback == "torch" else None
     pipeline.engines = guard_engines(report.time(pipeline.engines), fallback)
     recorders = None
