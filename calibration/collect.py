@@ -193,7 +193,7 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
                     percentile: float, segment_frames: int | None, target: str = "fp8",
                     guidance_scale: float | None = None, recipe: str | None = None, sampler: str | None = None,
                     shift: float | None = None, sigmas: str | None = None, device: str = "cpu",
-                    dtype: str = "auto") -> CalibrationCache:
+                    dtype: str = "auto", manifest: Manifest | None = None) -> CalibrationCache:
     """The CLI's entry: unquantized engines dir (for the weights) + preprocessed folders → cache file.
 
     The sampling is resolved as for ``infer`` (``wan_trt.runtime.recipes.resolve``: the options over the
@@ -201,7 +201,7 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
     engines' PyTorch reference on the CPU (``torch_engines``; fp32 for fp32 engines). cuda, or ``dtype`` bf16 on either device:
     the bf16 reference rebuilt straight on the device (``bf16_reference_engines``), so the ranges are those of
     bf16 activations — what the fast path's FP8 Linears quantize and what Q/DQ graphs over
-    ``--high-precision bf16`` see.
+    ``--high-precision bf16`` see. ``manifest``: the engines' manifest where the caller has read it (the CLI).
     """
     from wan_trt.driving_inputs import load_driving_inputs
     from wan_trt.runtime.recipes import check_recipe_engines, resolve
@@ -210,7 +210,7 @@ def run_calibration(engines_dir: Path, data: list[Path], out: Path, *, steps: in
     from wan_trt.tokenizer import load_tokenizer, tokenize
 
     check_calibration_device(device, dtype)
-    manifest = read_manifest(engines_dir)
+    manifest = manifest or read_manifest(engines_dir)
     settings = resolve(recipe, sampler=sampler, steps=steps, shift=shift, sigmas=sigmas,
                        guidance_scale=guidance_scale, preset=manifest.preset)
     check_recipe_engines(settings, manifest, engines_dir, built_with(manifest))

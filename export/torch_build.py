@@ -10,8 +10,9 @@ them, so the fake-quant reference and ``--fast``'s FP8 plan are the same as from
 backend runs through the same ``HalfPrecisionGraph``. There is no ``accuracy.json``: it measures an
 ONNX graph in ONNX Runtime.
 
-Every step but the export is the ONNX build's own code (``sources``, ``directory``, ``staging``,
-``calibration.quantized``): same atomic write, same refusals.
+Every step but the export is the ONNX build's own code (``request``: the same :class:`BuildRequest` and
+its shared steps; ``sources``, ``directory``, ``staging``, ``calibration.quantized``): same atomic write,
+same refusals.
 """
 
 from __future__ import annotations
@@ -22,26 +23,28 @@ from typing import Any, Sequence
 
 import torch
 
-from wan_trt.calibration.quantized import QuantizationRequest, QuantizedTransformer, prepare_quantization
-from wan_trt.export.directory import directory_manifest, write_text_files
-from wan_trt.export.sources import float_dtypes, in_dtypes, load_sources
+from wan_trt.calibration.quantized import QuantizationRequest
+from wan_trt.export.directory import write_text_files
+from wan_trt.export.request import (BuildModules, BuildRequest, graph_float_types, load_request_sources,
+                                    prepare_modules, request_manifest)
 from wan_trt.export.staging import check_out_dir, staged_directory
 from wan_trt.lora import LoraSpec
-from wan_trt.presets import Preset
+from wan_trt.presets import Component, Preset
+from wan_trt.registry import TEXT_ENCODER
 from wan_trt.runtime.manifest import TORCH_BACKENDS, GraphEntry, write_manifest
 
 log = logging.getLogger(__name__)
 
 
-def _bounded_weights(preset: Preset, checkpoint: str | None, device: str,
-                     quantization: QuantizationRequest | None) -> dict[str, Any]:
+def _bounded_weights(request: BuildRequest, device: str) -> dict[str, Any]:
     """Where and which weights a torch build makes. ``counter`` random weights: only what the build reads
     (umT5 for the prompts, the VAE's structure for the cache layout, the DiT for an FP8/INT8 plan), on the
     GPU in bf16 where there is one (the dtype ``--fast`` embeds prompts in). Otherwise every weight in fp32
     on the host, as the ONNX build (their hash covers all of them)."""
-    if checkpoint is not None or preset.random_init != "counter":
+    if request.checkpoint is not None or request.preset.random_init != "counter":
         return {}
-    components = {"text_encoder", "vae"} | ({"transformer"} if quantization is not None else set())
+    components = {Component.TEXT_ENCODER, Component.VAE} | (
+        {Component.TRANSFORMER} if request.quantization is not None else set())
     return {"device": device, "dtype": torch.bfloat16 if device == "cuda" else torch.float32,
             "components": components}
 
@@ -49,29 +52,33 @@ def _bounded_weights(preset: Preset, checkpoint: str | None, device: str,
 def build_torch_engines(preset: Preset, out_dir: str | Path, *, seed: int = 0, checkpoint: str | None = None,
                         random_weights: bool = False, loras: Sequence[LoraSpec] = (),
                         precision: str = "fp32", quantization: QuantizationRequest | None = None) -> Path:
-    """Write the torch-backend engines directory of ``preset``'s weights into ``out_dir`` (atomically)."""
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
+    """:func:`build_torch` of the request these keywords make."""
+    return build_torch(BuildRequest(preset, Path(out_dir), seed=seed, checkpoint=checkpoint,
+                                    random_weights=random_weights, loras=tuple(loras), precision=precision,
+                                    quantization=quantization))
+
+
+def build_torch(request: BuildRequest) -> Path:
+    """Write the torch-backend engines directory of ``request``'s weights into ``request.out_dir`` (atomically).
+    ``verify``, ``accuracy_video`` and ``tensorrt`` concern ONNX graphs: a torch build has none."""
+    check_out_dir(request.out_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sources = load_sources(preset, seed=seed, checkpoint=checkpoint, random_weights=random_weights, loras=loras,
-                           **_bounded_weights(preset, checkpoint, device, quantization))
-    dtypes = float_dtypes(precision, quantization, list(sources.specs))
-    if quantization is not None:
-        QuantizedTransformer.check_request(quantization, sources.weights_hash)
-    modules = in_dtypes(sources.modules, dtypes, sources.specs)
-    quant = vae_quant = None
-    if quantization is not None:  # the plan only: it proves the cache and policy fit these weights
-        quant, vae_quant = prepare_quantization(quantization, sources.weights_hash, modules, preset, reference=False)
-    with staged_directory(out_dir) as staging:
+    sources = load_request_sources(request, **_bounded_weights(request, device))
+    dtypes = graph_float_types(request, sources)
+    # the plan only: it proves the cache and policy fit these weights
+    prepared = prepare_modules(request, sources, dtypes, reference=False)
+    with staged_directory(request.out_dir) as staging:
         log.info("embedding the default prompts (umT5 on %s)", device)
-        write_text_files(staging, sources, modules["text_encoder"], device)
-        quant_entry = None
-        if quant is not None:
-            quant.save_cache(staging)
-            quant_entry = quant.manifest_entry(len(vae_quant.plan.layers) if vae_quant else 0)
+        write_text_files(staging, sources, prepared.modules[TEXT_ENCODER], device)
+        if prepared.quant is not None:
+            prepared.quant.save_cache(staging)
+        quant_entry = prepared.quantization_entry(_planned_vae_convs(prepared))
         graphs = {name: GraphEntry(spec, dtype=dtypes[name]) for name, spec in sources.specs.items()}
-        manifest = directory_manifest(sources, precision=quant.precision if quant else precision, graphs=graphs,
-                                      backends=TORCH_BACKENDS, quantization=quant_entry)
-        write_manifest(staging, manifest)
-    log.info("torch-backend engines written to %s", out_dir)
-    return out_dir
+        write_manifest(staging, request_manifest(request, sources, graphs, TORCH_BACKENDS, quant_entry))
+    log.info("torch-backend engines written to %s", request.out_dir)
+    return request.out_dir
+
+
+def _planned_vae_convs(prepared: BuildModules) -> int:
+    """The VAE decoder convs the plan quantizes (the ONNX build counts those its Q/DQ graphs hold)."""
+    return len(prepared.vae_quant.plan.layers) if prepared.vae_quant is not None else 0

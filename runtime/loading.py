@@ -8,33 +8,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wan_trt.errors import BadInputError, EngineError
+from wan_trt.errors import EngineError
 from wan_trt.registry import GRAPHS, TEXT_ENCODER, TRANSFORMER, VAE_DECODER_STEP
 from wan_trt.runtime.engines import BACKENDS, Engine, OrtEngine, TorchEngine, ort_providers
 from wan_trt.runtime.manifest import Manifest, build_command, built_with, read_manifest, require_backend
+from wan_trt.runtime.options import RuntimeOptions
 from wan_trt.runtime.pipeline import AnimatePipeline
 from wan_trt.tokenizer import load_tokenizer, tokenize
 
 log = logging.getLogger(__name__)
 
 
-def load_engines(directory: Path, manifest: Manifest, backend: str, device: str = "cpu",
-                 fast: bool = False, fp8_attention_kernel: str = "auto",
-                 fp8_attention_smoothing: str = "auto") -> dict[str, Engine]:
-    """Engines for every graph in the manifest on ``backend`` (``onnxruntime`` or ``torch``).
-
-    ``fast``: the torch backend's fast GPU path (``runtime/fast/``), with ``fp8_attention_kernel``
-    (auto, cudnn, fa3) and ``fp8_attention_smoothing`` for the FP8 self-attention of fp8 engines; other
-    backends refuse it.
-    """
-    if fast and backend != "torch":
-        raise BadInputError(f"--fast is a torch-backend option (got --backend {backend}): add --backend torch")
+def load_engines(directory: Path, manifest: Manifest, backend: str, device: str = "cpu") -> dict[str, Engine]:
+    """Engines for every graph in the manifest on ``backend`` (``onnxruntime``, ``torch`` or ``tensorrt``);
+    ``infer --fast``'s engines: :func:`runtime_engines`."""
     if backend in BACKENDS:
         require_backend(directory, manifest, backend)
-    if fast:
-        from wan_trt.runtime.fast.engines import fast_torch_engines
-
-        return fast_torch_engines(manifest, device, directory, fp8_attention_kernel, fp8_attention_smoothing)
     if backend == "onnxruntime":
         bf16 = sorted(name for name, entry in manifest.graphs.items() if entry.dtype == "bf16")
         if bf16 and device == "cpu":
@@ -151,17 +140,32 @@ def check_checkpoint_unchanged(manifest: Manifest, directory: Path | None) -> No
                           f"{build_command(manifest, engines, built_with(manifest), str(engines))}")
 
 
-def open_pipeline(directory: str | Path, backend: str = "onnxruntime", device: str = "cpu",
-                  fast: bool = False, fp8_attention_kernel: str = "auto",
-                  fp8_attention_smoothing: str = "auto") -> tuple[AnimatePipeline, Manifest]:
+def runtime_engines(directory: Path, manifest: Manifest, options: RuntimeOptions) -> dict[str, Engine]:
+    """The engines ``options`` ask for: ``--fast``'s (``runtime/fast/``) or those of its backend on its device."""
+    if options.fast:
+        from wan_trt.runtime.fast.engines import fast_torch_engines
+
+        require_backend(directory, manifest, options.backend)
+        return fast_torch_engines(manifest, directory, options)
+    return load_engines(directory, manifest, options.backend, options.engine_device)
+
+
+def open_pipeline(directory: str | Path, backend: str = "onnxruntime",
+                  device: str = "cpu") -> tuple[AnimatePipeline, Manifest]:
+    """Read the engines directory's manifest and open it on ``backend``."""
     directory = Path(directory)
     manifest = read_manifest(directory)
+    return pipeline_for(directory, manifest, RuntimeOptions(backend, device)), manifest
+
+
+def pipeline_for(directory: Path, manifest: Manifest, options: RuntimeOptions) -> AnimatePipeline:
+    """The pipeline of an engines directory whose manifest is already read, opened as ``options`` ask."""
     tokenizer = load_tokenizer(directory / manifest.tokenizer_file)
-    engines = load_engines(directory, manifest, backend, device, fast, fp8_attention_kernel, fp8_attention_smoothing)
-    log.info("opened %s engines for preset '%s' on %s (%s)", manifest.precision, manifest.preset.name, backend, device)
-    pipeline = AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt),
-                               load_prompt_cache(directory, manifest))
-    return pipeline, manifest
+    engines = runtime_engines(directory, manifest, options)
+    log.info("opened %s engines for preset '%s' on %s (%s)", manifest.precision, manifest.preset.name,
+             options.backend, options.engine_device)
+    return AnimatePipeline(engines, manifest.preset, lambda prompt: tokenize(tokenizer, prompt),
+                           load_prompt_cache(directory, manifest))
 
 
 def load_prompt_cache(directory: Path, manifest: Manifest) -> dict[str, torch.Tensor]:

@@ -394,13 +394,13 @@ def test_to_inference_dtype_keeps_named_modules_fp32():
 
 
 def test_fast_refuses_other_backends_and_cpu():
-    from wan_trt.runtime.loading import load_engines
+    from wan_trt.runtime.options import RuntimeOptions
 
     with pytest.raises(BadInputError, match="--backend torch"):
-        load_engines(None, None, "onnxruntime", fast=True)
+        RuntimeOptions(backend="onnxruntime", fast=True)
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match="CUDA GPU"):
-            fast_torch_engines(None, "cpu", None)
+            fast_torch_engines(None, None, RuntimeOptions(backend="torch", device="cuda", fast=True))
 
 
 def _int8_plan(graph, feed, policy: PrecisionPolicy = TINY_POLICY):

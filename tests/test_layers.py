@@ -1,6 +1,7 @@
 """The layer order (README, Layout): core ← models ← stages ← top. Every import in the package, at module
 level or inside a function, points to its own layer or a lower one; among the stages, the runtime
-imports neither ``export/`` (a deployed runtime ships without the exporter) nor anything above it."""
+imports neither ``export/`` (a deployed runtime ships without the exporter) nor anything above it. Within the
+package no two modules import each other at module level, directly or through others (no import cycles)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,82 @@ def test_the_checker_finds_an_upward_import():
         "runtime/x.py (stage) imports wan_trt.export.graphs.T (stage)",
         "wan_trt/y.py (core) imports wan_trt.cli (top)",
         "wan_trt/y.py (core) imports wan_trt.runtime.manifest (stage)"]
+
+
+def module_level_imports(source: str, known: set[str]) -> set[str]:
+    """The package modules ``source`` imports when it is imported: the import statements of its body (also under
+    a top-level ``if``/``try``, but not ``if TYPE_CHECKING:``), not those inside functions or classes.
+    ``from a import b`` names ``a.b`` where that is a module of ``known``, else ``a``."""
+    found = set()
+
+    def visit(statements) -> None:
+        for node in statements:
+            if isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.update(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                             for alias in node.names)
+            elif isinstance(node, ast.If):
+                if "TYPE_CHECKING" not in ast.unparse(node.test):
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+                for handler in node.handlers:
+                    visit(handler.body)
+
+    visit(ast.parse(source).body)
+    return found & known
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import one another, directly or through others (strongly connected
+    components of more than one module), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def connect(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
+                connect(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while not group or group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            connect(module)
+    return sorted(cycles)
+
+
+def test_no_module_level_import_cycles():
+    """No two package modules import each other when they are imported (directly or through others): an
+    import cycle makes the import order decide whether a name exists yet. Imports inside functions run later
+    and are free to point back."""
+    modules = package_modules()
+    known = set(modules.values())
+    graph = {module: module_level_imports(path.read_text(), known) - {module} for path, module in modules.items()}
+    assert import_cycles(graph) == []
+
+
+def test_the_cycle_checker_finds_a_cycle():
+    known = {"wan_trt.a", "wan_trt.b", "wan_trt.c", "wan_trt.runtime", "wan_trt.runtime.x"}
+    assert module_level_imports("import wan_trt.a\nfrom wan_trt.runtime import x\n"
+                                "if TYPE_CHECKING:\n    from wan_trt import b\n"
+                                "def f():\n    import wan_trt.c\n", known) == {"wan_trt.a", "wan_trt.runtime.x"}
+    graph = {"wan_trt.a": {"wan_trt.b"}, "wan_trt.b": {"wan_trt.c"}, "wan_trt.c": {"wan_trt.a"},
+             "wan_trt.runtime.x": {"wan_trt.a"}}
+    assert import_cycles(graph) == [["wan_trt.a", "wan_trt.b", "wan_trt.c"]]
+    assert import_cycles({"wan_trt.a": {"wan_trt.b"}, "wan_trt.b": set()}) == []

@@ -17,6 +17,7 @@ from wan_trt import __version__
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES
 from wan_trt.errors import BadInputError, WanTrtError
 from wan_trt.preflight import SEED, FiniteFloatRange
+from wan_trt.registry import TRANSFORMER
 from wan_trt.runtime.compare import COMPONENT_TOLERANCE, graph_tolerances
 
 log = logging.getLogger("wan_trt")
@@ -161,11 +162,6 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
     if backend == "torch" and given & {"verify", "accuracy_video"}:
         raise BadInputError("--verify/--no-verify/--accuracy-video/--no-accuracy-video check ONNX graphs: "
                             "--backend torch exports none; drop them")
-    if refit_from and not refittable:
-        raise BadInputError("--refit-from needs --refittable (only refittable engines can be refitted)")
-    if refit_from and not (Path(refit_from) / "manifest.json").is_file():
-        raise BadInputError(f"--refit-from '{refit_from}' is not an engines directory (no manifest.json): "
-                            "pass a directory written by wan-trt build --backend tensorrt --refittable")
 
     quantization = None
     if precision in ("fp8", "int8"):
@@ -180,28 +176,29 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
                             f"--precision {high_precision})")
     if lora_unmatched != "error" and not loras:
         raise BadInputError(f"--lora-unmatched {lora_unmatched} applies to --lora PATH[:SCALE]: add a LoRA or drop it")
+    from wan_trt.export.request import BuildRequest
     from wan_trt.lora import LoraSpec
 
-    lora_specs = [LoraSpec.parse(text, lora_unmatched) for text in loras]
-    check_build(model, Path(out_dir), precision=precision, policy=policy, calibration=calibration,  # disk, files
-                loras=lora_specs, trt_buckets=len(tensorrt.buckets) if tensorrt else 0,
+    request = BuildRequest(model, Path(out_dir), seed=seed, checkpoint=checkpoint, random_weights=random_weights,
+                           loras=tuple(LoraSpec.parse(text, lora_unmatched) for text in loras), verify=verify,
+                           precision=precision if quantization is None else "fp32", quantization=quantization,
+                           tensorrt=tensorrt, accuracy_video=accuracy_video,
+                           refit_from=Path(refit_from) if refit_from else None)  # checks --refit-from's --refittable
+    if refit_from and not (Path(refit_from) / "manifest.json").is_file():
+        raise BadInputError(f"--refit-from '{refit_from}' is not an engines directory (no manifest.json): "
+                            "pass a directory written by wan-trt build --backend tensorrt --refittable")
+    check_build(model, request.out_dir, precision=precision, policy=policy, calibration=calibration,  # disk, files
+                loras=request.loras, trt_buckets=len(tensorrt.buckets) if tensorrt else 0,
                 checkpoint=checkpoint, random_weights=random_weights, high_precision=high_precision,
                 graph_files=backend != "torch")
     if backend == "torch":
-        from wan_trt.export.torch_build import build_torch_engines
+        from wan_trt.export.torch_build import build_torch
 
-        path = build_torch_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
-                                   loras=lora_specs, quantization=quantization,
-                                   precision=precision if quantization is None else "fp32")
-        click.echo(str(path))
+        click.echo(str(build_torch(request)))
         return
-    from wan_trt.export.build import build_engines
+    from wan_trt.export.build import build as build_onnx
 
-    path = build_engines(model, out_dir, seed=seed, checkpoint=checkpoint, random_weights=random_weights,
-                         loras=lora_specs, verify=verify, quantization=quantization,
-                         tensorrt=tensorrt, precision=precision if quantization is None else "fp32",
-                         accuracy_video=accuracy_video, refit_from=Path(refit_from) if refit_from else None)
-    click.echo(str(path))
+    click.echo(str(build_onnx(request)))
 
 
 @main.command()
@@ -268,15 +265,15 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
           timings: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
+    from wan_trt.runtime.options import RuntimeOptions
 
+    runtime = RuntimeOptions(backend=backend, device=device, gpus=gpus, fast=fast,
+                             fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing)
     options = InferenceOptions(
-        engines_dir=Path(engines_dir), out_path=Path(out_path), backend=backend, device=device, seed=seed,
+        engines_dir=Path(engines_dir), out_path=Path(out_path), runtime=runtime, seed=seed,
         steps=steps, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, mode=mode,
-        relight=relight,
-        guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare, fallback=fallback,
-        input_dir=input_dir,
-        ref=ref, pose=pose, face=face, background=background, mask=mask, gpus=gpus, fast=fast,
-        fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing,
+        relight=relight, guide_frames=int(guide_frames), segment_frames=segment_frames, compare=compare,
+        fallback=fallback, input_dir=input_dir, ref=ref, pose=pose, face=face, background=background, mask=mask,
         clip_preprocess=clip_preprocess, recipe=recipe, sampler=sampler, shift=shift, sigmas=sigmas,
         timings=timings,
     )
@@ -330,14 +327,16 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: st
                     guidance_scale=guidance_scale)
     resolve(**sampling)  # bad values fail before the engines are read
     check_calibration_device(device, dtype)
-    check_calibrate(read_manifest(Path(engines_dir)), Path(engines_dir), Path(out_path), segment_frames)
+    manifest = read_manifest(Path(engines_dir))  # the run's one read
+    check_calibrate(manifest, Path(engines_dir), Path(out_path), segment_frames)
     with tempfile.TemporaryDirectory(prefix="wan-trt-calib-") as scratch:
         folders = [Path(d) for d in data]
         if not folders:
             log.info("no --data given: calibrating on 2 synthetic demo samples")
             folders = [make_demo_inputs(Path(scratch) / f"sample{i}", seed=i, num_frames=21) for i in range(2)]
         run_calibration(Path(engines_dir), folders, Path(out_path), method=method, percentile=percentile,
-                        segment_frames=segment_frames, target=target, device=device, dtype=dtype, **sampling)
+                        segment_frames=segment_frames, target=target, device=device, dtype=dtype, manifest=manifest,
+                        **sampling)
     click.echo(out_path)
 
 
@@ -353,7 +352,7 @@ def calibrate(engines_dir: str, data: tuple[str, ...], out_path: str, recipe: st
 def demo(out_dir: str, frames: int, width: int, height: int, steps: int, compare: str | None) -> None:
     """Make synthetic inputs, build the tiny preset's ONNX engines and animate: the whole flow on a CPU."""
     from wan_trt.demo_media import make_demo_inputs
-    from wan_trt.export.build import build_engines
+    from wan_trt.export.build import BuildRequest, build as build_onnx
     from wan_trt.inference import InferenceOptions, run_inference
     from wan_trt.presets import get_preset
     from wan_trt.runtime.manifest import MANIFEST_NAME
@@ -365,7 +364,7 @@ def demo(out_dir: str, frames: int, width: int, height: int, steps: int, compare
         make_demo_inputs(inputs, width=width, height=height, num_frames=frames)
     engines = root / "engines"
     if not (engines / MANIFEST_NAME).is_file():
-        build_engines(get_preset("tiny"), engines)
+        build_onnx(BuildRequest(get_preset("tiny"), engines))
     out_path = root / "animation.mp4"
     report = run_inference(InferenceOptions(engines_dir=engines, out_path=out_path, input_dir=str(inputs),
                                             steps=steps, compare=compare))
@@ -427,7 +426,7 @@ def inspect(engines_dir: str) -> None:
         where = f"{entry.file:<24} {entry.size / 1e6:9.2f} MB" if entry.file else f"(no file: torch, {entry.dtype})"
         click.echo(f"  {name:<20} {where}")
     click.echo("DiT Linear layers and self-attention matmuls:")
-    entry = manifest.graphs["transformer"]
+    entry = manifest.graphs[TRANSFORMER]
     if entry.file:
         precisions = layer_precisions(directory / entry.file, entry.dtype)
     else:

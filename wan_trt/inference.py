@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -16,12 +18,14 @@ from wan_trt.json_files import write_json_atomic
 from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.preflight import check_infer
-from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE
+from wan_trt.presets import DEFAULT_PROMPT, OFFICIAL_FACE_SIZE, Preset
+from wan_trt.registry import TRANSFORMER
 from wan_trt.runtime.compare import CompareReport, RecordingEngine, compare_components, graph_tolerances
 from wan_trt.launch import is_main_rank
 from wan_trt.runtime.guard import guard_engines
-from wan_trt.runtime.loading import open_pipeline, torch_engines
-from wan_trt.runtime.recipes import check_recipe_engines, resolve
+from wan_trt.runtime.loading import pipeline_for, torch_engines
+from wan_trt.runtime.options import RuntimeOptions
+from wan_trt.runtime.recipes import Settings, check_recipe_engines, resolve
 from wan_trt.runtime.manifest import Manifest, built_with, read_manifest, require_backend
 from wan_trt.runtime.pipeline import AnimatePipeline, GenerationRequest
 from wan_trt.runtime.samplers import Sampling
@@ -30,12 +34,14 @@ from wan_trt.runtime.run_report import RunReport, format_summary
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class InferenceOptions:
+    """``wan-trt infer``'s options, made once by the command line. The rules between them are checked when it
+    is made (those between the backend, device, ``--fast`` and ``--gpus``: :class:`RuntimeOptions`)."""
+
     engines_dir: Path
     out_path: Path
-    backend: str = "onnxruntime"
-    device: str = "cpu"
+    runtime: RuntimeOptions = RuntimeOptions()  # backend, device, --gpus, --fast: what opens the engines
     seed: int = 0
     steps: int | None = None  # None: the recipe's, else the preset's (wan_trt.runtime.recipes.resolve)
     prompt: str | None = None
@@ -53,10 +59,6 @@ class InferenceOptions:
     face: str | None = None
     background: str | None = None
     mask: str | None = None
-    gpus: int = 1  # > 1: this process is one rank of `infer --gpus N` (wan_trt.launch)
-    fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast)
-    fp8_attention_kernel: str = "auto"  # --fp8-attention-kernel (with --fast): auto | cudnn | fa3
-    fp8_attention_smoothing: str = "auto"  # --fp8-attention-smoothing (with --fast): auto | none | k | v | kv
     clip_preprocess: str = "original"  # --clip-preprocess: CLIP input convention (wan_trt.runtime.conditioning)
     recipe: str | None = None  # --recipe: named sampling defaults (wan_trt.runtime.recipes)
     sampler: str | None = None  # --sampler unipc|euler|dpmpp [the recipe's, else unipc]
@@ -64,26 +66,36 @@ class InferenceOptions:
     sigmas: str | None = None  # --sigmas: the whole schedule, comma-separated, ending at 0
     timings: str | None = None  # --timings FILE.json: the run's seconds per stage and memory peaks
 
+    def __post_init__(self) -> None:
+        gpus = self.runtime.gpus
+        if gpus > 1 and (self.compare or self.fallback):
+            raise BadInputError(f"--gpus {gpus} cannot be combined with --compare or --fallback yet: "
+                                "run them on one GPU")
+        self.sampling()  # the recipe and sampling options fit together (before any file is read)
+
+    def to_json(self) -> dict:
+        """The options as JSON values (``infer --gpus N`` hands them to its workers: ``wan_trt.launch``)."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+    @classmethod
+    def from_json(cls, data: dict) -> InferenceOptions:
+        return cls(**{**data, "engines_dir": Path(data["engines_dir"]), "out_path": Path(data["out_path"]),
+                      "runtime": RuntimeOptions(**data["runtime"])})
+
+    def sampling(self, preset: Preset | None = None) -> Settings:
+        """The recipe and the sampling options resolved (over ``preset``'s defaults where given)."""
+        return resolve(self.recipe, sampler=self.sampler, steps=self.steps, shift=self.shift, sigmas=self.sigmas,
+                       guidance_scale=self.guidance_scale, preset=preset)
+
 
 def run_inference(options: InferenceOptions) -> CompareReport | None:
     """Generate the animation into ``options.out_path``; with ``compare``, also return the error report."""
     report = RunReport()
-    if options.fast and (options.backend != "torch" or options.device != "cuda" or options.gpus > 1):
-        raise BadInputError(f"--fast runs on --backend torch --device cuda with one GPU (got --backend {options.backend} "
-                            f"--device {options.device} --gpus {options.gpus}): use those options or drop --fast")
-    if options.fp8_attention_kernel != "auto" and not options.fast:
-        raise BadInputError(f"--fp8-attention-kernel {options.fp8_attention_kernel} chooses the FP8 attention of --fast: "
-                            "add --fast or drop it")
-    if options.fp8_attention_smoothing != "auto" and not options.fast:
-        raise BadInputError(f"--fp8-attention-smoothing {options.fp8_attention_smoothing} sets the FP8 attention of "
-                            "--fast: add --fast or drop it")
+    runtime = options.runtime
     _check_output_path(options.out_path)
-    sampling_options = dict(sampler=options.sampler, steps=options.steps, shift=options.shift, sigmas=options.sigmas,
-                            guidance_scale=options.guidance_scale)
-    resolve(options.recipe, **sampling_options)  # bad values fail before the engines are read
-    manifest = read_manifest(options.engines_dir)  # before decoding any video: a bad engines dir fails fast
-    require_backend(options.engines_dir, manifest, options.backend)
-    settings = resolve(options.recipe, **sampling_options, preset=manifest.preset)
+    manifest = read_manifest(options.engines_dir)  # the run's one read; before any video: a bad directory fails fast
+    require_backend(options.engines_dir, manifest, runtime.backend)
+    settings = options.sampling(manifest.preset)
     check_recipe_engines(settings, manifest, options.engines_dir, built_with(manifest))
     _check_calibrated_schedule(options.engines_dir, manifest, settings.sampling)
     options = replace(options, guidance_scale=settings.guidance_scale)
@@ -119,34 +131,32 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
         clip_preprocess=options.clip_preprocess,
     )
 
-    device = "cuda" if options.backend == "tensorrt" else options.device
-    pipeline, _ = open_pipeline(options.engines_dir, options.backend, device, fast=options.fast,
-                                fp8_attention_kernel=options.fp8_attention_kernel,
-                                fp8_attention_smoothing=options.fp8_attention_smoothing)
-    if options.gpus > 1:  # one rank of `infer --gpus N`: the DiT runs sequence-parallel over the process group
+    device = runtime.engine_device
+    pipeline = pipeline_for(options.engines_dir, manifest, runtime)
+    if runtime.gpus > 1:  # one rank of `infer --gpus N`: the DiT runs sequence-parallel over the process group
         from wan_trt.runtime.sequence_parallel import shard_dit_engine
 
-        shard_dit_engine(pipeline.engines["transformer"])
+        shard_dit_engine(pipeline.engines[TRANSFORMER])
     fallback = (lambda: torch_engines(manifest, device, options.engines_dir)) if options.fallback == "torch" else None
     pipeline.engines = guard_engines(report.time(pipeline.engines), fallback)
     recorders = None
     if options.compare:
         recorders = {name: RecordingEngine(engine) for name, engine in pipeline.engines.items()}
         pipeline = AnimatePipeline(recorders, preset, pipeline.tokenize, pipeline.prompt_cache)
-    frames = _generate_to_file(pipeline, request, options.out_path, inputs.fps, options.backend,
+    frames = _generate_to_file(pipeline, request, options.out_path, inputs.fps, runtime.backend,
                                keep=bool(options.compare), report=report)
     if is_main_rank():
         summary = report.summary(cuda=device != "cpu")
         log.info("%s", format_summary(summary))
         if options.timings:
-            write_json_atomic(Path(options.timings), {"engines": str(options.engines_dir), "backend": options.backend,
-                                                      "device": device, "fast": options.fast, **summary})
+            write_json_atomic(Path(options.timings), {"engines": str(options.engines_dir), "backend": runtime.backend,
+                                                      "device": device, "fast": runtime.fast, **summary})
     if not options.compare:
         return None
 
     log.info("--compare torch: running the PyTorch reference on the same inputs")
-    reference = torch_engines(manifest, options.device, options.engines_dir)
-    report = CompareReport(backend=options.backend,
+    reference = torch_engines(manifest, runtime.device, options.engines_dir)
+    report = CompareReport(backend=runtime.backend,
                            rows=compare_components(recorders, reference, graph_tolerances(manifest)))
     reference_pipeline = AnimatePipeline(reference, preset, pipeline.tokenize, pipeline.prompt_cache)
     reference_frames = np.concatenate([s.frames for s in _with_progress(reference_pipeline, request, "torch")])

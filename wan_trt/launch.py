@@ -14,7 +14,6 @@ Each worker leaves its exit code and error in a status file; the command exits w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -38,18 +37,12 @@ def is_main_rank() -> bool:
 
 
 def check_launch(options) -> None:
-    """What ``--gpus N`` needs, checked before any process starts."""
+    """What ``--gpus N`` needs of the machine and the engines, checked before any process starts."""
     from wan_trt.runtime.manifest import read_manifest
     from wan_trt.runtime.sequence_parallel import check_world_size
 
-    gpus = options.gpus
-    if options.backend != "torch":
-        raise BadInputError(f"--gpus {gpus} needs --backend torch (the sequence-parallel DiT runs in PyTorch)")
-    if options.compare or options.fallback:
-        raise BadInputError(f"--gpus {gpus} cannot be combined with --compare or --fallback yet: run them on one GPU")
-    if options.device not in ("cpu", "cuda"):
-        raise BadInputError(f"--gpus {gpus} --device {options.device}: use --device cuda (or cpu: gloo processes)")
-    if options.device == "cuda" and torch.cuda.device_count() < gpus:
+    gpus = options.runtime.gpus  # the rules between the options: checked when they were made (RuntimeOptions)
+    if options.runtime.device == "cuda" and torch.cuda.device_count() < gpus:
         raise EngineError(f"--gpus {gpus}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     manifest = read_manifest(options.engines_dir)
     check_world_size(int(manifest.preset.transformer["num_attention_heads"]), gpus)
@@ -59,7 +52,7 @@ def check_launch(options) -> None:
 
 
 def launch_infer(options) -> int:
-    """Run ``run_inference(options)`` as ``options.gpus`` torchrun workers; return the exit code.
+    """Run ``run_inference(options)`` as ``options.runtime.gpus`` torchrun workers; return the exit code.
 
     Uses the launcher behind ``torchrun --standalone`` (``torch.distributed.launcher.api.elastic_launch``)
     in this process, so that a worker's failure ends as one error line and its exit code rather than
@@ -70,14 +63,15 @@ def launch_infer(options) -> int:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     check_launch(options)
+    gpus, device = options.runtime.gpus, options.runtime.device
     with tempfile.TemporaryDirectory(prefix="wan-trt-gpus-") as scratch:
         options_file = Path(scratch) / "options.json"
-        options_file.write_text(json.dumps(dataclasses.asdict(options), default=str))
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // options.gpus)))
-        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=options.gpus, run_id=str(uuid.uuid4()),
+        options_file.write_text(json.dumps(options.to_json()))
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))
+        config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=gpus, run_id=str(uuid.uuid4()),
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5)
-        log.info("starting %d processes (%s, torchrun --standalone): %s -m wan_trt.launch", options.gpus,
-                 "NCCL, one GPU each" if options.device == "cuda" else "gloo on the CPU", sys.executable)
+        log.info("starting %d processes (%s, torchrun --standalone): %s -m wan_trt.launch", gpus,
+                 "NCCL, one GPU each" if device == "cuda" else "gloo on the CPU", sys.executable)
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures: our status files
         failed = False
         try:
@@ -88,7 +82,7 @@ def launch_infer(options) -> int:
             raise SystemExit(128 + int(stop.sigval)) from None
         statuses = sorted(Path(scratch).glob("rank*.json"), key=lambda p: int(p.stem[4:]))
         results = [json.loads(p.read_text()) for p in statuses]
-    return _exit_code(results, failed, options.gpus)
+    return _exit_code(results, failed, gpus)
 
 
 def _exit_code(results: list[dict], failed: bool, gpus: int) -> int:
@@ -108,9 +102,7 @@ def _exit_code(results: list[dict], failed: bool, gpus: int) -> int:
 def _load_options(path: Path):
     from wan_trt.inference import InferenceOptions
 
-    data = json.loads(path.read_text())
-    data["engines_dir"], data["out_path"] = Path(data["engines_dir"]), Path(data["out_path"])
-    return InferenceOptions(**data)
+    return InferenceOptions.from_json(json.loads(path.read_text()))
 
 
 def worker_main(options_file: str, status_dir: str) -> int:
@@ -126,11 +118,11 @@ def worker_main(options_file: str, status_dir: str) -> int:
     code, message = 0, None
     try:
         options = _load_options(Path(options_file))
-        if int(os.environ["WORLD_SIZE"]) != options.gpus:
-            raise EngineError(f"started with {os.environ['WORLD_SIZE']} processes for --gpus {options.gpus}")
-        if options.device == "cuda":
+        if int(os.environ["WORLD_SIZE"]) != options.runtime.gpus:
+            raise EngineError(f"started with {os.environ['WORLD_SIZE']} processes for --gpus {options.runtime.gpus}")
+        if options.runtime.device == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if options.device == "cuda" else "gloo")
+        dist.init_process_group("nccl" if options.runtime.device == "cuda" else "gloo")
         # every rank has joined before any may leave: a rank that fails fast (a bad input) and exits
         # while another is still connecting would turn that rank's clear error into a gloo crash
         dist.barrier()

@@ -459,13 +459,14 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
     from wan_trt.tokenizer import clean_prompt
 
     directory = Path(options.engines_dir)
-    check_engines_for_request(manifest, directory, options.backend, width, height, segment_frames)
+    runtime = options.runtime  # wan_trt.runtime.options.RuntimeOptions
+    check_engines_for_request(manifest, directory, runtime.backend, width, height, segment_frames)
     check_writable_dir(Path(options.out_path).parent, "--out")
     check_disk(Path(options.out_path).parent, estimate_video_bytes(frames, width, height),
                f"a {frames}-frame {width}x{height} video", free_disk)
-    device = "cuda" if options.backend == "tensorrt" else options.device
+    device = runtime.engine_device
     if device == "cpu":
-        check_host_memory(manifest, directory, width, height, segment_frames, backend=options.backend,
+        check_host_memory(manifest, directory, width, height, segment_frames, backend=runtime.backend,
                           batch=2 if options.guidance_scale > 1 else 1)
         return
     prompts = [options.prompt if options.prompt is not None else DEFAULT_PROMPT]
@@ -473,14 +474,14 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
         prompts.append(options.negative_prompt)
     cached = _cached_prompts(directory, manifest)
     buckets = list(manifest.preset.buckets)
-    if options.backend == "tensorrt":
+    if runtime.backend == "tensorrt":
         buckets = [(int(w), int(h)) for w, h, _ in (e["bucket"].split("x") for e in manifest.tensorrt["engines"]
                                                      if e.get("graph") == TRANSFORMER and e.get("bucket"))]
     check_device_memory(manifest, directory, width, height, segment_frames, device=device,
                         batch=2 if options.guidance_scale > 1 else 1,
                         text_encoder=any(clean_prompt(p) not in cached for p in prompts),
-                        gpus=int(getattr(options, "gpus", 1) or 1),
-                        buckets=buckets, free=free_device, fast=bool(getattr(options, "fast", False)))
+                        gpus=runtime.gpus,
+                        buckets=buckets, free=free_device, fast=runtime.fast)
 
 
 # -------------------------------------------------------------------------------------- calibrate

@@ -15,6 +15,7 @@ from wan_trt.errors import EngineError
 from wan_trt.registry import GRAPHS, TRANSFORMER
 from wan_trt.runtime.engines import pipeline_outputs
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer, to_inference_dtype
+from wan_trt.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +90,27 @@ def fast_plan(graph: torch.nn.Module, directory, manifest,
     return plan, ranges, smoothing
 
 
-def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: str = "auto",
-                       fp8_attention_smoothing: str = "auto") -> dict:
-    """The ``--fast`` engines for an fp32 or fp8 engines directory (see the module docstring)."""
+def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
+    """The ``--fast`` engines for an fp32 or fp8 engines directory (see the module docstring), with the FP8
+    attention kernel and smoothing of ``options`` (which checked, when made, that they ask for ``--fast``
+    on ``--backend torch --device cuda``)."""
     from wan_trt.runtime.loading import reference_graph_modules
 
-    if device == "cpu" or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise EngineError("--fast needs a CUDA GPU (torch.cuda.is_available() is False): run without --fast on a CPU")
     precision = manifest.precision
     if precision not in ("fp32", "fp8"):
         raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
     modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16)  # straight to the GPU in bf16
-    plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest, fp8_attention_smoothing)
+    plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
+                                                   options.fp8_attention_smoothing)
                                          if precision == "fp8" else (None, {}, "none"))
     graph = modules[TRANSFORMER]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
     to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
-    options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
-                          fp8_attention_kernel=fp8_attention_kernel, attention_smoothing=smoothing)
-    fast = FastTransformer(graph, plan, options, release_bf16=True).to("cuda")
+    fast_options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
+                               fp8_attention_kernel=options.fp8_attention_kernel, attention_smoothing=smoothing)
+    fast = FastTransformer(graph, plan, fast_options, release_bf16=True).to("cuda")
     if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
         fast.use_static_attention(attention_ranges)
         fast._attention_fp8()  # choose (and check) the kernel now, before any video is decoded
@@ -115,9 +118,9 @@ def fast_torch_engines(manifest, device: str, directory, fp8_attention_kernel: s
         fast._attention_bf16_kernel()  # the same for the bf16 self-attention's kernel
     torch.cuda.empty_cache()
     log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s%s; bf16 on %s)",
-             "FP8" if plan else "bf16", options.attention, len(fast.fp8_attention), len(fast.block_ops),
+             "FP8" if plan else "bf16", fast_options.attention, len(fast.fp8_attention), len(fast.block_ops),
              f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "",
-             f", smoothing {options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
+             f", smoothing {fast_options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
     engines = {}
     for name, entry in manifest.graphs.items():
         if name == TRANSFORMER:
