@@ -238,7 +238,8 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
                    "N must divide the DiT's attention heads (40: 2, 4, 5, 8, ...). With --device cpu: N gloo processes.")
 @click.option("--fast", is_flag=True,
               help="--backend torch --device cuda only: bf16, FP8 _scaled_mm Linears and FP8 attention (fp8 "
-                   "engines), compiled glue, encoders released after use (docs/precision.md).")
+                   "engines) or INT8 _int_mm Linears (int8 engines: GPUs without FP8), compiled glue, encoders "
+                   "released after use (docs/precision.md).")
 @click.option("--fp8-attention-kernel", type=click.Choice(["auto", "cudnn", "fa3"]), default="auto", show_default=True,
               help="With --fast: the attention kernels. fa3 = FlashAttention-3 (flash_attn_3, Hopper) for the FP8 "
                    "self-attention and for the bf16 one (fp32 engines, policy-kept blocks); cudnn = cuDNN's FP8 "

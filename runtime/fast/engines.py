@@ -99,12 +99,12 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     if not torch.cuda.is_available():
         raise EngineError("--fast needs a CUDA GPU (torch.cuda.is_available() is False): run without --fast on a CPU")
     precision = manifest.precision
-    if precision not in ("fp32", "fp8"):
-        raise EngineError(f"--fast runs fp32 and fp8 engines; these are {precision}: run them without --fast")
+    if precision not in ("fp32", "fp8", "int8"):
+        raise EngineError(f"--fast runs fp32, fp8 and int8 engines; these are {precision}: run them without --fast")
     modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16)  # straight to the GPU in bf16
     plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
                                                    options.fp8_attention_smoothing)
-                                         if precision == "fp8" else (None, {}, "none"))
+                                         if precision in ("fp8", "int8") else (None, {}, "none"))
     graph = modules[TRANSFORMER]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
     to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
@@ -118,7 +118,7 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
         fast._attention_bf16_kernel()  # the same for the bf16 self-attention's kernel
     torch.cuda.empty_cache()
     log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s%s; bf16 on %s)",
-             "FP8" if plan else "bf16", fast_options.attention, len(fast.fp8_attention), len(fast.block_ops),
+             plan.precision.upper() if plan else "bf16", fast_options.attention, len(fast.fp8_attention), len(fast.block_ops),
              f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "",
              f", smoothing {fast_options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
     engines = {}
