@@ -132,10 +132,11 @@ def _motion_encoder(preset: Preset, dtype):
     """The DiT's motion encoder alone (diffusers' WanAnimateMotionEncoder with the transformer's arguments)."""
     from diffusers.models.transformers.transformer_wan_animate import WanAnimateMotionEncoder
 
-    from benchmarks.models import materialize_, params_on_meta
+    from benchmarks.models import materialize_
+    from wan_trt.checkpoints import parameters_on_meta
 
     tr = preset.transformer
-    with params_on_meta():
+    with parameters_on_meta():
         module = WanAnimateMotionEncoder(size=tr["motion_encoder_size"], style_dim=tr["motion_style_dim"],
                                          motion_dim=tr["motion_dim"], out_dim=tr["motion_encoder_dim"],
                                          channels=tr.get("motion_encoder_channel_sizes"))
@@ -145,8 +146,8 @@ def _motion_encoder(preset: Preset, dtype):
 def build_graph_module(name: str, spec_component: str, preset: Preset, dtype_name: str, vocab_size: int,
                        layers: int | None):
     """(the graph's module as the build exports it, its parameter count, the VAE's cache layouts or None)."""
-    from benchmarks.models import (build_image_encoder, build_text_encoder, build_transformer, build_vae,
-                                   materialize_, params_on_meta)
+    from benchmarks.models import build_image_encoder, build_text_encoder, build_transformer, build_vae, materialize_
+    from wan_trt.checkpoints import parameters_on_meta
     from wan_trt.models import graphs
     from wan_trt.models.precision import DTYPES
 
@@ -159,7 +160,7 @@ def build_graph_module(name: str, spec_component: str, preset: Preset, dtype_nam
     elif spec_component == "text_encoder":
         from transformers import UMT5Config, UMT5EncoderModel
 
-        with params_on_meta():
+        with parameters_on_meta():
             model = UMT5EncoderModel(UMT5Config(**{"vocab_size": vocab_size, **preset.text_encoder}))
         if model.encoder.embed_tokens.weight is model.shared.weight:  # tied: one module, so one materialised copy
             model.encoder.embed_tokens = model.shared

@@ -199,7 +199,8 @@ def dit_flops(cfg: GpuConfig, width: int, height: int) -> dict[str, float]:
 def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
     from wan_trt.models.graphs import MotionEncoderGraph, TransformerGraph
     from wan_trt.runtime.fast.linear import AmaxObserver, fp8_plan
-    from wan_trt.runtime.fast.transformer import ATTENTION_MARGIN, BLOCK_LINEARS, to_inference_dtype
+    from wan_trt.dtypes import cast_floats
+    from wan_trt.runtime.fast.transformer import ATTENTION_MARGIN, BLOCK_LINEARS
 
     import torch._dynamo
 
@@ -214,7 +215,7 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                            "num_layers": len(model.blocks)}
 
     # motion encoder: 77 face crops at 512², batches of 8 (the runtime's MOTION_BATCH), bf16, basis fp32
-    motion = to_inference_dtype(MotionEncoderGraph(model.motion_encoder), torch.bfloat16, ("basis_q_t",)).eval()
+    motion = cast_floats(MotionEncoderGraph(model.motion_encoder), torch.bfloat16, ("basis_q_t",)).eval()
     faces = torch.rand(cfg.frames, 3, 512, 512, device="cuda").mul(2).sub(1).to(torch.bfloat16)
     with torch.inference_mode(), PeakMemory() as mem:
         timing = time_cuda(lambda: [motion(faces[i:i + 8]) for i in range(0, cfg.frames, 8)], cfg.warmup, cfg.repeats)

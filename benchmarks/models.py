@@ -8,33 +8,16 @@ module by module, so the fp32 copy of the whole model never exists.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 
+from wan_trt.checkpoints import parameters_on_meta
+from wan_trt.dtypes import keeps_fp32
 from wan_trt.presets import Preset
 
 _STANDARD = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding,
              torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
-
-
-@contextlib.contextmanager
-def params_on_meta() -> Iterator[None]:
-    """Every parameter registered inside the block lives on ``meta``; buffers are left as built."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
 
 
 def _init_custom(module: torch.nn.Module, name: str, p: torch.Tensor) -> None:
@@ -68,7 +51,7 @@ def materialize_(model: torch.nn.Module, device: str, dtype: torch.dtype, keep_f
                 _init_custom(module, n, module._parameters[n])
         for n, _ in own:
             full = f"{mod_name}.{n}"
-            target = torch.float32 if any(k in full for k in keep_fp32) else dtype
+            target = torch.float32 if keeps_fp32(full, keep_fp32) else dtype
             module._parameters[n].data = module._parameters[n].data.to(target)
     for mod_name, module in model.named_modules():
         for n, b in list(module._buffers.items()):
@@ -76,7 +59,7 @@ def materialize_(model: torch.nn.Module, device: str, dtype: torch.dtype, keep_f
                 continue
             full = f"{mod_name}.{n}"
             if b.is_floating_point():
-                target = torch.float32 if any(k in full for k in keep_fp32) else dtype
+                target = torch.float32 if keeps_fp32(full, keep_fp32) else dtype
                 module._buffers[n] = b.to(device=device, dtype=target)
             else:
                 module._buffers[n] = b.to(device)
@@ -95,7 +78,7 @@ def build_transformer(preset: Preset, device: str = "cuda", dtype: torch.dtype =
     config["patch_size"] = tuple(config["patch_size"])
     if num_layers is not None:
         config["num_layers"] = num_layers
-    with params_on_meta():
+    with parameters_on_meta():
         model = WanAnimateTransformer3DModel(**config)
     keep = tuple(model._keep_in_fp32_modules or ())
     return materialize_(model, device, dtype, keep, seed)
@@ -105,7 +88,7 @@ def build_text_encoder(preset: Preset, vocab_size: int, device: str = "cuda", dt
                        seed: int = 1) -> torch.nn.Module:
     from transformers import UMT5Config, UMT5EncoderModel
 
-    with params_on_meta():
+    with parameters_on_meta():
         model = UMT5EncoderModel(UMT5Config(**{"vocab_size": vocab_size, **preset.text_encoder}))
     return materialize_(model, device, dtype, (), seed)
 
@@ -114,7 +97,7 @@ def build_image_encoder(preset: Preset, device: str = "cuda", dtype: torch.dtype
                         seed: int = 2) -> torch.nn.Module:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    with params_on_meta():
+    with parameters_on_meta():
         model = CLIPVisionModel(CLIPVisionConfig(**preset.image_encoder))
     return materialize_(model, device, dtype, (), seed)
 

@@ -27,7 +27,7 @@ from wan_trt.runtime.fast.attention import Fa3Fp8Attention, fa3_available, fp8_a
 from wan_trt.runtime.fast.engines import fast_torch_engines
 from wan_trt.runtime.fast.glue import Glue, qk_norm_rope, qk_norm_rope_fp8, quant_dynamic, residual_norm_affine, to_out_input
 from wan_trt.runtime.fast.linear import AmaxObserver, FP8, FP8_MAX, Fp8Linear, fp8_plan, quantize_fp8
-from wan_trt.runtime.fast.transformer import BLOCK_LINEARS, FastOptions, FastTransformer, to_inference_dtype
+from wan_trt.runtime.fast.transformer import BLOCK_LINEARS, FastOptions, FastTransformer
 from wan_trt.runtime.fast.vae import decode_streamed
 
 from wan_trt.components import segment_sizes
@@ -384,9 +384,11 @@ def test_quant_dynamic_round_trip():
     assert relative_l2(q.float() * descale, x) < 2 ** -4
 
 
-def test_to_inference_dtype_keeps_named_modules_fp32():
+def test_the_fast_path_s_cast_keeps_named_modules_fp32():
+    from wan_trt.dtypes import cast_floats
+
     model = fresh_reference_models().transformer
-    to_inference_dtype(model, torch.bfloat16, tuple(model._keep_in_fp32_modules))
+    cast_floats(model, torch.bfloat16, tuple(model._keep_in_fp32_modules))
     assert model.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert model.blocks[0].scale_shift_table.dtype == torch.float32
     assert model.condition_embedder.time_embedder.linear_1.weight.dtype == torch.float32

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from wan_trt.dtypes import keeps_fp32
+
 SCHEME = "counter-v1"  # bump when the values below change: it is part of every weights hash of this scheme
 _CHUNK = 1 << 24  # elements generated at once (int64 intermediates: 128 MiB)
 _MASK32 = 0xFFFFFFFF
@@ -91,7 +93,7 @@ def materialize_random_(model: torch.nn.Module, component: str, *, seed: int, de
     """Give every meta parameter of ``model`` storage on ``device`` and its ``counter`` values, in ``dtype``
     (fp32 where a dotted name contains one of ``keep_fp32``); move the buffers there too."""
     def target(full: str) -> torch.dtype:
-        return torch.float32 if any(k in full.split(".") for k in keep_fp32) else dtype
+        return torch.float32 if keeps_fp32(full, keep_fp32) else dtype
 
     # Tied tensors (one under several names) stay tied; the originals are kept alive so that ids stay unique.
     made: dict[int, tuple[torch.Tensor, torch.nn.Parameter]] = {}

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 
+from wan_trt.dtypes import cast_floats
 from wan_trt.errors import BadInputError
 from wan_trt.presets import Preset
 
@@ -96,7 +97,8 @@ def build_reference_models(
         if dtype != torch.float32:
             models.known_hash = models.weights_hash()
         for name in COMPONENTS:
-            _cast(getattr(models, name), dtype, device)
+            module = getattr(models, name)
+            cast_floats(module, dtype, _keep_fp32(module), device=device)
     if lora is not None:
         from wan_trt.lora import check_loras, lora_specs, merge_loras
 
@@ -114,24 +116,6 @@ def _keep_fp32(module: torch.nn.Module) -> tuple[str, ...]:
     own list, umT5's ``wo``, only for fp16: so do we, by not keeping it) and ours."""
     own = getattr(module, "_keep_in_fp32_modules", None) if type(module).__module__.startswith("diffusers") else None
     return tuple(own or ()) + _KEEP_FP32
-
-
-def _cast(module: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Move ``module`` to ``device`` and cast its float tensors to ``dtype``, keeping the fp32-kept ones."""
-    keep = _keep_fp32(module)
-    done: dict[int, torch.Tensor] = {}  # tied tensors (umT5's shared / embed_tokens) stay one tensor
-    for mod_name, sub in module.named_modules(remove_duplicate=False):
-        for store in (sub._parameters, sub._buffers):
-            for name, value in list(store.items()):
-                if value is None:
-                    continue
-                if id(value) not in done:
-                    full = f"{mod_name}.{name}" if mod_name else name
-                    target = torch.float32 if any(k in full.split(".") for k in keep) else dtype
-                    moved = value.data.to(device=device, dtype=target if value.is_floating_point() else value.dtype)
-                    is_param = isinstance(value, torch.nn.Parameter)
-                    done[id(value)] = torch.nn.Parameter(moved, requires_grad=False) if is_param else moved
-                store[name] = done[id(value)]
 
 
 def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch.device | str, dtype: torch.dtype,

@@ -11,10 +11,11 @@ import torch
 
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
 from wan_trt.calibration.quantize import QuantPlan
+from wan_trt.dtypes import cast_floats
 from wan_trt.errors import EngineError
 from wan_trt.registry import GRAPHS, TRANSFORMER
 from wan_trt.runtime.engines import pipeline_outputs
-from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer, to_inference_dtype
+from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 from wan_trt.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
                                          if precision in ("fp8", "int8") else (None, {}, "none"))
     graph = modules[TRANSFORMER]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
-    to_inference_dtype(graph, torch.bfloat16, keep).to("cuda")
+    cast_floats(graph, torch.bfloat16, keep, device="cuda")
     fast_options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
                                fp8_attention_kernel=options.fp8_attention_kernel, attention_smoothing=smoothing)
     fast = FastTransformer(graph, plan, fast_options, release_bf16=True).to("cuda")
@@ -127,6 +128,6 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
             engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None)  # casts itself; timestep stays fp32
             continue
         offload = GRAPHS[name].once_per_video  # run once per video, before the DiT
-        module = to_inference_dtype(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
+        module = cast_floats(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
         engines[name] = FastEngine(module, entry.spec, "cuda", torch.bfloat16, offload=offload)
     return engines

@@ -20,7 +20,7 @@ from wan_trt.runtime.fast.attention import (
 )
 from wan_trt.runtime.fast.glue import Glue
 from wan_trt.runtime.fast.int8 import Int8Linear
-from wan_trt.runtime.fast.linear import FP8, FP8_MAX, Fp8Linear, TINY
+from wan_trt.runtime.fast.linear import FP8_MAX, Fp8Linear, TINY
 
 log = logging.getLogger(__name__)
 
@@ -359,17 +359,3 @@ def _run(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _act_scale(op: torch.nn.Module | None) -> torch.Tensor | None:
     """The static input scale of an FP8 Linear (its input is quantized by the kernel before it), else None."""
     return op.act_scale if isinstance(op, Fp8Linear) else None
-
-
-def to_inference_dtype(module: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> torch.nn.Module:
-    """Cast floating parameters and buffers to ``dtype`` except those whose name contains one of ``keep_fp32``
-    (diffusers' ``_keep_in_fp32_modules``: time embedder, modulation tables, norms, RoPE, motion basis)."""
-    for name, p in module.named_parameters():
-        if p.is_floating_point():
-            p.data = p.data.to(torch.float32 if any(k in name for k in keep_fp32) else dtype)
-    for mod_name, mod in module.named_modules():
-        for key, b in list(mod._buffers.items()):
-            if b is not None and b.is_floating_point() and b.dtype != FP8:
-                full = f"{mod_name}.{key}"
-                mod._buffers[key] = b.to(torch.float32 if any(k in full for k in keep_fp32) else dtype)
-    return module

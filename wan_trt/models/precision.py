@@ -20,6 +20,8 @@ from typing import Iterator
 
 import torch
 
+from wan_trt.dtypes import cast_floats
+
 from wan_trt.registry import graph_dtype
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -53,16 +55,7 @@ def cast_module(module: torch.nn.Module, dtype: str) -> torch.nn.Module:
                 fp32_convs.add(name)
                 sub.register_forward_pre_hook(_inputs_to_fp32)
                 sub.register_forward_hook(_output_to_input_dtype)
-    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-        if not tensor.is_floating_point():
-            continue
-        owner = name.rpartition(".")[0]
-        if name.startswith(skip):
-            continue
-        want = torch.float32 if keep & set(name.split(".")) or owner in fp32_convs else target
-        if tensor.dtype != want:
-            tensor.data = tensor.data.to(want)
-    return module
+    return cast_floats(module, target, keep, skip=skip, fp32_modules=fp32_convs)
 
 
 def _inputs_to_fp32(module: torch.nn.Module, args: tuple) -> tuple:
