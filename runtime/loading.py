@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -95,10 +96,12 @@ def bf16_reference_engines(manifest: Manifest, directory: Path | None, device: s
 
 
 def reference_graph_modules(manifest: Manifest, directory: Path | None = None, device: str = "cpu",
-                            dtype: torch.dtype = torch.float32) -> dict[str, torch.nn.Module]:
-    """The graph modules of the manifest's weights, rebuilt on ``device`` in ``dtype`` (diffusers' fp32-kept
-    modules stay fp32); refused if the checkpoint folder changed since the build (its fingerprint, checked
-    first) or if the weights hash differs.
+                            dtype: torch.dtype = torch.float32,
+                            graphs: Iterable[str] | None = None) -> dict[str, torch.nn.Module]:
+    """The graph modules of the manifest's weights (every graph, or those named in ``graphs``: only the
+    components they hold are then made), rebuilt on ``device`` in ``dtype`` (diffusers' fp32-kept modules
+    stay fp32); refused if the checkpoint folder changed since the build (its fingerprint, checked first)
+    or if the weights hash differs.
 
     Bounded loading: no fp32 copy of the model on the host when ``device`` is a GPU. There the weights of a
     checkpoint are not hashed again (23.7 B parameters at full size: minutes): the folder's fingerprint
@@ -111,18 +114,21 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None, d
     check_checkpoint_unchanged(manifest, directory)
     vocab = manifest.graphs[TEXT_ENCODER].spec.vocab_size
     loras = [LoraSpec.from_json(record) for record in manifest.loras]
+    fingerprinted = bool(manifest.checkpoint and manifest.checkpoint_fingerprint)
+    trusted = fingerprinted and torch.device(device).type != "cpu"  # else a checkpoint's weights are hashed: all
+    names = list(GRAPHS) if graphs is None or (manifest.checkpoint and not trusted) else list(graphs)
+    components = {GRAPHS[name].parameters.component for name in names}
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,
                                     checkpoint=manifest.checkpoint, random_weights=manifest.preset.needs_checkpoint,
-                                    lora=loras or None, device=device, dtype=dtype)
-    fingerprinted = bool(manifest.checkpoint and manifest.checkpoint_fingerprint)
-    if fingerprinted and torch.device(device).type != "cpu":
+                                    lora=loras or None, device=device, dtype=dtype, components=components)
+    if trusted:
         log.info("checkpoint weights not re-hashed on %s: the folder's fingerprint matches the build's", device)
     elif models.weights_hash() != manifest.weights_hash:
         raise EngineError(
             f"the PyTorch weights rebuilt for preset '{manifest.preset.name}' (seed {manifest.seed}) do not match the "
             f"engines' weights hash {manifest.weights_hash}: rebuild the engines with this wan-trt version"
         )
-    return graph_modules(models)
+    return graph_modules(models, names if graphs is not None else None)
 
 
 def check_checkpoint_unchanged(manifest: Manifest, directory: Path | None) -> None:

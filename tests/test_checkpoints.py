@@ -306,6 +306,23 @@ def test_build_reference_models_takes_a_checkpoint_and_a_lora(source, original_d
     assert torch.equal(with_lora.vae.decoder.conv_in.weight, source.vae.decoder.conv_in.weight)
 
 
+@pytest.mark.parametrize("layout", [DIFFUSERS, ORIGINAL])
+def test_a_load_of_some_components_reads_only_those(layout, source, diffusers_dir, original_dir, monkeypatch):
+    """``--fast`` skips umT5 when every prompt is cached: the other components load exactly, umT5 stays structure
+    on meta and its loader is never called."""
+    import wan_trt.checkpoints as checkpoints
+
+    root = diffusers_dir if layout == DIFFUSERS else original_dir
+    for loader in ("load_diffusers_text_encoder", "load_original_text_encoder"):
+        monkeypatch.setattr(checkpoints, loader, lambda *a, **k: pytest.fail("the text encoder was read"))
+    loaded = load_checkpoint(TINY, root, vocab_size=VOCAB, components={"transformer", "vae", "image_encoder"})
+    assert all(p.is_meta for p in loaded["text_encoder"].parameters())
+    for name in ("transformer", "vae", "image_encoder"):
+        want, got = getattr(source, name).state_dict(), loaded[name].state_dict()
+        assert all(torch.equal(got[key], want[key]) for key in want), name
+    assert sorted(loaded["text_encoder"].state_dict()) == sorted(source.text_encoder.state_dict())
+
+
 def test_bf16_load_keeps_diffusers_fp32_modules(diffusers_dir):
     loaded = load_checkpoint(TINY, diffusers_dir, vocab_size=VOCAB, dtype=torch.bfloat16)
     state = loaded["transformer"].state_dict()

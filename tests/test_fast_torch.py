@@ -476,6 +476,23 @@ def test_fast_refuses_other_plans_and_fp8_attention_with_int8():
         FastTransformer(graph, plan, FastOptions(attention="fp8", compile=False))
 
 
+def test_a_lazy_engine_is_made_on_its_first_call_only():
+    from wan_trt.runtime.fast.engines import LazyEngine
+
+    made = []
+
+    class Echo:
+        seconds = 1.5
+
+        def run(self, feed):
+            return dict(feed)
+
+    engine = LazyEngine("spec", lambda: made.append(1) or Echo())
+    assert made == [] and engine.seconds == 0.0  # a run whose prompts are all cached never loads umT5
+    assert engine.run({"x": 1}) == {"x": 1} and engine.run({"x": 2}) == {"x": 2}
+    assert made == [1] and engine.seconds == 1.5
+
+
 def test_meta_built_transformer_runs():
     """benchmarks/models.py: meta construction + on-device init gives a complete, finite model (tiny, CPU)."""
     from wan_trt.models.graphs import TransformerGraph

@@ -181,12 +181,21 @@ def test_fast_device_estimate_covers_the_measured_full_size_peak(torch_dir):
 
     from wan_trt.presets import get_preset
 
+    from wan_trt.calibration.policy import load_policy
+
     manifest = dataclasses.replace(read_manifest(torch_dir), preset=get_preset("animate-14b"))
-    fast_480 = preflight.estimate_device_bytes(manifest, torch_dir, 832, 480, 77, text_encoder=False, fast=True)
+    # measured when --fast still loaded umT5 whatever the prompts: so with the text encoder
+    fast_480 = preflight.estimate_device_bytes(manifest, torch_dir, 832, 480, 77, text_encoder=True, fast=True)
     fast_720 = preflight.estimate_device_bytes(manifest, torch_dir, 1280, 720, 77, text_encoder=False, fast=True)
     assert fast_480.total >= 45.0 * 2**30
     assert fast_480.loading > fast_480.weights  # the whole model, before the encoders leave the GPU
     assert fast_720.total <= 78.6 * 2**30
+    cached = preflight.estimate_device_bytes(manifest, torch_dir, 832, 480, 77, text_encoder=False, fast=True)
+    assert fast_480.loading - cached.loading == pytest.approx(2 * 5.68e9, rel=0.01)  # umT5 is not loaded at all
+    # FP8 engines (benchmarks/results/end_to_end_h100_480_fp8.json: 52.6 GiB): the FP8 Linears beside the bf16 ones
+    fp8 = dataclasses.replace(manifest, precision="fp8", quantization={"policy": load_policy().to_json()})
+    fp8_480 = preflight.estimate_device_bytes(fp8, torch_dir, 832, 480, 77, text_encoder=True, fast=True)
+    assert 52.6 * 2**30 <= fp8_480.total <= 1.1 * 52.6 * 2**30
     tiny = preflight.estimate_device_bytes(read_manifest(torch_dir), torch_dir, 832, 480, 77)
     tiny_fast = preflight.estimate_device_bytes(read_manifest(torch_dir), torch_dir, 832, 480, 77, fast=True)
     assert tiny_fast.dit_activations * 2 == tiny.dit_activations  # bf16, not the fp32 engines' dtype
@@ -410,6 +419,12 @@ def test_counter_random_weights_build_makes_only_what_it_reads_and_the_backend_r
     assert manifest.weights_hash == build_reference_models(preset, seed=3, vocab_size=vocab, components=()).weights_hash()
     modules = reference_graph_modules(manifest, engines)
     assert modules["transformer"].transformer.patch_embedding.weight.device.type == "cpu"
+    # --fast's loading: every graph but the text encoder, whose component then is never made
+    made.clear()
+    some = reference_graph_modules(manifest, engines, graphs=[name for name in manifest.graphs if name != "text_encoder"])
+    assert made == [{"transformer", "vae", "image_encoder"}] and list(some) == [n for n in modules if n != "text_encoder"]
+    only = reference_graph_modules(manifest, engines, graphs=["text_encoder"])
+    assert list(only) == ["text_encoder"] and made[-1] == {"text_encoder"}
     data = json.loads((engines / MANIFEST_NAME).read_text())
     data["seed"] = 4
     (engines / MANIFEST_NAME).write_text(json.dumps(data))

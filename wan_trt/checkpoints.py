@@ -797,8 +797,10 @@ def load_diffusers_image_encoder(folder: Path, preset: Preset, *,
 
 
 def load_checkpoint(preset: Preset, checkpoint: str | Path, *, vocab_size: int,
-                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> dict[str, torch.nn.Module]:
-    """Load the four reference modules of ``preset`` from ``checkpoint`` (either layout), strictly.
+                    dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                    components: Iterable[str] | None = None) -> dict[str, torch.nn.Module]:
+    """Load the four reference modules of ``preset`` from ``checkpoint`` (either layout), strictly; with
+    ``components``, only those (the others are their structure, parameters on the meta device).
 
     Returns ``{"text_encoder", "image_encoder", "vae", "transformer"}`` modules in eval mode, without
     gradients, in ``dtype`` (diffusers' fp32-kept transformer modules stay fp32), on ``device``: the
@@ -822,4 +824,9 @@ def load_checkpoint(preset: Preset, checkpoint: str | Path, *, vocab_size: int,
             "text_encoder": lambda: load_original_text_encoder(root / ORIGINAL_T5, preset, vocab_size, dtype=dtype),
             "image_encoder": lambda: load_original_image_encoder(root / ORIGINAL_CLIP, preset, dtype=dtype),
         }
-    return {name: load().to(device) for name, load in loaders.items()}
+    shells = {"transformer": lambda: empty_transformer(preset), "vae": lambda: empty_vae(preset),
+              "text_encoder": lambda: empty_text_encoder(preset, vocab_size),
+              "image_encoder": lambda: empty_image_encoder(preset)}
+    wanted = set(loaders) if components is None else set(components)
+    return {name: load().to(device) if name in wanted else shells[name]().eval().requires_grad_(False)
+            for name, load in loaders.items()}

@@ -29,7 +29,10 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
   - with ``infer --fast`` every module counts 2 bytes per parameter (bf16; FP8 Linears are counted as
     bf16 too, which over-estimates an FP8 DiT by about 16 GiB at full size), the text and image encoders
     only one at a time (they wait on the host), and the peak is at least the whole model in bf16 (it is
-    loaded on the GPU before the encoders leave; measured on an H100: 45.0 GiB at 832×480);
+    loaded on the GPU before the encoders leave; measured on an H100: 45.0 GiB at 832×480), without
+    umT5 when every prompt is in the build's cache (``--fast`` then never loads it), plus 1 byte per
+    weight of the FP8/INT8 Linears an fp8/int8 manifest's policy quantizes, made beside the bf16 ones
+    (measured: 52.6 GiB for fp8 engines, umT5 loaded);
   - VAE (streamed, one 4-frame chunk at a time): ``16 × 4 × H × W × base_dim × bytes``, the
     factor 16 fitted to diffusers' measured 720p × 77-frame decode on an H100 (21.5 GB fp32,
     10.8 GB bf16 — the formula gives 22.6 / 11.3 GB).
@@ -350,6 +353,16 @@ def graph_weight_bytes(manifest, directory: Path) -> dict[str, int]:
             for name, entry in manifest.graphs.items()}
 
 
+def _quantized_copies(manifest, vocab: int) -> int:
+    """Bytes of the quantized Linears ``--fast`` makes from a quantized manifest's policy (1 byte per weight)."""
+    if manifest.precision not in QUANTIZED_PRECISIONS or not manifest.quantization:
+        return 0
+    from wan_trt.calibration.policy import PrecisionPolicy
+
+    policy = PrecisionPolicy.from_json(manifest.quantization["policy"])
+    return quantized_parameter_count(meta_modules(manifest.preset, vocab)[Component.TRANSFORMER], policy)
+
+
 def estimate_device_bytes(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
                           batch: int = 1, text_encoder: bool = True, gpus: int = 1, fast: bool = False) -> DeviceEstimate:
     """Peak device memory of one run at ``width`` × ``height`` (see the module docstring for the formula), per
@@ -361,7 +374,8 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
         counts = parameter_counts(manifest.preset, vocab)[0]
         visiting = max(counts[Component.IMAGE_ENCODER], counts[Component.TEXT_ENCODER] if text_encoder else 0)
         weights = 2 * (counts[Component.TRANSFORMER] + counts[Component.VAE] + visiting)
-        loading = 2 * sum(counts.values())
+        loading = 2 * (sum(counts.values()) - (0 if text_encoder else counts[Component.TEXT_ENCODER]))
+        loading += _quantized_copies(manifest, vocab)  # FP8/INT8 Linears are made beside their bf16 weights
     else:
         sizes = graph_weight_bytes(manifest, directory)
         weights = sum(size for name, size in sizes.items() if text_encoder or name != TEXT_ENCODER)

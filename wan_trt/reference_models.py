@@ -71,9 +71,10 @@ def build_reference_models(
     random weights; a preset that needs a checkpoint takes ``random_weights=True`` for speed/memory
     work. ``lora`` (a LoRA file, e.g. ``relighting_lora.ckpt``, merged with ``lora_scale``, or
     ``wan_trt.lora.LoraSpec``s, merged in order) changes the transformer's weights after loading. With
-    ``counter`` random weights, the modules not named in ``components`` keep their parameters on the meta
-    device (structure only: a build that needs only the text encoder's values makes only those); a LoRA
-    is then checked against the structure and recorded, not merged.
+    ``counter`` random weights or a checkpoint, the modules not named in ``components`` keep their
+    parameters on the meta device (structure only: a build that needs only the text encoder's values
+    makes only those); a LoRA is then checked against the structure and recorded, not merged. (Seeded
+    fp32 random weights, the tiny preset's, are always made whole.)
     """
     if checkpoint is None and preset.needs_checkpoint and not random_weights:
         raise BadInputError(
@@ -83,7 +84,7 @@ def build_reference_models(
         from wan_trt.checkpoints import load_checkpoint
 
         models = ReferenceModels(**load_checkpoint(preset, checkpoint, vocab_size=vocab_size, dtype=dtype,
-                                                   device=device))
+                                                   device=device, components=components))
     elif preset.random_init == "counter":
         models = _counter_models(preset, seed=seed, vocab_size=vocab_size, device=device, dtype=dtype,
                                  components=set(components), lora=lora, lora_scale=lora_scale)

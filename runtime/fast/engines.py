@@ -5,7 +5,7 @@ and the FP8 plan read from the engines' calibration cache.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -13,7 +13,7 @@ from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
 from wan_trt.calibration.quantize import QuantPlan
 from wan_trt.dtypes import cast_floats
 from wan_trt.errors import EngineError
-from wan_trt.registry import GRAPHS, TRANSFORMER
+from wan_trt.registry import GRAPHS, TEXT_ENCODER, TRANSFORMER
 from wan_trt.runtime.engines import pipeline_outputs
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 from wan_trt.runtime.options import RuntimeOptions
@@ -50,6 +50,32 @@ class FastEngine:
         result = pipeline_outputs(self.spec.output_names, outputs, torch.float32)  # the host copy waits for the GPU
         self.seconds += time.perf_counter() - start
         return result
+
+
+class LazyEngine:
+    """An engine made on its first call (``make``), so that a graph the run never calls is never loaded."""
+
+    def __init__(self, spec, make: Callable[[], FastEngine]) -> None:
+        self.spec, self._make, self._engine = spec, make, None
+
+    @property
+    def seconds(self) -> float:
+        return self._engine.seconds if self._engine is not None else 0.0
+
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._engine is None:
+            self._engine = self._make()
+        return self._engine.run(feed)
+
+
+def _text_encoder_engine(manifest, directory) -> FastEngine:
+    """umT5 for a prompt the build did not embed: made now, on the GPU in bf16, kept on the host between calls."""
+    from wan_trt.runtime.loading import reference_graph_modules
+
+    log.info("a prompt is not in the build's cache: loading the text encoder")
+    module = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16, graphs=[TEXT_ENCODER])[TEXT_ENCODER]
+    return FastEngine(cast_floats(module, torch.bfloat16), manifest.graphs[TEXT_ENCODER].spec, "cuda",
+                      torch.bfloat16, offload=GRAPHS[TEXT_ENCODER].once_per_video)
 
 
 def fast_plan(graph: torch.nn.Module, directory, manifest,
@@ -102,7 +128,9 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     precision = manifest.precision
     if precision not in ("fp32", "fp8", "int8"):
         raise EngineError(f"--fast runs fp32, fp8 and int8 engines; these are {precision}: run them without --fast")
-    modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16)  # straight to the GPU in bf16
+    # straight to the GPU in bf16; umT5 (11 GB at full size) only if a prompt is not in the build's cache
+    modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16,
+                                      graphs=[name for name in manifest.graphs if name != TEXT_ENCODER])
     plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
                                                    options.fp8_attention_smoothing)
                                          if precision in ("fp8", "int8") else (None, {}, "none"))
@@ -124,6 +152,9 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
              f", smoothing {fast_options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
     engines = {}
     for name, entry in manifest.graphs.items():
+        if name == TEXT_ENCODER:
+            engines[name] = LazyEngine(entry.spec, lambda: _text_encoder_engine(manifest, directory))
+            continue
         if name == TRANSFORMER:
             engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None)  # casts itself; timestep stays fp32
             continue

@@ -17,7 +17,7 @@ exact function that was exported; separate tests tie these modules to the untouc
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -317,9 +317,11 @@ GRAPH_FACTORIES: dict[str, Callable[[ReferenceModels], torch.nn.Module]] = {
 }
 
 
-def graph_modules(models: ReferenceModels) -> dict[str, torch.nn.Module]:
-    """One export-friendly module per declared graph name, in eval mode, in the registry's order."""
-    return {name: GRAPH_FACTORIES[name](models).eval() for name in registry.GRAPH_NAMES}
+def graph_modules(models: ReferenceModels, names: Iterable[str] | None = None) -> dict[str, torch.nn.Module]:
+    """One export-friendly module per declared graph name (or per name in ``names``), in eval mode, in the
+    registry's order."""
+    wanted = registry.GRAPH_NAMES if names is None else [n for n in registry.GRAPH_NAMES if n in set(names)]
+    return {name: GRAPH_FACTORIES[name](models).eval() for name in wanted}
 
 
 def cache_layouts(models: ReferenceModels) -> tuple[list[CacheSlot], list[CacheSlot]]:
