@@ -264,10 +264,13 @@ def test_fast_plan_takes_the_smoothed_attention_ranges(quantized_engines, monkey
     from wan_trt.runtime.manifest import read_manifest
 
     precision, engines = quantized_engines
-    if precision != "fp8":
-        pytest.skip("the fast path runs FP8 plans only")
     manifest = read_manifest(engines)
     graph = reference_graph_modules(manifest)["transformer"]
+    if precision != "fp8":  # INT8 engines: every policy layer on the INT8 plan, no FP8 attention (bf16 in --fast)
+        plan, ranges, _ = fast_plan(graph, engines, manifest, "auto")
+        assert plan.precision == "int8" and plan.layers and not plan.attention and ranges == {}
+        assert all(layer.inv_smooth is not None for layer in plan.layers.values())  # SmoothQuant, as the graph
+        return
     cache = load_cache(engines / manifest.quantization["calibration_file"])
     for smoothing, names in (("none", "qkv"), ("v", ("q", "k", "v_smooth")), ("kv", ("q", "k_smooth", "v_smooth")),
                              ("auto", ("q", "k", "v_smooth"))):
