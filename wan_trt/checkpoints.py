@@ -357,6 +357,14 @@ def empty_transformer(preset: Preset) -> torch.nn.Module:
         return WanAnimateTransformer3DModel(**transformer_config(preset))
 
 
+def empty_component(name: str, preset: Preset, vocab_size: int) -> torch.nn.Module:
+    """The checkpoint component ``name`` of ``preset`` with its parameters on the meta device."""
+    if name == Component.TEXT_ENCODER:
+        return empty_text_encoder(preset, vocab_size)
+    return {Component.TRANSFORMER: empty_transformer, Component.VAE: empty_vae,
+            Component.IMAGE_ENCODER: empty_image_encoder}[name](preset)
+
+
 def empty_vae(preset: Preset) -> torch.nn.Module:
     from diffusers import AutoencoderKLWan
 
@@ -824,9 +832,6 @@ def load_checkpoint(preset: Preset, checkpoint: str | Path, *, vocab_size: int,
             "text_encoder": lambda: load_original_text_encoder(root / ORIGINAL_T5, preset, vocab_size, dtype=dtype),
             "image_encoder": lambda: load_original_image_encoder(root / ORIGINAL_CLIP, preset, dtype=dtype),
         }
-    shells = {"transformer": lambda: empty_transformer(preset), "vae": lambda: empty_vae(preset),
-              "text_encoder": lambda: empty_text_encoder(preset, vocab_size),
-              "image_encoder": lambda: empty_image_encoder(preset)}
     wanted = set(loaders) if components is None else set(components)
-    return {name: load().to(device) if name in wanted else shells[name]().eval().requires_grad_(False)
-            for name, load in loaders.items()}
+    return {name: load().to(device) if name in wanted else empty_component(name, preset, vocab_size).eval()
+            .requires_grad_(False) for name, load in loaders.items()}

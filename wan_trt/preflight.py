@@ -183,17 +183,11 @@ def meta_modules(preset, vocab_size: int) -> dict[str, Any]:
     """The preset's four reference modules with every parameter on the meta device (no weight memory)."""
     import torch
 
-    from wan_trt.checkpoints import (
-        empty_image_encoder,
-        empty_text_encoder,
-        empty_transformer,
-        empty_vae,
-    )
+    from wan_trt.checkpoints import empty_component
 
     with torch.device("meta"):
-        return {Component.TRANSFORMER: empty_transformer(preset), Component.VAE: empty_vae(preset),
-                Component.TEXT_ENCODER: empty_text_encoder(preset, vocab_size),
-                Component.IMAGE_ENCODER: empty_image_encoder(preset)}
+        return {name: empty_component(name, preset, vocab_size) for name in (
+            Component.TRANSFORMER, Component.VAE, Component.TEXT_ENCODER, Component.IMAGE_ENCODER)}
 
 
 def _numel(*modules) -> int:

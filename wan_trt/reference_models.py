@@ -123,14 +123,13 @@ def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch
                     components: set[str], lora: str | Path | LoraSpec | Sequence[LoraSpec] | None,
                     lora_scale: float) -> ReferenceModels:
     """The ``counter`` scheme: structure on meta, then the values of ``components`` made on ``device``."""
-    from wan_trt.checkpoints import empty_image_encoder, empty_text_encoder, empty_transformer, empty_vae
+    from wan_trt.checkpoints import empty_component
     from wan_trt.random_weights import counter_weights_hash, materialize_random_
 
     unknown = set(components) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}")
-    shells = {"text_encoder": empty_text_encoder(preset, vocab_size), "image_encoder": empty_image_encoder(preset),
-              "vae": empty_vae(preset), "transformer": empty_transformer(preset)}
+    shells = {name: empty_component(name, preset, vocab_size) for name in COMPONENTS}
     for name in COMPONENTS:
         if name in components:
             log.info("generating %s's random weights on %s (%s)", name, device, str(dtype).removeprefix("torch."))
