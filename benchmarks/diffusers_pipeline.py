@@ -8,7 +8,7 @@ The weights are ``animate-14b``'s ``counter`` random weights (the seed of ``buil
 torch.bfloat16)`` loads a checkpoint); the tokenizer is the offline one the random-weights engines use.
 The inputs are the end-to-end benchmark's synthetic demo inputs (made here if missing). Timed: the
 pipeline call (prompt encoding, CLIP, VAE encode, motion encoder, 20 DiT steps, whole-clip VAE decode),
-with the DiT's calls timed separately (CUDA-synchronised hooks); not timed: building the modules.
+with the DiT's, the VAE's and the encoders' calls timed separately (CUDA-synchronised wrappers); not timed: building the modules.
 """
 
 from __future__ import annotations
@@ -68,19 +68,26 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"kind": "diffusers_pipeline", "env": environment(), "weights_hash": models.weights_hash(),
                                "build_modules_s": round(time.perf_counter() - start, 1), "steps": args.steps,
                                "frames": args.frames, "runs": {}}
-    dit = {"seconds": 0.0, "calls": 0}
+    stages = {name: {"seconds": 0.0, "calls": 0} for name in ("DiT", "vae_encode", "vae_decode", "text_encoder",
+                                                               "image_encoder")}
 
-    def before(*_):
-        sync()
-        dit["t"] = time.perf_counter()
+    def timed(name: str, call):
+        """``call`` with its CUDA-synchronised seconds and calls added to ``stages[name]``."""
+        def wrapper(*a, **k):
+            sync()
+            t = time.perf_counter()
+            result = call(*a, **k)
+            sync()
+            stages[name]["seconds"] += time.perf_counter() - t
+            stages[name]["calls"] += 1
+            return result
+        return wrapper
 
-    def after(*_):
-        sync()
-        dit["seconds"] += time.perf_counter() - dit["t"]
-        dit["calls"] += 1
-
-    models.transformer.register_forward_pre_hook(before)
-    models.transformer.register_forward_hook(after)
+    models.transformer.forward = timed("DiT", models.transformer.forward)
+    models.vae.encode = timed("vae_encode", models.vae.encode)
+    models.vae.decode = timed("vae_decode", models.vae.decode)
+    models.text_encoder.forward = timed("text_encoder", models.text_encoder.forward)
+    models.image_encoder.forward = timed("image_encoder", models.image_encoder.forward)
     for size in [s for s in args.sizes.split(",") if s]:
         width, height = (int(v) for v in size.split("x"))
         folder = work / f"inputs-{size}"
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = load_driving_inputs(str(folder))
         pose = [Image.fromarray(f) for f in inputs.pose.frames]
         face = [Image.fromarray(f) for f in inputs.face.frames]
-        dit.update(seconds=0.0, calls=0)
+        for stage in stages.values():
+            stage.update(seconds=0.0, calls=0)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         sync()
@@ -100,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                          num_inference_steps=args.steps, generator=torch.Generator(args.device).manual_seed(0),
                          output_type="np").frames[0]
         sync()
-        results["runs"][size] = {"total_s": round(time.perf_counter() - t0, 2), "DiT_s": round(dit["seconds"], 2),
-                                 "dit_calls": dit["calls"], "frames_out": int(len(video))}
+        results["runs"][size] = {"total_s": round(time.perf_counter() - t0, 2), "DiT_s": round(stages["DiT"]["seconds"], 2),
+                                 "dit_calls": stages["DiT"]["calls"], "frames_out": int(len(video)),
+                                 "stages": {name: {"seconds": round(s["seconds"], 2), "calls": s["calls"]}
+                                            for name, s in stages.items()}}
         if cuda:
             results["runs"][size]["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         write_json(out, results)

@@ -2,11 +2,13 @@
 then ``wan-trt infer --fast``, at full size (``animate-14b --random-weights``), each a fresh process.
 
 ``python -m benchmarks.end_to_end --work /tmp/e2e --out results/JSON [--sizes 832x480,1280x720] [--steps 20]
-[--sampler unipc|euler|dpmpp] [--shift S] [--precision bf16|fp8] [--calibration CACHE] [--policy NAME]``
+[--sampler unipc|euler|dpmpp] [--shift S] [--precision bf16|fp8] [--calibration CACHE | --calibration-clip WxHxF]
+[--policy NAME]``
 
 ``--precision bf16`` (default) runs ``--fast`` on the fp32 torch build (bf16 Linears and attention);
 ``fp8`` runs the FP8 journey: ``calibrate --device cuda`` on each size's inputs (or ``--calibration``,
-a cache made earlier, e.g. at another size: the results say which), ``build --precision fp8 --backend
+a cache made earlier, e.g. at another size, or ``--calibration-clip``, one made here on a short synthetic clip:
+the results say which), ``build --precision fp8 --backend
 torch`` with that cache, then ``infer --fast`` on those engines. ``--sampler``/``--shift``/``--steps``
 are the schedule of calibration and inference alike (``--sampler euler --steps 4`` is the
 ``lightx2v-4step`` recipe's schedule: its speed, on random weights without the distillation LoRA,
@@ -87,6 +89,8 @@ def schedule_options(args: argparse.Namespace) -> list[str]:
 def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: argparse.Namespace,
                 results: dict[str, Any], out: Path) -> Path | None:
     """Calibrate on the GPU (unless ``--calibration``) and build FP8 torch engines from the cache."""
+    if args.calibration_clip:  # one short clip calibrates every size (the ranges' values do not change speed)
+        size, inputs = args.calibration_clip, calibration_clip(work, args.calibration_clip)
     cache = Path(args.calibration) if args.calibration else work / f"calibration-{size}-{schedule_name(args)}.json"
     if not cache.is_file() and run_step(
             f"calibrate_cuda_{size}_{schedule_name(args)}",
@@ -104,6 +108,17 @@ def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: a
     return engines
 
 
+def calibration_clip(work: Path, clip: str) -> Path:
+    """The synthetic inputs of ``--calibration-clip WxHxF`` (made once in ``work``)."""
+    from wan_trt.demo_media import make_demo_inputs
+
+    width, height, frames = (int(v) for v in clip.split("x"))
+    folder = work / f"inputs-{clip}"
+    if not folder.is_dir():
+        make_demo_inputs(folder, width=width, height=height, num_frames=frames)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.timing import environment, write_json
     from wan_trt.demo_media import make_demo_inputs
@@ -115,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--calibration", help="fp8: this calibration cache instead of calibrating at each size")
     parser.add_argument("--policy", default="default", help="fp8: the build's precision policy [default]")
+    parser.add_argument("--calibration-clip", metavar="WxHxF",
+                        help="fp8: calibrate once on synthetic inputs of this size and frame count (e.g. 832x480x13) "
+                             "instead of on each size's 77 frames")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)

@@ -223,7 +223,8 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                              "precision": "bf16 (motion basis fp32)"}
     _release(faces)
 
-    policies = {"fast_fp8": load_policy(cfg.policy), "fast_fp8_every_block": load_policy("every-block")}
+    policies = {"fast_fp8": load_policy(cfg.policy), "fast_fp8_every_block": load_policy("every-block"),
+                "fast_int8": load_policy(cfg.policy)}
     num_blocks = len(model.blocks)
     linears = {f"transformer.{n}": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     observed = {f"transformer.blocks.{b}.{n}" for b in range(num_blocks) for n in BLOCK_LINEARS}
@@ -236,14 +237,18 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                                          "frames": cfg.frames}, "flops": dit_flops(cfg, width, height)}
         with torch.inference_mode():
             if variants is None:  # calibrate on the first size's baseline warm-up (random weights: no cache exists)
-                observer = AmaxObserver({p: m for p, m in linears.items() if p in observed})
+                observer = AmaxObserver({p: m for p, m in linears.items() if p in observed}, channels=True)
                 graph(*inputs)
-                amax = observer.remove()
-                plans = {name: fp8_plan(linears, amax, policy, num_blocks) for name, policy in policies.items()}
+                channel_amax = observer.remove_channels()
+                amax = {name: max(values) for name, values in channel_amax.items()}
+                plans = {name: (_int8_plan(linears, channel_amax, policy, num_blocks) if name == "fast_int8"
+                                else fp8_plan(linears, amax, policy, num_blocks))
+                         for name, policy in policies.items()
+                         if name != "fast_int8" or any(v.startswith("fast_int8") for v in cfg.variants)}
                 out["calibration"] = {"method": "max", "samples": f"one bf16 forward at {key}, t=500, random inputs",
                                       "layers": len(amax),
-                                      "policies": {name: {**policy.to_json(), "quantized_layers": len(plans[name].layers)}
-                                                   for name, policy in policies.items()},
+                                      "policies": {name: {**policies[name].to_json(), "quantized_layers": len(plan.layers)}
+                                                   for name, plan in plans.items()},
                                       "attention": {"margin": ATTENTION_MARGIN,
                                                     "samples": f"one fast forward at {key}, t=500 (static q/k/v scales)"}}
                 variants = _variants(graph, plans, cfg.variants, cfg.fp8_attention_kernel)
@@ -278,6 +283,17 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
             out.setdefault("fp8_weight_gib", {})[name] = round(fp8_weights / 2**30, 3)
     _release(variants, graph, model, motion)
     return out
+
+
+def _int8_plan(linears, channel_amax: dict[str, list[float]], policy, num_blocks: int):
+    """The INT8 (SmoothQuant W8A8) plan of ``build --precision int8`` from one forward's channel maxima."""
+    from wan_trt.calibration.cache import CalibrationCache, LayerStats
+    from wan_trt.calibration.quantize import make_plan
+
+    cache = CalibrationCache(weights_hash="benchmark", preset="animate-14b", method="max", samples=["one forward"],
+                             steps=1, layers={name: LayerStats(max(values), values)
+                                              for name, values in channel_amax.items()})
+    return make_plan(linears, cache, policy, "int8", num_blocks)
 
 
 def _reference_noise(graph, inputs, reference) -> dict[str, float]:
@@ -351,11 +367,13 @@ def _base_variant(graph, plans: dict[str, Any], name: str, kernel: str, by_plan:
     fp8 = FastOptions(attention="fp8", fp8_attention_blocks="policy", fp8_attention_kernel=pinned or kernel)
     if name == "fast_bf16":  # its self-attention kernel follows ``kernel`` too (bf16_attention_kernel auto)
         return FastTransformer(graph, None, FastOptions(attention="bf16", fp8_attention_kernel=kernel)).to("cuda")
+    if name == "fast_int8":  # INT8 W8A8 Linears (torch._int_mm), bf16 attention: GPUs without FP8
+        return FastTransformer(graph, plans[name], FastOptions(attention="bf16", fp8_attention_kernel=kernel)).to("cuda")
     if name == "fast_fp8_linears_bf16_attention":
         base = "fast_fp8"
     elif base not in ("fast_fp8", "fast_fp8_every_block"):
         raise ValueError(f"unknown variant {name}: choose from fast_bf16, fast_fp8, fast_fp8_every_block, "
-                         "fast_fp8_linears_bf16_attention")
+                         "fast_fp8_linears_bf16_attention, fast_int8")
     first = base not in by_plan
     if first:
         by_plan[base] = FastTransformer(graph, plans[base], fp8).to("cuda")

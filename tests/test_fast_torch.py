@@ -28,7 +28,7 @@ from wan_trt.runtime.fast.engines import fast_torch_engines
 from wan_trt.runtime.fast.glue import Glue, qk_norm_rope, qk_norm_rope_fp8, quant_dynamic, residual_norm_affine, to_out_input
 from wan_trt.runtime.fast.linear import AmaxObserver, FP8, FP8_MAX, Fp8Linear, fp8_plan, quantize_fp8
 from wan_trt.runtime.fast.transformer import BLOCK_LINEARS, FastOptions, FastTransformer
-from wan_trt.runtime.fast.vae import decode_streamed
+from wan_trt.runtime.fast.vae import VAE_SPEEDUPS, decode_streamed, speed_up_vae
 
 from wan_trt.components import segment_sizes
 from wan_trt.errors import BadInputError, EngineError
@@ -408,21 +408,11 @@ def test_fast_refuses_other_backends_and_cpu():
 def _int8_plan(graph, feed, policy: PrecisionPolicy = TINY_POLICY):
     """The INT8 plan (SmoothQuant, alpha 0.5) of a cache calibrated on ``feed``: per-tensor and per-channel maxima."""
     quantized = {p: m for p, m in linear_layers(graph).items() if p in set(policy.quantized_layers(10))}
-    channel: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(module, args):
-            value = args[0].detach().abs().flatten(0, -2).amax(dim=0)
-            channel[name] = value if name not in channel else torch.maximum(channel[name], value)
-        return record
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in quantized.items()]
+    observer = AmaxObserver(quantized, channels=True)  # the GPU benchmark's INT8 calibration
     with torch.no_grad():
         graph(*feed)
-    for handle in handles:
-        handle.remove()
-    cache = CalibrationCache("w", "tiny", "max", ["s"], 1,
-                             {p: LayerStats(float(c.max()), c.tolist()) for p, c in channel.items()})
+    channel = observer.remove_channels()
+    cache = CalibrationCache("w", "tiny", "max", ["s"], 1, {p: LayerStats(max(c), c) for p, c in channel.items()})
     return make_plan(linear_layers(graph), cache, policy, "int8", 10)
 
 
@@ -542,6 +532,29 @@ def test_decode_streamed_equals_decoder_graphs():
     got = torch.cat(list(decode_streamed(vae, latents)), dim=2)
     assert got.shape == want.shape == (1, 3, 9, 48, 64)
     assert relative_l2(got, want) <= 1e-6
+
+
+@pytest.mark.parametrize("speedups", [[name] for name in VAE_SPEEDUPS] + [list(VAE_SPEEDUPS)],
+                         ids=[*VAE_SPEEDUPS, "all"])
+def test_vae_speedups_compute_the_same_encode_and_decode(speedups):
+    """Each of ``speed_up_vae``'s changes (and all of them, twice: idempotent) = the unchanged VAE, fp32, fresh inputs."""
+    vae = fresh_reference_models().vae.eval()
+    fast = copy.deepcopy(vae)
+    for _ in range(2):
+        speed_up_vae(fast, speedups)
+    names = {type(m).__name__ for m in fast.modules()}
+    assert ("RmsNormSiLU" in names) == ("fused_norm_silu" in speedups)
+    assert ("PaddedCausalConv3d" in names) == ("conv_padding" in speedups)
+    gen = torch.Generator().manual_seed(11)
+    latents, video = torch.randn(1, 16, 3, 6, 8, generator=gen), torch.rand(1, 3, 9, 48, 64, generator=gen) * 2 - 1
+    with torch.no_grad():
+        want_video = torch.cat(list(decode_streamed(vae, latents)), dim=2)
+        got_video = torch.cat(list(decode_streamed(fast, latents)), dim=2)
+        want_latents, got_latents = (m.encode(video).latent_dist.mode() for m in (vae, fast))
+    assert relative_l2(got_video, want_video) <= 1e-5 and relative_l2(got_latents, want_latents) <= 1e-5
+    torch.backends.cudnn.benchmark = False  # process-wide: leave it as the other tests expect
+    with pytest.raises(ValueError, match="unknown VAE speed-up tiling"):
+        speed_up_vae(fast, ["tiling"])
 
 
 @pytest.mark.parametrize("extra", [["--backend", "onnxruntime", "--device", "cuda"], ["--backend", "torch"]])

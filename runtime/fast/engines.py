@@ -13,12 +13,23 @@ from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
 from wan_trt.calibration.quantize import QuantPlan
 from wan_trt.dtypes import cast_floats
 from wan_trt.errors import EngineError
-from wan_trt.registry import GRAPHS, TEXT_ENCODER, TRANSFORMER
+from wan_trt.registry import (
+    GRAPHS,
+    TEXT_ENCODER,
+    TRANSFORMER,
+    VAE_DECODER_FIRST,
+    VAE_DECODER_STEP,
+    VAE_ENCODER_FIRST,
+    VAE_ENCODER_STEP,
+)
 from wan_trt.runtime.engines import pipeline_outputs
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
+from wan_trt.runtime.fast.vae import VAE_SPEEDUPS, speed_up_vae
 from wan_trt.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
+
+VAE_GRAPHS = (VAE_ENCODER_FIRST, VAE_ENCODER_STEP, VAE_DECODER_FIRST, VAE_DECODER_STEP)
 
 
 class FastEngine:
@@ -161,4 +172,8 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
         offload = GRAPHS[name].once_per_video  # run once per video, before the DiT
         module = cast_floats(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
         engines[name] = FastEngine(module, entry.spec, "cuda", torch.bfloat16, offload=offload)
+    vae = next((modules[name].vae for name in VAE_GRAPHS if name in modules), None)
+    if vae is not None:  # the four streamed VAE graphs share one AutoencoderKLWan
+        speed_up_vae(vae)
+        log.info("fast VAE: %s", ", ".join(VAE_SPEEDUPS))
     return engines

@@ -95,19 +95,28 @@ def fp8_plan(linears: Mapping[str, torch.nn.Linear], act_amax: Mapping[str, floa
 
 
 class AmaxObserver:
-    """Records the largest |input| of chosen Linears over calls, on their device (no host sync per call)."""
+    """Records the largest |input| of chosen Linears over calls, on their device (no host sync per call);
+    per input channel with ``channels`` (SmoothQuant's statistics)."""
 
-    def __init__(self, linears: Mapping[str, torch.nn.Module]) -> None:
+    def __init__(self, linears: Mapping[str, torch.nn.Module], channels: bool = False) -> None:
         self.amax: dict[str, torch.Tensor] = {}
+        self.channels = channels
         self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str):
         def hook(module, args):
-            value = args[0].detach().abs().amax().float()
+            x = args[0].detach().abs()
+            value = (x.reshape(-1, x.shape[-1]).amax(dim=0) if self.channels else x.amax()).float()
             self.amax[name] = value if name not in self.amax else torch.maximum(self.amax[name], value)
         return hook
 
     def remove(self) -> dict[str, float]:
         for handle in self.handles:
             handle.remove()
-        return {name: float(value) for name, value in self.amax.items()}
+        return {name: float(value.max()) for name, value in self.amax.items()}
+
+    def remove_channels(self) -> dict[str, list[float]]:
+        """Stop observing; each Linear's per-input-channel maxima (``channels=True``)."""
+        for handle in self.handles:
+            handle.remove()
+        return {name: value.cpu().tolist() for name, value in self.amax.items()}

@@ -1,13 +1,19 @@
-"""The VAE decode of ``--fast``: streamed chunks with an in-place feature cache.
+"""The VAE of ``--fast``: streamed decode with an in-place feature cache, and the speed-ups applied to
+diffusers' ``AutoencoderKLWan`` modules before they run on the GPU (:func:`speed_up_vae`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
-
+#: What :func:`speed_up_vae` can change, in the order it applies them (each measured on its own by
+#: ``benchmarks/vae_speed.py``): cuDNN's autotuner, channels-last convolutions, RMSNorm + SiLU as one
+#: compiled kernel, and the causal convolution's spatial zero padding done by the convolution itself
+#: (one copy of its input fewer).
+VAE_SPEEDUPS = ("cudnn_benchmark", "channels_last", "fused_norm_silu", "conv_padding")
 
 
 @torch.no_grad()
@@ -25,3 +31,82 @@ def decode_streamed(vae: torch.nn.Module, latents: torch.Tensor) -> Iterator[tor
     for index in range(latents.shape[2]):
         z = vae.post_quant_conv(latents[:, :, index:index + 1] * std + mean)
         yield vae.decoder(z, feat_cache=cache, feat_idx=[0], first_chunk=index == 0).clamp(-1.0, 1.0)
+
+
+def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float,
+                  dim: int) -> torch.Tensor:
+    """diffusers' ``WanRMS_norm`` (normalised in fp32, rounded to x's dtype, · scale · gamma + bias), then SiLU."""
+    y = F.normalize(x.float(), dim=dim).to(x.dtype) * scale * gamma + bias
+    return F.silu(y)
+
+
+_COMPILED_NORM: Callable | None = None
+
+
+def _norm_silu_kernel(device: torch.device) -> Callable:
+    """:func:`rms_norm_silu` compiled once for every shape (GPU), or plain (CPU, tests)."""
+    global _COMPILED_NORM
+    if device.type != "cuda":
+        return rms_norm_silu
+    if _COMPILED_NORM is None:  # rounding points kept as the reference's (see glue.Glue.compiled)
+        _COMPILED_NORM = torch.compile(rms_norm_silu, dynamic=True, options={"emulate_precision_casts": True})
+    return _COMPILED_NORM
+
+
+def _norm_silu_classes():
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
+
+    class RmsNormSiLU(WanRMS_norm):
+        """A ``WanRMS_norm`` followed by the SiLU its parent applied next (the parent's SiLU became identity)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            kernel = _norm_silu_kernel(x.device)
+            return kernel(x, self.gamma, self.bias, self.scale, 1 if self.channel_first else -1)
+
+    class PaddedCausalConv3d(WanCausalConv3d):
+        """``WanCausalConv3d`` with its spatial zero padding done inside the convolution (same values, one
+        copy of the input fewer); the causal time padding stays explicit (cache frames, then zeros)."""
+
+        def forward(self, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
+            pad_w, _, pad_h, _, pad_t, _ = self._padding
+            if cache_x is not None and pad_t > 0:
+                x = torch.cat([cache_x.to(x.device), x], dim=2)
+                pad_t -= cache_x.shape[2]
+            if pad_t > 0:
+                x = F.pad(x, (0, 0, 0, 0, pad_t, 0))
+            return F.conv3d(x, self.weight, self.bias, self.stride, (0, pad_h, pad_w), self.dilation, self.groups)
+
+    return WanRMS_norm, RmsNormSiLU, WanCausalConv3d, PaddedCausalConv3d
+
+
+def speed_up_vae(vae: torch.nn.Module, speedups: Iterable[str] = VAE_SPEEDUPS) -> torch.nn.Module:
+    """Apply ``speedups`` (names from :data:`VAE_SPEEDUPS`) to an ``AutoencoderKLWan`` in place; idempotent.
+
+    Every change computes the same function (tests/test_fast_torch.py compares each against the
+    unchanged VAE): ``fused_norm_silu`` swaps the norms that a SiLU always follows (residual blocks'
+    ``norm1``/``norm2``, the encoder's and decoder's ``norm_out``) for :class:`RmsNormSiLU` and that
+    parent's SiLU for identity; ``conv_padding`` swaps every causal convolution for one that pads inside
+    cuDNN; ``channels_last`` stores convolution weights channels-last (activations follow them);
+    ``cudnn_benchmark`` turns on cuDNN's autotuner for the whole process (the DiT has no convolution in
+    its loop: only its patch embedding).
+    """
+    wanted = set(speedups)
+    unknown = wanted - set(VAE_SPEEDUPS)
+    if unknown:
+        raise ValueError(f"unknown VAE speed-up {sorted(unknown)[0]}: choose from {', '.join(VAE_SPEEDUPS)}")
+    norm_class, fused_class, conv_class, padded_class = _norm_silu_classes()
+    if "cudnn_benchmark" in wanted:
+        torch.backends.cudnn.benchmark = True
+    for module in vae.modules():
+        if "channels_last" in wanted and isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            layout = torch.channels_last_3d if module.weight.dim() == 5 else torch.channels_last
+            module.weight.data = module.weight.data.contiguous(memory_format=layout)
+        if "conv_padding" in wanted and type(module) is conv_class:
+            module.__class__ = padded_class
+        if "fused_norm_silu" in wanted and isinstance(getattr(module, "nonlinearity", None), torch.nn.SiLU):
+            norms = [getattr(module, name) for name in ("norm1", "norm2", "norm_out") if hasattr(module, name)]
+            if norms and all(type(norm) in (norm_class, fused_class) for norm in norms):
+                for norm in norms:
+                    norm.__class__ = fused_class
+                module.nonlinearity = torch.nn.Identity()
+    return vae
