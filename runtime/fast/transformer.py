@@ -1,6 +1,7 @@
 """The fast DiT: the exported DiT's math (``TransformerGraph``) with FP8 Linears and attention per the
 precision policy (or INT8 W8A8 Linears, ``int8.py``, with bf16 attention), compiled glue and bf16
-elsewhere (``FastOptions`` sets the kernels).
+elsewhere (``FastOptions`` sets the kernels). The forward is the exported DiT's own
+(``wan_trt.models.dit.dit_forward``); this module supplies its blocks and edge casts (a ``BlockRunner``).
 """
 
 from __future__ import annotations
