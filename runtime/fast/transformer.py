@@ -337,7 +337,8 @@ class FastTransformer(torch.nn.Module, BlockRunner):
     def model_dtype(self, tokens: torch.Tensor) -> torch.dtype:
         return self.options.dtype
 
-    def block_context(self, text_context: torch.Tensor, image_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def block_context(self, text_context: torch.Tensor,
+                      image_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, text): the cross-attention attends to each on its own (no concatenation)."""
         return image_context, text_context
 
