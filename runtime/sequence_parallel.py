@@ -19,7 +19,8 @@ but the transformer blocks see only the rank's contiguous slice of the token seq
   whole velocity and the denoising loop stays identical on every rank.
 
 The wrapper installs attention processors and hooks on the diffusers modules instead of rewriting
-the forward: ``TransformerGraph.forward`` (the function that is exported) runs unchanged.
+the forward: the DiT's one forward (``wan_trt.models.dit.dit_forward``, the function that is exported)
+runs unchanged with ``TransformerGraph``'s runner (diffusers' blocks).
 Collectives: ``all_to_all_single`` and ``all_gather`` (NCCL on GPUs, gloo on CPUs; gloo has both in
 torch ≥ 2.9).
 """

@@ -1,6 +1,7 @@
 """The fast PyTorch path of the ``torch`` backend (``wan-trt infer --backend torch --fast``).
 
-The same math as the exported DiT graph (``TransformerGraph``), run the way a Hopper GPU likes it:
+The same math as the exported DiT graph (``TransformerGraph``), run the way a Hopper GPU likes it. Both run
+the DiT's one forward (``wan_trt.models.dit.dit_forward``); ``FastTransformer`` is its fast block runner:
 
 * bf16 everywhere the reference keeps fp32 only for its own bookkeeping (norm statistics and
   modulation are still computed in fp32 inside fused kernels, as diffusers does);

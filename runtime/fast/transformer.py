@@ -1,6 +1,7 @@
 """The fast DiT: the exported DiT's math (``TransformerGraph``) with FP8 Linears and attention per the
 precision policy (or INT8 W8A8 Linears, ``int8.py``, with bf16 attention), compiled glue and bf16
-elsewhere (``FastOptions`` sets the kernels).
+elsewhere (``FastOptions`` sets the kernels). The forward is the exported DiT's own
+(``wan_trt.models.dit.dit_forward``); this module supplies its blocks and edge casts (a ``BlockRunner``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES
 from wan_trt.calibration.quantize import QuantPlan
 from wan_trt.errors import EngineError
+from wan_trt.models.dit import BlockRunner, dit_forward
 from wan_trt.runtime.fast.attention import (
     CudnnFp8Attention, Fa3Fp8Attention, fp8_attention_kernel, resolve_attention_kernel, sdpa, sdpa_heads
 )
@@ -96,8 +98,9 @@ def _block_ops(block: torch.nn.Module, prefix: str, plan: QuantPlan | None, out_
     return out
 
 
-class FastTransformer(torch.nn.Module):
-    """``TransformerGraph``'s function (same inputs and output) on the fast path.
+class FastTransformer(torch.nn.Module, BlockRunner):
+    """``TransformerGraph``'s function (same inputs and output) on the fast path: the DiT's one forward
+    (``wan_trt.models.dit.dit_forward``) with this module as its block runner (fused block math ``_block``).
 
     ``graph`` is a ``TransformerGraph`` (its diffusers model in ``graph.transformer``); ``plan`` the
     FP8 quantization plan (None: bf16 Linears). With ``release_bf16`` the quantized Linears' bf16
@@ -312,44 +315,40 @@ class FastTransformer(torch.nn.Module):
                                            _act_scale(ops.ops["ffn.net.0.proj"]), self.options.dtype)
         return glue.gated_residual(x, self._ffn(index, h, glue), c_gate)
 
-    # ---- the graph -----------------------------------------------------------------------------
+    # ---- the DiT's one forward (wan_trt.models.dit) with this runner's hooks ---------------------
     @torch.no_grad()
     def forward(self, latent_input, timestep, text_embeds, image_embeds, pose_latents, motion_vectors):
-        model, dtype = self.model, self.options.dtype
-        glue = self._glue_fns(latent_input.device)
-        latent_input, text_embeds, image_embeds, pose_latents, motion_vectors = (
-            t.to(dtype) for t in (latent_input, text_embeds, image_embeds, pose_latents, motion_vectors))
-        batch, _, frames, height, width = latent_input.shape
-        p_t, p_h, p_w = model.config.patch_size
-        cos, sin = model.rope(latent_input)
-        rotary = (cos.to(torch.float32), sin.to(torch.float32))
+        return (dit_forward(self.model, self, latent_input, timestep, text_embeds, image_embeds, pose_latents,
+                            motion_vectors),)
 
-        tokens = model.patch_embedding(latent_input)
-        pose = model.pose_patch_embedding(pose_latents)
-        tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:] + pose], dim=2)
-        tokens = tokens.flatten(2).transpose(1, 2).contiguous()
-        if self.options.residual == "fp32":
-            tokens = tokens.float()
+    def cast_inputs(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(self.options.dtype) for t in inputs)
 
-        temb, timestep_proj, text_context, image_context = model.condition_embedder(
-            timestep, text_embeds, image_embeds, timestep_seq_len=None)
-        timestep_proj = timestep_proj.unflatten(1, (6, -1))
+    def rotary_tables(self, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 tables: the fused RoPE rotates in fp32 (``glue.qk_norm_rope``)."""
+        cos, sin = rope
+        return cos.to(torch.float32), sin.to(torch.float32)
 
-        face_tokens = model.face_encoder(motion_vectors)
-        face_tokens = torch.cat([torch.zeros_like(face_tokens[:, :1]), face_tokens], dim=1)
+    def residual_stream(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Contiguous for the fused kernels; fp32 with ``FastOptions.residual == "fp32"``."""
+        tokens = tokens.contiguous()
+        return tokens.float() if self.options.residual == "fp32" else tokens
 
-        every = model.config.inject_face_latents_blocks
-        for index in range(len(model.blocks)):
-            tokens = self._block(index, tokens, image_context, text_context, timestep_proj, rotary, glue)
-            if index % every == 0:
-                tokens = model.face_adapter[index // every](tokens.to(dtype), face_tokens) + tokens
+    def model_dtype(self, tokens: torch.Tensor) -> torch.dtype:
+        return self.options.dtype
 
-        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        tokens = (model.norm_out(tokens.float()) * (1 + scale) + shift).to(dtype)
-        tokens = model.proj_out(tokens)
-        tokens = tokens.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-        velocity = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return (velocity.float(),)
+    def block_context(self, text_context: torch.Tensor,
+                      image_context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, text): the cross-attention attends to each on its own (no concatenation)."""
+        return image_context, text_context
+
+    def run_block(self, index: int, block: torch.nn.Module, tokens: torch.Tensor,
+                  context: tuple[torch.Tensor, torch.Tensor], timestep_proj: torch.Tensor,
+                  rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self._block(index, tokens, *context, timestep_proj, rotary, self._glue_fns(tokens.device))
+
+    def velocity_out(self, velocity: torch.Tensor) -> torch.Tensor:
+        return velocity.float()
 
 
 def _run(op: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

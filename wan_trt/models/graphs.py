@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from wan_trt import registry
 from wan_trt.components import CacheSlot
+from wan_trt.models.dit import BlockRunner, DiffusersBlocks, dit_forward
 from wan_trt.reference_models import ReferenceModels
 
 CACHE_FRAMES = 2  # the causal 3-D convs look back 2 frames
@@ -146,9 +147,11 @@ class ExportFaceAttnProcessor:
 
 
 class TransformerGraph(torch.nn.Module):
-    """WanAnimateTransformer3DModel.forward with motion vectors as input (see the module docstring)."""
+    """WanAnimateTransformer3DModel.forward with motion vectors as input (see the module docstring): the
+    DiT's one forward (``wan_trt.models.dit.dit_forward``) on diffusers' blocks with the export processors."""
 
     _not_in_graph = ("transformer.motion_encoder",)  # runs as its own graph (and may have another dtype)
+    runner: BlockRunner = DiffusersBlocks()  # stateless
 
     def __init__(self, transformer: torch.nn.Module) -> None:
         super().__init__()
@@ -160,38 +163,8 @@ class TransformerGraph(torch.nn.Module):
             face_block.set_processor(ExportFaceAttnProcessor())
 
     def forward(self, latent_input, timestep, text_embeds, image_embeds, pose_latents, motion_vectors):
-        model = self.transformer
-        batch, _, frames, height, width = latent_input.shape
-        p_t, p_h, p_w = model.config.patch_size
-        rotary_emb = model.rope(latent_input)
-
-        tokens = model.patch_embedding(latent_input)
-        pose = model.pose_patch_embedding(pose_latents)
-        tokens = torch.cat([tokens[:, :, :1], tokens[:, :, 1:] + pose], dim=2)  # no pose on the reference slot
-        tokens = tokens.flatten(2).transpose(1, 2)
-
-        temb, timestep_proj, text_context, image_context = model.condition_embedder(
-            timestep, text_embeds, image_embeds, timestep_seq_len=None
-        )
-        timestep_proj = timestep_proj.unflatten(1, (6, -1))
-        context = torch.cat([image_context, text_context], dim=1)
-
-        face_tokens = model.face_encoder(motion_vectors)
-        face_tokens = torch.cat([torch.zeros_like(face_tokens[:, :1]), face_tokens], dim=1)  # reference slot
-
-        every = model.config.inject_face_latents_blocks
-        for index, block in enumerate(model.blocks):
-            tokens = block(tokens, context, timestep_proj, rotary_emb)
-            if index % every == 0:
-                tokens = model.face_adapter[index // every](tokens, face_tokens) + tokens
-
-        shift, scale = (model.scale_shift_table + temb.unsqueeze(1)).chunk(2, dim=1)
-        dtype = tokens.dtype
-        tokens = (model.norm_out(tokens.float()) * (1 + scale) + shift).to(dtype)
-        tokens = model.proj_out(tokens)
-        tokens = tokens.reshape(batch, frames // p_t, height // p_h, width // p_w, p_t, p_h, p_w, -1)
-        velocity = tokens.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
-        return (velocity,)
+        return (dit_forward(self.transformer, self.runner, latent_input, timestep, text_embeds, image_embeds,
+                            pose_latents, motion_vectors),)
 
 
 # ------------------------------------------------------------------------------------------------
