@@ -3,7 +3,7 @@ then ``wan-trt infer --fast``, at full size (``animate-14b --random-weights``), 
 
 ``python -m benchmarks.end_to_end --work /tmp/e2e --out results/JSON [--sizes 832x480,1280x720] [--steps 20]
 [--sampler unipc|euler|dpmpp] [--shift S] [--precision bf16|fp8] [--calibration CACHE | --calibration-clip WxHxF]
-[--policy NAME]``
+[--policy NAME] [--max-gpu-memory SIZE]``
 
 ``--precision bf16`` (default) runs ``--fast`` on the fp32 torch build (bf16 Linears and attention);
 ``fp8`` runs the FP8 journey: ``calibrate --device cuda`` on each size's inputs (or ``--calibration``,
@@ -42,6 +42,7 @@ from benchmarks.infer_fast_smoke import wan_trt
 
 _STEP_LINE = re.compile(r"step (\d+)/(\d+) \(([\d.]+) s\)")
 _PEAK_LINE = re.compile(r"GPU peak ([\d.]+) GiB")
+_PINNED_LINE = re.compile(r"blocks wait in pinned host memory \(([\d.]+) GiB\)")
 
 
 def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) -> subprocess.CompletedProcess:
@@ -61,6 +62,9 @@ def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) 
     peak = _PEAK_LINE.search(done.stderr)
     if peak:
         record["gpu_peak_gib"] = float(peak.group(1))
+    pinned = _PINNED_LINE.search(done.stderr)
+    if pinned:
+        record["pinned_host_gib"] = float(pinned.group(1))
     results["steps"][name] = record
     write_json(out, results)
     print(f"{name}: rc {done.returncode}, {record['wall_s']} s", file=sys.stderr, flush=True)
@@ -130,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")
     parser.add_argument("--calibration", help="fp8: this calibration cache instead of calibrating at each size")
     parser.add_argument("--policy", default="default", help="fp8: the build's precision policy [default]")
+    parser.add_argument("--max-gpu-memory", metavar="SIZE", help="infer --max-gpu-memory SIZE (e.g. 24GiB)")
     parser.add_argument("--calibration-clip", metavar="WxHxF",
                         help="fp8: calibrate once on synthetic inputs of this size and frame count (e.g. 832x480x13) "
                              "instead of on each size's 77 frames")
@@ -159,11 +164,13 @@ def main(argv: list[str] | None = None) -> int:
             if engines is None:
                 ok = False
                 continue
-        name = f"infer_fast_{args.precision}_{size}_{schedule_name(args)}"
+        cap = ["--max-gpu-memory", args.max_gpu_memory] if args.max_gpu_memory else []
+        name = f"infer_fast_{args.precision}_{size}_{schedule_name(args)}" + (
+            f"_max{args.max_gpu_memory}" if args.max_gpu_memory else "")
         timings = work / f"timings-{name}.json"
         ok &= run_step(name, wan_trt("infer", "--engines", str(engines), "--input", str(inputs), "--out",
                                      str(work / f"{name}.mp4"), "--backend", "torch", "--device", "cuda", "--fast",
-                                     *schedule_options(args), "--timings", str(timings)),
+                                     *schedule_options(args), *cap, "--timings", str(timings)),
                        results, out).returncode == 0
         if timings.is_file():
             results["runs"][name] = json.loads(timings.read_text())

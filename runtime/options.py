@@ -20,6 +20,8 @@ class RuntimeOptions:
     fast: bool = False  # --fast: the torch backend's fast GPU path (wan_trt.runtime.fast)
     fp8_attention_kernel: str = "auto"  # with --fast: auto | cudnn | fa3
     fp8_attention_smoothing: str = "auto"  # with --fast and fp8 engines: auto | none | k | v | kv
+    max_gpu_memory: int | None = None  # with --fast: bytes the run may use on the GPU (--max-gpu-memory)
+    stream_blocks: bool = False  # the pre-flight's plan for max_gpu_memory: the DiT's blocks wait on the host
 
     def __post_init__(self) -> None:
         if self.gpus > 1:
@@ -31,6 +33,9 @@ class RuntimeOptions:
         if self.fp8_attention_kernel != "auto" and not self.fast:
             raise BadInputError(f"--fp8-attention-kernel {self.fp8_attention_kernel} chooses the FP8 attention of "
                                 "--fast: add --fast or drop it")
+        if (self.max_gpu_memory is not None or self.stream_blocks) and not self.fast:
+            raise BadInputError("--max-gpu-memory plans the memory of --fast (--backend torch --device cuda): "
+                                "add --fast or drop it")
         if self.fp8_attention_smoothing != "auto" and not self.fast:
             raise BadInputError(f"--fp8-attention-smoothing {self.fp8_attention_smoothing} sets the FP8 attention of "
                                 "--fast: add --fast or drop it")

@@ -16,7 +16,7 @@ import click
 from wan_trt import __version__
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES
 from wan_trt.errors import BadInputError, WanTrtError
-from wan_trt.preflight import SEED, FiniteFloatRange
+from wan_trt.preflight import MEMORY_SIZE, SEED, FiniteFloatRange
 from wan_trt.registry import TRANSFORMER
 from wan_trt.runtime.compare import COMPONENT_TOLERANCE, graph_tolerances
 
@@ -250,6 +250,10 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
                    "(exact in real arithmetic; v's mean is added back to the output). Cuts the FP8 attention's "
                    f"error (docs/precision.md); none = plain per-tensor FP8; auto = {DEFAULT_SMOOTHING} where "
                    "the calibration cache has its ranges, else none (logged).")
+@click.option("--max-gpu-memory", type=MEMORY_SIZE, default=None, metavar="SIZE",
+              help="With --fast: keep the run under SIZE of GPU memory (e.g. 24GiB, 22.5GB): when the model does not "
+                   "fit, the DiT's blocks wait in pinned host memory and are copied to the GPU a block ahead of "
+                   "use; a SIZE too small for any plan is refused, naming the smallest that works (docs/memory.md).")
 @click.option("--clip-preprocess", type=click.Choice(["original", "diffusers"]), default="original", show_default=True,
               help="CLIP input: original = the letter-boxed photo squashed to 224² (official Wan code); diffusers = "
                    "the raw photo's short side to 224 and centre-cropped (diffusers' WanAnimatePipeline).")
@@ -262,14 +266,15 @@ def infer(engines_dir: str, input_dir: str | None, ref: str | None, pose: str | 
           negative_prompt: str, guidance_scale: float | None, mode: str, relight: bool, background: str | None,
           mask: str | None,
           guide_frames: str, segment_frames: int | None, compare: str | None, fallback: str | None,
-          gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, clip_preprocess: str,
-          timings: str | None) -> None:
+          gpus: int, fast: bool, fp8_attention_kernel: str, fp8_attention_smoothing: str, max_gpu_memory: int | None,
+          clip_preprocess: str, timings: str | None) -> None:
     """Animate a reference photo with a driving skeleton and face video; write an mp4."""
     from wan_trt.inference import InferenceOptions, run_inference
     from wan_trt.runtime.options import RuntimeOptions
 
     runtime = RuntimeOptions(backend=backend, device=device, gpus=gpus, fast=fast,
-                             fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing)
+                             fp8_attention_kernel=fp8_attention_kernel, fp8_attention_smoothing=fp8_attention_smoothing,
+                             max_gpu_memory=max_gpu_memory)
     options = InferenceOptions(
         engines_dir=Path(engines_dir), out_path=Path(out_path), runtime=runtime, seed=seed,
         steps=steps, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale, mode=mode,

@@ -33,6 +33,11 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
     umT5 when every prompt is in the build's cache (``--fast`` then never loads it), plus 1 byte per
     weight of the FP8/INT8 Linears an fp8/int8 manifest's policy quantizes, made beside the bf16 ones
     (measured: 52.6 GiB for fp8 engines, umT5 loaded);
+  - with ``infer --fast --max-gpu-memory SIZE``: the estimate above when it fits SIZE; else the DiT's
+    blocks stream from pinned host memory, and the GPU holds the rest of the DiT and the VAE in bf16
+    plus ``STREAMED_GROUPS`` block groups (a block and its face adapter, quantized Linears at 1 byte),
+    while an encoder visits only before the first block arrives; a SIZE that this does not fit is
+    refused naming the smallest that does;
   - VAE (streamed, one 4-frame chunk at a time): ``16 × 4 × H × W × base_dim × bytes``, the
     factor 16 fitted to diffusers' measured 720p × 77-frame decode on an H100 (21.5 GB fp32,
     10.8 GB bf16 — the formula gives 22.6 / 11.3 GB).
@@ -86,6 +91,8 @@ DIT_ACTIVATION_WIDTHS = 8  # copies of the token stream alive in one DiT block, 
 VAE_ACTIVATION_FACTOR = 16  # fitted to diffusers' measured 720p x 77 decode (docs/memory.md)
 VAE_CHUNK_FRAMES = 4
 RUNTIME_OVERHEAD = GIB  # CUDA context, cuBLAS/cuDNN workspaces
+STREAM_AHEAD = 1  # --max-gpu-memory: blocks copied to the GPU ahead of the running one (runtime.fast.streaming)
+STREAMED_GROUPS = STREAM_AHEAD + 2  # on the GPU at once: the running block, the finished one, those copying
 CACHED_PROMPT_COUNT = 2  # the default prompt and the empty negative prompt (export.directory.CACHED_PROMPTS)
 TEXT_TOKENS = 512
 
@@ -107,6 +114,31 @@ class FiniteFloatRange(click.FloatRange):
 
 
 SEED = click.IntRange(0, 2**32 - 1)  # --seed: the random weights' streams are seeded with seed * 1000 + offset
+
+_SIZE_UNITS = {"": GIB, "gib": GIB, "g": GIB, "gb": 10**9, "mib": MIB, "m": MIB, "mb": 10**6}
+
+
+class MemorySize(click.ParamType):
+    """A memory size such as ``24GiB``, ``22.5GB``, ``24000MiB`` or ``24`` (GiB) → bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number):]
+        try:
+            amount = float(number)
+        except ValueError:
+            amount = float("nan")
+        if unit not in _SIZE_UNITS or not math.isfinite(amount) or amount <= 0:
+            self.fail(f"{value!r} is not a memory size: write e.g. 24GiB, 22.5GB or 24000MiB", param, ctx)
+        return int(amount * _SIZE_UNITS[unit])
+
+
+MEMORY_SIZE = MemorySize()
 
 
 def check_segment_frames(frames: int | None, option: str = "--segment-frames") -> None:
@@ -357,12 +389,49 @@ def _quantized_copies(manifest, vocab: int) -> int:
     return quantized_parameter_count(meta_modules(manifest.preset, vocab)[Component.TRANSFORMER], policy)
 
 
+_STREAMED: dict[str, tuple[int, int]] = {}
+
+
+def streamed_block_bytes(manifest) -> tuple[int, int]:
+    """(parameters of the DiT's streamed groups, the largest group's bytes on the GPU) for ``--max-gpu-memory``:
+    a group is a block and the face adapter that follows it (``FastTransformer.block_groups``), its
+    quantized Linears (the manifest's policy) at 1 byte per weight, everything else at 2 (bf16)."""
+    import torch
+
+    from wan_trt.checkpoints import empty_component
+
+    quantization = manifest.quantization if manifest.precision in QUANTIZED_PRECISIONS else None
+    key = json.dumps([manifest.preset.to_json(), quantization], sort_keys=True, default=str)
+    if key not in _STREAMED:
+        vocab = int(manifest.graphs[TEXT_ENCODER].spec.vocab_size)
+        with torch.device("meta"):
+            transformer = empty_component(Component.TRANSFORMER, manifest.preset, vocab)
+        quantized: set[str] = set()
+        if quantization:
+            from wan_trt.calibration.policy import PrecisionPolicy
+
+            quantized = set(PrecisionPolicy.from_json(quantization["policy"]).quantized_layers(len(transformer.blocks)))
+        modules = dict(transformer.named_modules())
+        every = transformer.config.inject_face_latents_blocks
+        total = largest = 0
+        for index, block in enumerate(transformer.blocks):
+            prefix = f"transformer.blocks.{index}."
+            one_byte = sum(modules[p.removeprefix("transformer.")].weight.numel() for p in quantized if p.startswith(prefix))
+            params = _numel(block) + (_numel(transformer.face_adapter[index // every]) if index % every == 0 else 0)
+            total += params
+            largest = max(largest, 2 * params - one_byte)
+        _STREAMED[key] = (total, largest)
+    return _STREAMED[key]
+
+
 def estimate_device_bytes(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
-                          batch: int = 1, text_encoder: bool = True, gpus: int = 1, fast: bool = False) -> DeviceEstimate:
+                          batch: int = 1, text_encoder: bool = True, gpus: int = 1, fast: bool = False,
+                          streamed: bool = False) -> DeviceEstimate:
     """Peak device memory of one run at ``width`` × ``height`` (see the module docstring for the formula), per
     GPU: with ``gpus`` > 1 (sequence parallel) every GPU holds all weights and 1/``gpus`` of the DiT's tokens.
     ``fast`` (``infer --fast``): every module in bf16; the whole model is on the GPU while it loads, then the
-    text and image encoders wait on the host and visit the GPU one at a time."""
+    text and image encoders wait on the host and visit the GPU one at a time. ``streamed`` (with ``fast``,
+    ``--max-gpu-memory``'s plan): the DiT's blocks wait on the host, ``STREAMED_GROUPS`` of them on the GPU."""
     if fast:
         vocab = int(manifest.graphs[TEXT_ENCODER].spec.vocab_size)
         counts = parameter_counts(manifest.preset, vocab)[0]
@@ -370,6 +439,11 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
         weights = 2 * (counts[Component.TRANSFORMER] + counts[Component.VAE] + visiting)
         loading = 2 * (sum(counts.values()) - (0 if text_encoder else counts[Component.TEXT_ENCODER]))
         loading += _quantized_copies(manifest, vocab)  # FP8/INT8 Linears are made beside their bf16 weights
+        if streamed:  # loaded and quantized on the host; an encoder visits while every block is still there
+            blocks, group = streamed_block_bytes(manifest)
+            resident = 2 * (counts[Component.TRANSFORMER] - blocks + counts[Component.VAE])
+            weights = resident + STREAMED_GROUPS * group
+            loading = resident + 2 * visiting
     else:
         sizes = graph_weight_bytes(manifest, directory)
         weights = sum(size for name, size in sizes.items() if text_encoder or name != TEXT_ENCODER)
@@ -432,6 +506,48 @@ def check_device_memory(manifest, directory: Path, width: int, height: int, segm
         f"{_size(free)} free: {advice}")
 
 
+def total_device_bytes(device: str) -> int | None:
+    """All memory of the current CUDA device, or None where there is none."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
+def plan_gpu_memory(manifest, directory: Path, width: int, height: int, segment_frames: int, cap: int, *,
+                    device: str = "cuda", batch: int = 1, text_encoder: bool = True, free: int | None = None,
+                    total: int | None = None) -> bool:
+    """``--max-gpu-memory cap``'s plan: False when the whole model fits under ``cap`` (and the free memory),
+    True when it fits with the DiT's blocks streamed from the host; otherwise one error naming the smallest
+    SIZE that works for this video size (exit 3), or, for a ``cap`` above what the GPU has, exit 2."""
+    total = total_device_bytes(device) if total is None else total
+    if total is not None and cap > total:
+        raise BadInputError(f"--max-gpu-memory {_size(cap)} is more than this GPU has ({_size(total)}): give at most "
+                            f"{total // GIB}GiB, or drop the option to use all of it")
+    free = free_device_bytes(device) if free is None else free
+    budget = cap if free is None else min(cap, free)
+
+    def estimate(streamed: bool) -> DeviceEstimate:
+        return estimate_device_bytes(manifest, directory, width, height, segment_frames, batch=batch,
+                                     text_encoder=text_encoder, fast=True, streamed=streamed)
+
+    if estimate(False).total <= budget:
+        log.info("--max-gpu-memory %s: the whole model fits (about %s)", _size(cap), _size(estimate(False).total))
+        return False
+    need = estimate(True)
+    if need.total <= budget:
+        log.info("--max-gpu-memory %s: the DiT's blocks stream from the host (about %s on the GPU)", _size(cap),
+                 _size(need.total))
+        return True
+    short = f", and only {_size(free)} is free" if free is not None and free < need.total <= cap else ""
+    raise EngineError(
+        f"--max-gpu-memory {_size(cap)}: {width}x{height} x {segment_frames} frames needs about {_size(need.total)} "
+        f"on the GPU even with the DiT's blocks streamed from the host (weights {_size(need.weights)}, activations "
+        f"{_size(max(need.dit_activations, need.vae_activations))}){short}: give --max-gpu-memory "
+        f"{math.ceil(need.total / GIB)}GiB or more, or preprocess the driving video at a smaller size")
+
+
 def check_engines_for_request(manifest, directory: Path, backend: str, width: int, height: int,
                               segment_frames: int) -> None:
     """The engines have every graph the pipeline calls and, for TensorRT, an engine for this size."""
@@ -461,8 +577,9 @@ def _cached_prompts(directory: Path, manifest) -> set[str]:
 
 
 def check_infer(options, manifest, width: int, height: int, frames: int, segment_frames: int, *,
-                free_disk: int | None = None, free_device: int | None = None) -> None:
-    """``infer``'s pre-flight, once the manifest is read and the driving inputs' size and length are known."""
+                free_disk: int | None = None, free_device: int | None = None) -> bool:
+    """``infer``'s pre-flight, once the manifest is read and the driving inputs' size and length are known.
+    True when ``--max-gpu-memory``'s plan streams the DiT's blocks from the host."""
     from wan_trt.presets import DEFAULT_PROMPT
     from wan_trt.tokenizer import clean_prompt
 
@@ -476,7 +593,7 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
     if device == "cpu":
         check_host_memory(manifest, directory, width, height, segment_frames, backend=runtime.backend,
                           batch=2 if options.guidance_scale > 1 else 1)
-        return
+        return False
     prompts = [options.prompt if options.prompt is not None else DEFAULT_PROMPT]
     if options.guidance_scale > 1:
         prompts.append(options.negative_prompt)
@@ -485,11 +602,15 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
     if runtime.backend == "tensorrt":
         buckets = [(int(w), int(h)) for w, h, _ in (e["bucket"].split("x") for e in manifest.tensorrt["engines"]
                                                      if e.get("graph") == TRANSFORMER and e.get("bucket"))]
-    check_device_memory(manifest, directory, width, height, segment_frames, device=device,
-                        batch=2 if options.guidance_scale > 1 else 1,
-                        text_encoder=any(clean_prompt(p) not in cached for p in prompts),
-                        gpus=runtime.gpus,
-                        buckets=buckets, free=free_device, fast=runtime.fast)
+    text_encoder = any(clean_prompt(p) not in cached for p in prompts)
+    batch = 2 if options.guidance_scale > 1 else 1
+    if runtime.max_gpu_memory is not None:
+        return plan_gpu_memory(manifest, directory, width, height, segment_frames, runtime.max_gpu_memory,
+                               device=device, batch=batch, text_encoder=text_encoder, free=free_device)
+    check_device_memory(manifest, directory, width, height, segment_frames, device=device, batch=batch,
+                        text_encoder=text_encoder, gpus=runtime.gpus, buckets=buckets, free=free_device,
+                        fast=runtime.fast)
+    return False
 
 
 # -------------------------------------------------------------------------------------- calibrate

@@ -13,6 +13,7 @@ from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
 from wan_trt.calibration.quantize import QuantPlan
 from wan_trt.dtypes import cast_floats
 from wan_trt.errors import EngineError
+from wan_trt.preflight import STREAM_AHEAD
 from wan_trt.registry import (
     GRAPHS,
     TEXT_ENCODER,
@@ -38,9 +39,10 @@ class FastEngine:
     visits the GPU only for its call (the memory plan of the one-shot encoders)."""
 
     def __init__(self, module: torch.nn.Module, spec, device: str = "cuda", dtype: torch.dtype | None = torch.bfloat16,
-                 offload: bool = False) -> None:
+                 offload: bool = False, place: bool = True) -> None:
         self.module, self.spec, self.device, self.dtype, self.offload = module, spec, device, dtype, offload
-        self.module.to("cpu" if offload else device)
+        if place:  # (a DiT with streamed blocks has placed itself)
+            self.module.to("cpu" if offload else device)
         self.seconds = 0.0
 
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,18 +141,30 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     precision = manifest.precision
     if precision not in ("fp32", "fp8", "int8"):
         raise EngineError(f"--fast runs fp32, fp8 and int8 engines; these are {precision}: run them without --fast")
-    # straight to the GPU in bf16; umT5 (11 GB at full size) only if a prompt is not in the build's cache
-    modules = reference_graph_modules(manifest, directory, "cuda", torch.bfloat16,
+    if options.max_gpu_memory is not None:  # the allocator refuses more than the plan's budget
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, options.max_gpu_memory / total))
+    # straight to the GPU in bf16 (to the host when the DiT's blocks stream from there); umT5 (11 GB at full
+    # size) only if a prompt is not in the build's cache
+    load_device = "cpu" if options.stream_blocks else "cuda"
+    modules = reference_graph_modules(manifest, directory, load_device, torch.bfloat16,
                                       graphs=[name for name in manifest.graphs if name != TEXT_ENCODER])
     plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
                                                    options.fp8_attention_smoothing)
                                          if precision in ("fp8", "int8") else (None, {}, "none"))
     graph = modules[TRANSFORMER]
     keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
-    cast_floats(graph, torch.bfloat16, keep, device="cuda")
+    cast_floats(graph, torch.bfloat16, keep, device=load_device)
     fast_options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
                                fp8_attention_kernel=options.fp8_attention_kernel, attention_smoothing=smoothing)
-    fast = FastTransformer(graph, plan, fast_options, release_bf16=True).to("cuda")
+    fast = FastTransformer(graph, plan, fast_options, release_bf16=True)
+    if options.stream_blocks:
+        streamer = fast.stream_blocks("cuda", STREAM_AHEAD)
+        log.info("fast DiT: %d blocks wait in pinned host memory (%.1f GiB), copied to the GPU %d ahead of use",
+                 len(streamer.groups), sum(map(streamer.group_bytes, range(len(streamer.groups)))) / 2**30,
+                 STREAM_AHEAD)
+    else:
+        fast.to("cuda")
     if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
         fast.use_static_attention(attention_ranges)
         fast._attention_fp8()  # choose (and check) the kernel now, before any video is decoded
@@ -167,7 +181,8 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
             engines[name] = LazyEngine(entry.spec, lambda: _text_encoder_engine(manifest, directory))
             continue
         if name == TRANSFORMER:
-            engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None)  # casts itself; timestep stays fp32
+            engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None,  # casts itself; timestep stays fp32
+                                       place=not options.stream_blocks)
             continue
         offload = GRAPHS[name].once_per_video  # run once per video, before the DiT
         module = cast_floats(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32

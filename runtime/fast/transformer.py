@@ -23,6 +23,7 @@ from wan_trt.runtime.fast.attention import (
 from wan_trt.runtime.fast.glue import Glue
 from wan_trt.runtime.fast.int8 import Int8Linear
 from wan_trt.runtime.fast.linear import FP8_MAX, Fp8Linear, TINY
+from wan_trt.runtime.fast.streaming import BlockStreamer
 
 log = logging.getLogger(__name__)
 
@@ -118,25 +119,62 @@ class FastTransformer(torch.nn.Module, BlockRunner):
             raise EngineError("INT8 plans run their attention in bf16: FP8 attention needs an FP8 plan")
         self.model = graph.transformer
         self.plan = plan
-        self.block_ops = [_block_ops(b, f"transformer.blocks.{i}", plan, self.options.dtype, self.options.fast_accum)
-                          for i, b in enumerate(self.model.blocks)]
-        for i, ops in enumerate(self.block_ops):  # registered so .to() moves them
-            for name, op in ops.ops.items():
-                if isinstance(op, (Fp8Linear, Int8Linear)):
-                    self.add_module(f"fp8_{i}_{name.replace('.', '_')}", op)
-            if ops.qkv is not None:
-                self.add_module(f"fp8_{i}_qkv", ops.qkv)
+        self.block_ops: list[_Linears] = []
+        for i, block in enumerate(self.model.blocks):
+            prefix = f"transformer.blocks.{i}"
+            ops = _block_ops(block, prefix, plan, self.options.dtype, self.options.fast_accum)
+            self.block_ops.append(ops)
+            for name, op in self.quantized_ops(i).items():  # registered so .to() moves them
+                self.add_module(f"fp8_{i}_{name.replace('.', '_')}", op)
+            if release_bf16 and plan is not None:  # block by block: one block's bf16 and FP8 copies at a time
+                for path in [p for p in plan.layers if p.startswith(prefix + ".")]:  # the FP8 copy replaces it
+                    parent, _, attr = path.removeprefix("transformer.").rpartition(".")
+                    setattr(self.model.get_submodule(parent), attr, torch.nn.Identity())
         self.fp8_attention = self._fp8_attention_blocks()
-        if release_bf16 and plan is not None:
-            for path in plan.layers:  # transformer.blocks.<i>.<name>: the FP8 copy replaces it
-                parent, _, attr = path.removeprefix("transformer.").rpartition(".")
-                setattr(self.model.get_submodule(parent), attr, torch.nn.Identity())
+        self.streamer: BlockStreamer | None = None
         self._glue: Glue | None = None
         self._fp8_attn: CudnnFp8Attention | Fa3Fp8Attention | None = None
         self._bf16_kernel: str | None = None  # bf16_attention_kernel resolved on the first bf16 attention
         self._fa3_bf16: Fa3Fp8Attention | None = None
         self.attention_scales: dict[int, tuple] = {}  # block -> (1/descale [3], (descale_q, descale_k, descale_v))
         self.recorded_amax: dict[int, torch.Tensor] | None = None
+
+    def quantized_ops(self, index: int) -> dict[str, torch.nn.Module]:
+        """Block ``index``'s FP8/INT8 Linears (``qkv``: attn1's fused q|k|v) by name."""
+        ops = self.block_ops[index]
+        out = {name: op for name, op in ops.ops.items() if isinstance(op, (Fp8Linear, Int8Linear))}
+        if ops.qkv is not None:
+            out["qkv"] = ops.qkv
+        return out
+
+    def block_groups(self) -> list[list[torch.nn.Module]]:
+        """The modules whose weights each block uses: the block, its quantized Linears, and the face adapter
+        that runs right after it (``inject_face_latents_blocks``)."""
+        every = self.model.config.inject_face_latents_blocks
+        return [[block, *self.quantized_ops(i).values(), *([self.model.face_adapter[i // every]] if i % every == 0 else [])]
+                for i, block in enumerate(self.model.blocks)]
+
+    def stream_blocks(self, device: torch.device | str, ahead: int = 1) -> BlockStreamer:
+        """Keep the blocks' weights on the host and stream them to ``device`` as they run (``streaming.py``);
+        everything else moves to ``device`` now. Instead of ``.to(device)``."""
+        groups = self.block_groups()
+        self.streamer = BlockStreamer(groups, device, ahead)
+        streamed = {id(sub) for group in groups for module in group for sub in module.modules()}
+        for sub in self.modules():
+            if id(sub) in streamed:
+                continue
+            for name, value in sub._parameters.items():
+                if value is not None:
+                    value.data = value.data.to(device)
+            for name, value in sub._buffers.items():
+                if value is not None:
+                    sub._buffers[name] = value.to(device)
+        return self.streamer
+
+    @property
+    def device(self) -> torch.device:
+        """Where the blocks compute (with streamed blocks, not where their weights wait)."""
+        return self.streamer.device if self.streamer is not None else next(self.model.parameters()).device
 
     def _glue_fns(self, device: torch.device) -> Glue:
         if self._glue is None:
@@ -268,7 +306,7 @@ class FastTransformer(torch.nn.Module, BlockRunner):
             amax = {i: tuple(float(v) for v in t.tolist()) for i, t in self.recorded_amax.items()}
         self.recorded_amax = None
         self.attention_scales = {}
-        device = next(self.model.parameters()).device
+        device = self.device
         for index, values in amax.items():
             descale = torch.tensor([max(v, TINY) * margin / FP8_MAX for v in values], device=device)
             self.attention_scales[int(index)] = (1.0 / descale, tuple(d.reshape(1, 1, 1, 1) for d in descale))
@@ -345,9 +383,16 @@ class FastTransformer(torch.nn.Module, BlockRunner):
     def run_block(self, index: int, block: torch.nn.Module, tokens: torch.Tensor,
                   context: tuple[torch.Tensor, torch.Tensor], timestep_proj: torch.Tensor,
                   rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self.streamer is not None:  # the previous block (and its face adapter) have run
+            if index > 0:
+                self.streamer.release(index - 1)
+            self.streamer.acquire(index)
         return self._block(index, tokens, *context, timestep_proj, rotary, self._glue_fns(tokens.device))
 
     def velocity_out(self, velocity: torch.Tensor) -> torch.Tensor:
+        if self.streamer is not None:  # the last block is done; the next call's first block starts copying
+            self.streamer.release(len(self.block_ops) - 1)
+            self.streamer.acquire_ahead(0)
         return velocity.float()
 
 

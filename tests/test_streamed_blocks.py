@@ -1,0 +1,51 @@
+"""The DiT's blocks streamed from the host (``runtime/fast/streaming.py``, ``infer --max-gpu-memory``), on
+the CPU: the streamed fast DiT computes what the resident one does, holds at most ``ahead + 1`` blocks
+on the device at once, and leaves every block's weights on the host between calls. The copies'
+overlap with compute and the GPU peak under a cap are measured on the GPU (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_fast_torch import TINY_POLICY, _feed, _graph
+from wan_trt.calibration.quantize import linear_layers
+from wan_trt.metrics import relative_l2
+from wan_trt.runtime.fast.linear import fp8_plan
+from wan_trt.runtime.fast.streaming import BlockStreamer
+from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
+
+
+def _fast(graph, fp8: bool) -> FastTransformer:
+    plan = fp8_plan(linear_layers(graph), {p: 4.0 for p in TINY_POLICY.quantized_layers(10)}, TINY_POLICY, 10) \
+        if fp8 else None
+    return FastTransformer(graph, plan, FastOptions(attention="bf16", compile=False, dtype=torch.float32),
+                           release_bf16=fp8)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-linears", "fp8-linears"])
+def test_streamed_blocks_compute_what_resident_blocks_do(fp8):
+    graph = _graph()
+    resident = _fast(copy.deepcopy(graph), fp8)
+    streamed = _fast(graph, fp8)
+    streamer = streamed.stream_blocks("cpu", ahead=1)
+    blocks = len(streamed.block_ops)
+    assert len(streamer.groups) == blocks and streamer.group_bytes(0) > streamer.group_bytes(1)  # + face adapter
+    for seed in (1, 2):  # two calls: the first block of the second is the one prefetched at the end of the first
+        feed = _feed(graph, seed=seed)
+        want, got = resident(*feed)[0], streamed(*feed)[0]
+        assert relative_l2(got, want) <= 1e-6
+    assert streamer.most_resident == 2  # the running block and the next one being copied
+    assert list(streamer.resident) == [0]  # between calls: only the next call's first block
+    every_block = sum(streamer.group_bytes(i) for i in range(blocks))
+    # each block once per call; block 0 is copied at the end of the call before the one it serves
+    assert streamer.bytes_copied == 2 * every_block + streamer.group_bytes(0)
+    host = {slot.host.data_ptr() for group in streamer.groups[1:] for slot in group}
+    assert all(slot.get().data_ptr() in host for group in streamer.groups[1:] for slot in group)
+
+
+def test_streamer_refuses_nothing_ahead():
+    with pytest.raises(ValueError, match="ahead must be at least 1"):
+        BlockStreamer([], "cpu", ahead=0)
