@@ -35,7 +35,7 @@ Estimates (generous on purpose; a refusal names the directory or device, the nee
     (measured: 52.6 GiB for fp8 engines, umT5 loaded);
   - with ``infer --fast --max-gpu-memory SIZE``: the estimate above when it fits SIZE; else the DiT's
     blocks stream from pinned host memory, and the GPU holds the rest of the DiT and the VAE in bf16
-    plus ``STREAMED_GROUPS`` block groups (a block and its face adapter, quantized Linears at 1 byte),
+    plus ``GROUPS_ON_DEVICE`` block groups (a block and its face adapter, quantized Linears at 1 byte),
     while an encoder visits only before the first block arrives; a SIZE that this does not fit is
     refused naming the smallest that does;
   - VAE (streamed, one 4-frame chunk at a time): ``16 × 4 × H × W × base_dim × bytes``, the
@@ -91,8 +91,6 @@ DIT_ACTIVATION_WIDTHS = 8  # copies of the token stream alive in one DiT block, 
 VAE_ACTIVATION_FACTOR = 16  # fitted to diffusers' measured 720p x 77 decode (docs/memory.md)
 VAE_CHUNK_FRAMES = 4
 RUNTIME_OVERHEAD = GIB  # CUDA context, cuBLAS/cuDNN workspaces
-STREAM_AHEAD = 1  # --max-gpu-memory: blocks copied to the GPU ahead of the running one (runtime.fast.streaming)
-STREAMED_GROUPS = STREAM_AHEAD + 2  # on the GPU at once: the running block, the finished one, those copying
 CACHED_PROMPT_COUNT = 2  # the default prompt and the empty negative prompt (export.directory.CACHED_PROMPTS)
 TEXT_TOKENS = 512
 
@@ -431,7 +429,7 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
     GPU: with ``gpus`` > 1 (sequence parallel) every GPU holds all weights and 1/``gpus`` of the DiT's tokens.
     ``fast`` (``infer --fast``): every module in bf16; the whole model is on the GPU while it loads, then the
     text and image encoders wait on the host and visit the GPU one at a time. ``streamed`` (with ``fast``,
-    ``--max-gpu-memory``'s plan): the DiT's blocks wait on the host, ``STREAMED_GROUPS`` of them on the GPU."""
+    ``--max-gpu-memory``'s plan): the DiT's blocks wait on the host, ``GROUPS_ON_DEVICE`` of them on the GPU."""
     if fast:
         vocab = int(manifest.graphs[TEXT_ENCODER].spec.vocab_size)
         counts = parameter_counts(manifest.preset, vocab)[0]
@@ -440,9 +438,11 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
         loading = 2 * (sum(counts.values()) - (0 if text_encoder else counts[Component.TEXT_ENCODER]))
         loading += _quantized_copies(manifest, vocab)  # FP8/INT8 Linears are made beside their bf16 weights
         if streamed:  # loaded and quantized on the host; an encoder visits while every block is still there
+            from wan_trt.runtime.fast.streaming import GROUPS_ON_DEVICE
+
             blocks, group = streamed_block_bytes(manifest)
             resident = 2 * (counts[Component.TRANSFORMER] - blocks + counts[Component.VAE])
-            weights = resident + STREAMED_GROUPS * group
+            weights = resident + GROUPS_ON_DEVICE * group
             loading = resident + 2 * visiting
     else:
         sizes = graph_weight_bytes(manifest, directory)

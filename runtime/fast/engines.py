@@ -13,7 +13,6 @@ from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
 from wan_trt.calibration.quantize import QuantPlan
 from wan_trt.dtypes import cast_floats
 from wan_trt.errors import EngineError
-from wan_trt.preflight import STREAM_AHEAD
 from wan_trt.registry import (
     GRAPHS,
     TEXT_ENCODER,
@@ -24,6 +23,7 @@ from wan_trt.registry import (
     VAE_ENCODER_STEP,
 )
 from wan_trt.runtime.engines import pipeline_outputs
+from wan_trt.runtime.fast.streaming import STREAM_AHEAD
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 from wan_trt.runtime.fast.vae import VAE_SPEEDUPS, speed_up_vae
 from wan_trt.runtime.options import RuntimeOptions

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+STREAM_AHEAD = 1  # groups copied ahead of the running one (``infer --max-gpu-memory``)
+GROUPS_ON_DEVICE = STREAM_AHEAD + 2  # at most: the running group, the finished one, those being copied
+
 
 @dataclass
 class _Slot:
