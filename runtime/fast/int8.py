@@ -21,6 +21,32 @@ def quantize_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     return torch.round(x.float() / scale).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
 
 
+def quantize_input(x: torch.Tensor, inv_smooth: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """A Linear's input ``[rows, in]`` → int8: times SmoothQuant's inverse factors (if any), then quantized."""
+    x = x.float()
+    return quantize_int8(x if inv_smooth is None else x * inv_smooth, scale)
+
+
+def dequantize_output(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                      out_dtype: torch.dtype) -> torch.Tensor:
+    """The int32 GEMM result times the activation · weight scales, plus the bias, in ``out_dtype``."""
+    out = acc.float() * scale
+    return (out if bias is None else out + bias).to(out_dtype)
+
+
+_COMPILED: tuple | None = None
+
+
+def _kernels(device: torch.device) -> tuple:
+    """(quantize_input, dequantize_output): each one fused kernel on the GPU (compiled once per shape), plain on the CPU."""
+    global _COMPILED
+    if device.type != "cuda":
+        return quantize_input, dequantize_output
+    if _COMPILED is None:
+        _COMPILED = tuple(torch.compile(f, dynamic=False) for f in (quantize_input, dequantize_output))
+    return _COMPILED
+
+
 class Int8Linear(torch.nn.Module):
     """``y = x Wᵀ + b`` with x (times SmoothQuant's inverse factors) quantized per tensor, W per output channel."""
 
@@ -42,16 +68,12 @@ class Int8Linear(torch.nn.Module):
         return self.weight_q.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1]).float()
-        if self.inv_smooth is not None:
-            x = x * self.inv_smooth
-        x_q = quantize_int8(x, self.act_scale)
+        quantize, dequantize = _kernels(x.device)
+        lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        x_q = quantize(x, self.inv_smooth, self.act_scale)
         rows = x_q.shape[0]
         if x_q.is_cuda and rows <= 16:  # cuBLASLt's int8 GEMM wants more than 16 rows
             x_q = torch.nn.functional.pad(x_q, (0, 0, 0, 17 - rows))
         acc = torch._int_mm(x_q, self.weight_q.t())[:rows]
-        out = acc.float() * (self.act_scale * self.weight_scale)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.to(self.out_dtype).reshape(*lead, -1)
+        return dequantize(acc, self.act_scale * self.weight_scale, self.bias, self.out_dtype).reshape(*lead, -1)
 
