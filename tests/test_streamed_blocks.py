@@ -25,25 +25,34 @@ def _fast(graph, fp8: bool) -> FastTransformer:
                            release_bf16=fp8)
 
 
-@pytest.mark.parametrize("fp8", [False, True], ids=["bf16-linears", "fp8-linears"])
-def test_streamed_blocks_compute_what_resident_blocks_do(fp8):
+@pytest.mark.parametrize(("fp8", "streamed"), [(False, None), (True, None), (True, 1), (True, 0)],
+                         ids=["bf16-linears", "fp8-linears", "fp8-first-block-streamed", "fp8-none-streamed"])
+def test_streamed_blocks_compute_what_resident_blocks_do(fp8, streamed):
     graph = _graph()
     resident = _fast(copy.deepcopy(graph), fp8)
-    streamed = _fast(graph, fp8)
-    streamer = streamed.stream_blocks("cpu", ahead=1)
-    blocks = len(streamed.block_ops)
-    assert len(streamer.groups) == blocks and streamer.group_bytes(0) > streamer.group_bytes(1)  # + face adapter
+    fast = _fast(graph, fp8)
+    streamer = fast.stream_blocks("cpu", ahead=1, streamed=streamed)
+    blocks = len(fast.block_ops)
+    count = blocks if streamed is None else streamed
+    assert len(streamer.groups) == count
+    if count > 1:
+        assert streamer.group_bytes(0) > streamer.group_bytes(1)  # block 0 carries a face adapter
     for seed in (1, 2):  # two calls: the first block of the second is the one prefetched at the end of the first
         feed = _feed(graph, seed=seed)
-        want, got = resident(*feed)[0], streamed(*feed)[0]
+        want, got = resident(*feed)[0], fast(*feed)[0]
         assert relative_l2(got, want) <= 1e-6
-    assert streamer.most_resident == 2  # the running block and the next one being copied
-    assert list(streamer.resident) == [0]  # between calls: only the next call's first block
-    every_block = sum(streamer.group_bytes(i) for i in range(blocks))
-    # each block once per call; block 0 is copied at the end of the call before the one it serves
-    assert streamer.bytes_copied == 2 * every_block + streamer.group_bytes(0)
+    assert streamer.most_resident == min(count, 2)  # the running block and the next one being copied
+    assert list(streamer.resident) == ([0] if count else [])  # between calls: only the next call's first block
+    every_block = sum(streamer.group_bytes(i) for i in range(count))
+    # each streamed block once per call; block 0 is copied at the end of the call before the one it serves
+    assert streamer.bytes_copied == 2 * every_block + (streamer.group_bytes(0) if count else 0)
     host = {slot.host.data_ptr() for group in streamer.groups[1:] for slot in group}
     assert all(slot.get().data_ptr() in host for group in streamer.groups[1:] for slot in group)
+
+
+def test_streamer_refuses_a_count_outside_the_blocks():
+    with pytest.raises(ValueError, match="streamed must be between 0 and 0"):
+        BlockStreamer([], "cpu", streamed=1)
 
 
 def test_streamer_refuses_nothing_ahead():

@@ -1,9 +1,10 @@
-"""The DiT's blocks streamed from pinned host memory (``infer --max-gpu-memory``): each block's weights
-(its quantized Linears, the rest of the block, and the face adapter that follows it) live on the host
-and are copied to the GPU on a side stream ``ahead`` blocks before the block runs, so the copies
+"""The DiT's blocks streamed from pinned host memory (``infer --max-gpu-memory``): each streamed block's
+weights (its quantized Linears, the rest of the block, and the face adapter that follows it) live on the
+host and are copied to the GPU on a side stream ``ahead`` blocks before the block runs, so the copies
 overlap the blocks computing before them; a block's GPU copy is dropped once the next block starts.
-At most ``ahead + 2`` blocks are on the GPU at a time (the one running, the one just finished whose
-memory the allocator frees when its kernels are done, and those being copied).
+At most ``GROUPS_ON_DEVICE`` streamed blocks are on the GPU at a time (the one running, the one just
+finished whose memory the allocator frees when its kernels are done, and those being copied). Where the
+memory plan has room, the last blocks stay on the GPU for good and only the first ones stream.
 """
 
 from __future__ import annotations
@@ -61,18 +62,35 @@ def _slots(modules: Sequence[torch.nn.Module], pin: bool) -> list[_Slot]:
     return slots
 
 
+def _to_device(modules: Sequence[torch.nn.Module], device: torch.device) -> None:
+    for module in modules:
+        for sub in module.modules():
+            for value in sub._parameters.values():
+                if value is not None:
+                    value.data = value.data.to(device)
+            for name, value in sub._buffers.items():
+                if value is not None:
+                    sub._buffers[name] = value.to(device)
+
+
 class BlockStreamer:
     """Brings block groups to ``device`` on demand: :meth:`acquire` before a block runs (and prefetches the
     next ``ahead``), :meth:`release` once it is done. ``groups[i]``: the modules whose weights block ``i``
-    uses. On a CPU ``device`` (tests) the copies are plain and synchronous."""
+    uses; the first ``streamed`` groups stream (default: all), the others move to ``device`` now and stay.
+    On a CPU ``device`` (tests) the copies are plain and synchronous."""
 
     def __init__(self, groups: Sequence[Sequence[torch.nn.Module]], device: torch.device | str,
-                 ahead: int = 1) -> None:
+                 ahead: int = 1, streamed: int | None = None) -> None:
         if ahead < 1:
             raise ValueError(f"ahead must be at least 1, got {ahead}")
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
-        self.groups = [_slots(group, pin=cuda) for group in groups]
+        streamed = len(groups) if streamed is None else streamed
+        if not 0 <= streamed <= len(groups):
+            raise ValueError(f"streamed must be between 0 and {len(groups)}, got {streamed}")
+        self.groups = [_slots(group, pin=cuda) for group in groups[:streamed]]
+        for group in groups[streamed:]:
+            _to_device(group, self.device)
         self.ahead = ahead
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.resident: dict[int, torch.cuda.Event | None] = {}  # group -> its copy's event (None on the CPU)
@@ -99,6 +117,8 @@ class BlockStreamer:
 
     def acquire(self, index: int) -> None:
         """Group ``index`` on the device for the current stream; the next ``ahead`` groups start copying."""
+        if index >= len(self.groups):  # one that stays on the device
+            return
         self._fetch(index)
         event = self.resident[index]
         if event is not None:
@@ -112,7 +132,8 @@ class BlockStreamer:
 
     def acquire_ahead(self, index: int) -> None:
         """Start copying group ``index`` (e.g. the first block, for the next call) without waiting for it."""
-        self._fetch(index)
+        if index < len(self.groups):
+            self._fetch(index)
 
     def release(self, index: int) -> None:
         """Group ``index`` back to its host copies (its device memory is reused once its kernels are done)."""

@@ -154,11 +154,11 @@ class FastTransformer(torch.nn.Module, BlockRunner):
         return [[block, *self.quantized_ops(i).values(), *([self.model.face_adapter[i // every]] if i % every == 0 else [])]
                 for i, block in enumerate(self.model.blocks)]
 
-    def stream_blocks(self, device: torch.device | str, ahead: int = 1) -> BlockStreamer:
-        """Keep the blocks' weights on the host and stream them to ``device`` as they run (``streaming.py``);
-        everything else moves to ``device`` now. Instead of ``.to(device)``."""
+    def stream_blocks(self, device: torch.device | str, ahead: int = 1, streamed: int | None = None) -> BlockStreamer:
+        """Keep the first ``streamed`` blocks' weights (default: all) on the host and stream them to ``device``
+        as they run (``streaming.py``); everything else moves to ``device`` now. Instead of ``.to(device)``."""
         groups = self.block_groups()
-        self.streamer = BlockStreamer(groups, device, ahead)
+        self.streamer = BlockStreamer(groups, device, ahead, streamed)
         streamed = {id(sub) for group in groups for module in group for sub in module.modules()}
         for sub in self.modules():
             if id(sub) in streamed:
