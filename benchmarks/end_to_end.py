@@ -42,7 +42,7 @@ from benchmarks.infer_fast_smoke import wan_trt
 
 _STEP_LINE = re.compile(r"step (\d+)/(\d+) \(([\d.]+) s\)")
 _PEAK_LINE = re.compile(r"GPU peak ([\d.]+) GiB")
-_PINNED_LINE = re.compile(r"blocks wait in pinned host memory \(([\d.]+) GiB\)")
+_PINNED_LINE = re.compile(r"(\d+) of (\d+) blocks wait in pinned host memory \(([\d.]+) GiB\)")
 
 
 def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) -> subprocess.CompletedProcess:
@@ -64,7 +64,8 @@ def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) 
         record["gpu_peak_gib"] = float(peak.group(1))
     pinned = _PINNED_LINE.search(done.stderr)
     if pinned:
-        record["pinned_host_gib"] = float(pinned.group(1))
+        record.update(streamed_blocks=int(pinned.group(1)), blocks=int(pinned.group(2)),
+                      pinned_host_gib=float(pinned.group(3)))
     results["steps"][name] = record
     write_json(out, results)
     print(f"{name}: rc {done.returncode}, {record['wall_s']} s", file=sys.stderr, flush=True)

@@ -21,7 +21,9 @@ class RuntimeOptions:
     fp8_attention_kernel: str = "auto"  # with --fast: auto | cudnn | fa3
     fp8_attention_smoothing: str = "auto"  # with --fast and fp8 engines: auto | none | k | v | kv
     max_gpu_memory: int | None = None  # with --fast: bytes the run may use on the GPU (--max-gpu-memory)
-    stream_blocks: bool = False  # the pre-flight's plan for max_gpu_memory: the DiT's blocks wait on the host
+    # the pre-flight's plan for max_gpu_memory: None (as without it), or loaded on the host and this many
+    # DiT blocks streamed from there (0: none; the rest stay on the GPU)
+    stream_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.gpus > 1:
@@ -33,7 +35,7 @@ class RuntimeOptions:
         if self.fp8_attention_kernel != "auto" and not self.fast:
             raise BadInputError(f"--fp8-attention-kernel {self.fp8_attention_kernel} chooses the FP8 attention of "
                                 "--fast: add --fast or drop it")
-        if (self.max_gpu_memory is not None or self.stream_blocks) and not self.fast:
+        if (self.max_gpu_memory is not None or self.stream_blocks is not None) and not self.fast:
             raise BadInputError("--max-gpu-memory plans the memory of --fast (--backend torch --device cuda): "
                                 "add --fast or drop it")
         if self.fp8_attention_smoothing != "auto" and not self.fast:

@@ -116,8 +116,9 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
     if options.guide_frames >= segment_frames:
         raise BadInputError(f"--guide-frames {options.guide_frames} must be smaller than --segment-frames {segment_frames}")
     _check_resolution(inputs, preset.transformer["rope_max_seq_len"])
-    if check_infer(options, manifest, inputs.width, inputs.height, inputs.num_frames, segment_frames):  # disk, GPU, ...
-        runtime = replace(runtime, stream_blocks=True)  # --max-gpu-memory's plan: the DiT's blocks stream
+    streamed = check_infer(options, manifest, inputs.width, inputs.height, inputs.num_frames, segment_frames)
+    if streamed is not None:  # --max-gpu-memory's plan: loaded on the host, this many DiT blocks stream from it
+        runtime = replace(runtime, stream_blocks=streamed)
         options = replace(options, runtime=runtime)
     if inputs.face.width != OFFICIAL_FACE_SIZE:
         log.warning("face crops are %dx%d, the official format has %dx%d; resizing them to the model's %dx%d",

@@ -91,6 +91,7 @@ DIT_ACTIVATION_WIDTHS = 8  # copies of the token stream alive in one DiT block, 
 VAE_ACTIVATION_FACTOR = 16  # fitted to diffusers' measured 720p x 77 decode (docs/memory.md)
 VAE_CHUNK_FRAMES = 4
 RUNTIME_OVERHEAD = GIB  # CUDA context, cuBLAS/cuDNN workspaces
+CAP_MARGIN = 0.92  # --max-gpu-memory plans fill at most this share of SIZE (allocator fragmentation, workspaces)
 CACHED_PROMPT_COUNT = 2  # the default prompt and the empty negative prompt (export.directory.CACHED_PROMPTS)
 TEXT_TOKENS = 512
 
@@ -387,20 +388,20 @@ def _quantized_copies(manifest, vocab: int) -> int:
     return quantized_parameter_count(meta_modules(manifest.preset, vocab)[Component.TRANSFORMER], policy)
 
 
-_STREAMED: dict[str, tuple[int, int]] = {}
+_GROUPS: dict[str, tuple[tuple[int, int], ...]] = {}
 
 
-def streamed_block_bytes(manifest) -> tuple[int, int]:
-    """(parameters of the DiT's streamed groups, the largest group's bytes on the GPU) for ``--max-gpu-memory``:
-    a group is a block and the face adapter that follows it (``FastTransformer.block_groups``), its
-    quantized Linears (the manifest's policy) at 1 byte per weight, everything else at 2 (bf16)."""
+def block_groups(manifest) -> tuple[tuple[int, int], ...]:
+    """(parameters, bytes on the GPU) of each block group of the DiT, in order (``FastTransformer.block_groups``:
+    a block and the face adapter that follows it), its quantized Linears (the manifest's policy) at 1 byte
+    per weight, everything else at 2 (bf16): what ``--max-gpu-memory`` streams."""
     import torch
 
     from wan_trt.checkpoints import empty_component
 
     quantization = manifest.quantization if manifest.precision in QUANTIZED_PRECISIONS else None
     key = json.dumps([manifest.preset.to_json(), quantization], sort_keys=True, default=str)
-    if key not in _STREAMED:
+    if key not in _GROUPS:
         vocab = int(manifest.graphs[TEXT_ENCODER].spec.vocab_size)
         with torch.device("meta"):
             transformer = empty_component(Component.TRANSFORMER, manifest.preset, vocab)
@@ -411,25 +412,25 @@ def streamed_block_bytes(manifest) -> tuple[int, int]:
             quantized = set(PrecisionPolicy.from_json(quantization["policy"]).quantized_layers(len(transformer.blocks)))
         modules = dict(transformer.named_modules())
         every = transformer.config.inject_face_latents_blocks
-        total = largest = 0
+        groups = []
         for index, block in enumerate(transformer.blocks):
             prefix = f"transformer.blocks.{index}."
             one_byte = sum(modules[p.removeprefix("transformer.")].weight.numel() for p in quantized if p.startswith(prefix))
             params = _numel(block) + (_numel(transformer.face_adapter[index // every]) if index % every == 0 else 0)
-            total += params
-            largest = max(largest, 2 * params - one_byte)
-        _STREAMED[key] = (total, largest)
-    return _STREAMED[key]
+            groups.append((params, 2 * params - one_byte))
+        _GROUPS[key] = tuple(groups)
+    return _GROUPS[key]
 
 
 def estimate_device_bytes(manifest, directory: Path, width: int, height: int, segment_frames: int, *,
                           batch: int = 1, text_encoder: bool = True, gpus: int = 1, fast: bool = False,
-                          streamed: bool = False) -> DeviceEstimate:
+                          streamed: int | None = None) -> DeviceEstimate:
     """Peak device memory of one run at ``width`` × ``height`` (see the module docstring for the formula), per
     GPU: with ``gpus`` > 1 (sequence parallel) every GPU holds all weights and 1/``gpus`` of the DiT's tokens.
     ``fast`` (``infer --fast``): every module in bf16; the whole model is on the GPU while it loads, then the
     text and image encoders wait on the host and visit the GPU one at a time. ``streamed`` (with ``fast``,
-    ``--max-gpu-memory``'s plan): the DiT's blocks wait on the host, ``GROUPS_ON_DEVICE`` of them on the GPU."""
+    ``--max-gpu-memory``'s plan): the model is loaded on the host, the DiT's first ``streamed`` block groups
+    wait there (``GROUPS_ON_DEVICE`` of them on the GPU at a time) and the others stay on the GPU."""
     if fast:
         vocab = int(manifest.graphs[TEXT_ENCODER].spec.vocab_size)
         counts = parameter_counts(manifest.preset, vocab)[0]
@@ -437,12 +438,13 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
         weights = 2 * (counts[Component.TRANSFORMER] + counts[Component.VAE] + visiting)
         loading = 2 * (sum(counts.values()) - (0 if text_encoder else counts[Component.TEXT_ENCODER]))
         loading += _quantized_copies(manifest, vocab)  # FP8/INT8 Linears are made beside their bf16 weights
-        if streamed:  # loaded and quantized on the host; an encoder visits while every block is still there
+        if streamed is not None:  # loaded and quantized on the host; an encoder visits before the blocks come
             from wan_trt.runtime.fast.streaming import GROUPS_ON_DEVICE
 
-            blocks, group = streamed_block_bytes(manifest)
-            resident = 2 * (counts[Component.TRANSFORMER] - blocks + counts[Component.VAE])
-            weights = resident + GROUPS_ON_DEVICE * group
+            groups = block_groups(manifest)
+            resident = 2 * (counts[Component.TRANSFORMER] - sum(p for p, _ in groups) + counts[Component.VAE])
+            resident += sum(b for _, b in groups[streamed:])  # the blocks that stay on the GPU
+            weights = resident + min(GROUPS_ON_DEVICE, streamed) * max([b for _, b in groups[:streamed]], default=0)
             loading = resident + 2 * visiting
     else:
         sizes = graph_weight_bytes(manifest, directory)
@@ -517,35 +519,38 @@ def total_device_bytes(device: str) -> int | None:
 
 def plan_gpu_memory(manifest, directory: Path, width: int, height: int, segment_frames: int, cap: int, *,
                     device: str = "cuda", batch: int = 1, text_encoder: bool = True, free: int | None = None,
-                    total: int | None = None) -> bool:
-    """``--max-gpu-memory cap``'s plan: False when the whole model fits under ``cap`` (and the free memory),
-    True when it fits with the DiT's blocks streamed from the host; otherwise one error naming the smallest
-    SIZE that works for this video size (exit 3), or, for a ``cap`` above what the GPU has, exit 2."""
+                    total: int | None = None) -> int | None:
+    """``--max-gpu-memory cap``'s plan: None when the run fits under ``cap`` (and the free memory) as it is;
+    else the fewest DiT blocks that must stream from the host (0: the model is loaded on the host and
+    then fits whole). Plans fill at most ``CAP_MARGIN`` of ``cap``. Otherwise one error naming the smallest SIZE that works for this video size
+    (exit 3), or, for a ``cap`` above what the GPU has, exit 2."""
     total = total_device_bytes(device) if total is None else total
     if total is not None and cap > total:
         raise BadInputError(f"--max-gpu-memory {_size(cap)} is more than this GPU has ({_size(total)}): give at most "
                             f"{total // GIB}GiB, or drop the option to use all of it")
     free = free_device_bytes(device) if free is None else free
-    budget = cap if free is None else min(cap, free)
+    budget = int(CAP_MARGIN * (cap if free is None else min(cap, free)))
 
-    def estimate(streamed: bool) -> DeviceEstimate:
+    def estimate(streamed: int | None) -> DeviceEstimate:
         return estimate_device_bytes(manifest, directory, width, height, segment_frames, batch=batch,
                                      text_encoder=text_encoder, fast=True, streamed=streamed)
 
-    if estimate(False).total <= budget:
-        log.info("--max-gpu-memory %s: the whole model fits (about %s)", _size(cap), _size(estimate(False).total))
-        return False
-    need = estimate(True)
-    if need.total <= budget:
-        log.info("--max-gpu-memory %s: the DiT's blocks stream from the host (about %s on the GPU)", _size(cap),
-                 _size(need.total))
-        return True
-    short = f", and only {_size(free)} is free" if free is not None and free < need.total <= cap else ""
+    if estimate(None).total <= budget:
+        log.info("--max-gpu-memory %s: the run fits as it is (about %s)", _size(cap), _size(estimate(None).total))
+        return None
+    blocks = len(block_groups(manifest))
+    for streamed in range(blocks + 1):  # the fastest plan that fits: as few streamed blocks as possible
+        need = estimate(streamed)
+        if need.total <= budget:
+            log.info("--max-gpu-memory %s: loaded on the host; %d of %d DiT blocks stream from it, the rest stay "
+                     "on the GPU (about %s)", _size(cap), streamed, blocks, _size(need.total))
+            return streamed
+    short = f", and only {_size(free)} is free" if free is not None and free < need.total / CAP_MARGIN <= cap else ""
     raise EngineError(
         f"--max-gpu-memory {_size(cap)}: {width}x{height} x {segment_frames} frames needs about {_size(need.total)} "
-        f"on the GPU even with the DiT's blocks streamed from the host (weights {_size(need.weights)}, activations "
+        f"on the GPU even with every DiT block streamed from the host (weights {_size(need.weights)}, activations "
         f"{_size(max(need.dit_activations, need.vae_activations))}){short}: give --max-gpu-memory "
-        f"{math.ceil(need.total / GIB)}GiB or more, or preprocess the driving video at a smaller size")
+        f"{math.ceil(need.total / CAP_MARGIN / GIB)}GiB or more, or preprocess the driving video at a smaller size")
 
 
 def check_engines_for_request(manifest, directory: Path, backend: str, width: int, height: int,
@@ -577,9 +582,9 @@ def _cached_prompts(directory: Path, manifest) -> set[str]:
 
 
 def check_infer(options, manifest, width: int, height: int, frames: int, segment_frames: int, *,
-                free_disk: int | None = None, free_device: int | None = None) -> bool:
+                free_disk: int | None = None, free_device: int | None = None) -> int | None:
     """``infer``'s pre-flight, once the manifest is read and the driving inputs' size and length are known.
-    True when ``--max-gpu-memory``'s plan streams the DiT's blocks from the host."""
+    ``--max-gpu-memory``'s plan: how many DiT blocks stream from the host (None: the run as it is)."""
     from wan_trt.presets import DEFAULT_PROMPT
     from wan_trt.tokenizer import clean_prompt
 
@@ -593,7 +598,7 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
     if device == "cpu":
         check_host_memory(manifest, directory, width, height, segment_frames, backend=runtime.backend,
                           batch=2 if options.guidance_scale > 1 else 1)
-        return False
+        return None
     prompts = [options.prompt if options.prompt is not None else DEFAULT_PROMPT]
     if options.guidance_scale > 1:
         prompts.append(options.negative_prompt)
@@ -610,7 +615,7 @@ def check_infer(options, manifest, width: int, height: int, frames: int, segment
     check_device_memory(manifest, directory, width, height, segment_frames, device=device, batch=batch,
                         text_encoder=text_encoder, gpus=runtime.gpus, buckets=buckets, free=free_device,
                         fast=runtime.fast)
-    return False
+    return None
 
 
 # -------------------------------------------------------------------------------------- calibrate

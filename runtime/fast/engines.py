@@ -146,7 +146,7 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, options.max_gpu_memory / total))
     # straight to the GPU in bf16 (to the host when the DiT's blocks stream from there); umT5 (11 GB at full
     # size) only if a prompt is not in the build's cache
-    load_device = "cpu" if options.stream_blocks else "cuda"
+    load_device = "cpu" if options.stream_blocks is not None else "cuda"
     modules = reference_graph_modules(manifest, directory, load_device, torch.bfloat16,
                                       graphs=[name for name in manifest.graphs if name != TEXT_ENCODER])
     plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
@@ -158,11 +158,11 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     fast_options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
                                fp8_attention_kernel=options.fp8_attention_kernel, attention_smoothing=smoothing)
     fast = FastTransformer(graph, plan, fast_options, release_bf16=True)
-    if options.stream_blocks:
-        streamer = fast.stream_blocks("cuda", STREAM_AHEAD)
-        log.info("fast DiT: %d blocks wait in pinned host memory (%.1f GiB), copied to the GPU %d ahead of use",
-                 len(streamer.groups), sum(map(streamer.group_bytes, range(len(streamer.groups)))) / 2**30,
-                 STREAM_AHEAD)
+    if options.stream_blocks is not None:
+        streamer = fast.stream_blocks("cuda", STREAM_AHEAD, options.stream_blocks)
+        log.info("fast DiT: %d of %d blocks wait in pinned host memory (%.1f GiB), copied to the GPU %d ahead of "
+                 "use", len(streamer.groups), len(fast.block_ops),
+                 sum(map(streamer.group_bytes, range(len(streamer.groups)))) / 2**30, STREAM_AHEAD)
     else:
         fast.to("cuda")
     if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
@@ -182,7 +182,7 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
             continue
         if name == TRANSFORMER:
             engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None,  # casts itself; timestep stays fp32
-                                       place=not options.stream_blocks)
+                                       place=options.stream_blocks is None)
             continue
         offload = GRAPHS[name].once_per_video  # run once per video, before the DiT
         module = cast_floats(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
