@@ -1,4 +1,4 @@
-"""The layer order (docs/layout.md): core ← models ← stages ← top. Every import in the package, at module
+"""The layer order (README, Layout; docs/layout.md): core ← models ← stages ← top. Every import in the package, at module
 level or inside a function, points to its own layer or a lower one; among the stages, the runtime
 imports neither ``export/`` (a deployed runtime ships without the exporter) nor anything above it. Within the
 package no two modules import each other at module level, directly or through others (no import cycles)."""
