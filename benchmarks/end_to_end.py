@@ -7,8 +7,8 @@ then ``wan-trt infer --fast``, at full size (``animate-14b --random-weights``), 
 
 ``--precision bf16`` (default) runs ``--fast`` on the fp32 torch build (bf16 Linears and attention);
 ``fp8`` runs the FP8 journey: ``calibrate --device cuda`` on each size's inputs (or ``--calibration``,
-a cache made earlier, e.g. at another size, or ``--calibration-clip``, one made here on a short synthetic clip:
-the results say which), ``build --precision fp8 --backend
+a cache made earlier, e.g. at another size, or ``--calibration-clip``, one made here on a short synthetic clip
+in segments of its length: the results say which), ``build --precision fp8 --backend
 torch`` with that cache, then ``infer --fast`` on those engines. ``--sampler``/``--shift``/``--steps``
 are the schedule of calibration and inference alike (``--sampler euler --steps 4`` is the
 ``lightx2v-4step`` recipe's schedule: its speed, on random weights without the distillation LoRA,
@@ -94,13 +94,15 @@ def schedule_options(args: argparse.Namespace) -> list[str]:
 def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: argparse.Namespace,
                 results: dict[str, Any], out: Path) -> Path | None:
     """Calibrate on the GPU (unless ``--calibration``) and build FP8 torch engines from the cache."""
-    if args.calibration_clip:  # one short clip calibrates every size (the ranges' values do not change speed)
+    segment: list[str] = []
+    if args.calibration_clip:  # one short clip calibrates every size (the ranges' values do not change speed);
         size, inputs = args.calibration_clip, calibration_clip(work, args.calibration_clip)
+        segment = ["--segment-frames", size.split("x")[2]]  # a shorter clip alone is padded to a 77-frame segment
     cache = Path(args.calibration) if args.calibration else work / f"calibration-{size}-{schedule_name(args)}.json"
     if not cache.is_file() and run_step(
             f"calibrate_cuda_{size}_{schedule_name(args)}",
             wan_trt("calibrate", "--engines", str(fp32_engines), "--data", str(inputs), "--out", str(cache),
-                    *schedule_options(args), "--device", "cuda"), results, out).returncode:
+                    *schedule_options(args), *segment, "--device", "cuda"), results, out).returncode:
         return None
     results.setdefault("calibration", {})[size] = str(cache)
     engines = work / f"engines-fp8-{args.policy}-{cache.stem}"
@@ -137,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", default="default", help="fp8: the build's precision policy [default]")
     parser.add_argument("--max-gpu-memory", metavar="SIZE", help="infer --max-gpu-memory SIZE (e.g. 24GiB)")
     parser.add_argument("--calibration-clip", metavar="WxHxF",
-                        help="fp8: calibrate once on synthetic inputs of this size and frame count (e.g. 832x480x13) "
-                             "instead of on each size's 77 frames")
+                        help="fp8: calibrate once on synthetic inputs of this size and frame count (e.g. 832x480x13), "
+                             "with --segment-frames F (a 13-frame clip alone is padded to a 77-frame segment and "
+                             "costs as much: measured), instead of on each size's 77 frames")
     args = parser.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
