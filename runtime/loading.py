@@ -96,16 +96,18 @@ def bf16_reference_engines(manifest: Manifest, directory: Path | None, device: s
 
 
 def reference_graph_modules(manifest: Manifest, directory: Path | None = None, device: str = "cpu",
-                            dtype: torch.dtype = torch.float32,
-                            graphs: Iterable[str] | None = None) -> dict[str, torch.nn.Module]:
+                            dtype: torch.dtype = torch.float32, graphs: Iterable[str] | None = None,
+                            trust_fingerprint: bool = False) -> dict[str, torch.nn.Module]:
     """The graph modules of the manifest's weights (every graph, or those named in ``graphs``: only the
     components they hold are then made), rebuilt on ``device`` in ``dtype`` (diffusers' fp32-kept modules
     stay fp32); refused if the checkpoint folder changed since the build (its fingerprint, checked first)
     or if the weights hash differs.
 
-    Bounded loading: no fp32 copy of the model on the host when ``device`` is a GPU. There the weights of a
-    checkpoint are not hashed again (23.7 B parameters at full size: minutes): the folder's fingerprint
-    stands for them. ``counter`` random weights are checked by their recipe's digest.
+    Bounded loading: no fp32 copy of the model on the host when ``device`` is a GPU. There (and wherever
+    ``trust_fingerprint``: ``--fast`` loading on the host for ``--max-gpu-memory``) the weights of a
+    checkpoint are not hashed again (23.7 B parameters at full size: minutes; the hash is over fp32 values,
+    which a bf16 load no longer holds): the folder's fingerprint stands for them. ``counter`` random
+    weights are checked by their recipe's digest.
     """
     from wan_trt.models.graphs import graph_modules  # imports diffusers/transformers: torch backend only
     from wan_trt.lora import LoraSpec
@@ -115,7 +117,8 @@ def reference_graph_modules(manifest: Manifest, directory: Path | None = None, d
     vocab = manifest.graphs[TEXT_ENCODER].spec.vocab_size
     loras = [LoraSpec.from_json(record) for record in manifest.loras]
     fingerprinted = bool(manifest.checkpoint and manifest.checkpoint_fingerprint)
-    trusted = fingerprinted and torch.device(device).type != "cpu"  # else a checkpoint's weights are hashed: all
+    # else a checkpoint's weights are hashed: all of them
+    trusted = fingerprinted and (trust_fingerprint or torch.device(device).type != "cpu")
     names = list(GRAPHS) if graphs is None or (manifest.checkpoint and not trusted) else list(graphs)
     components = {GRAPHS[name].parameters.component for name in names}
     models = build_reference_models(manifest.preset, seed=manifest.seed, vocab_size=vocab,

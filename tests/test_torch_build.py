@@ -201,7 +201,7 @@ def test_fast_device_estimate_covers_the_measured_full_size_peak(torch_dir):
     assert tiny_fast.dit_activations * 2 == tiny.dit_activations  # bf16, not the fp32 engines' dtype
 
 
-def test_max_gpu_memory_plans_the_fewest_streamed_blocks(torch_dir):
+def test_max_gpu_memory_plans_the_fewest_streamed_blocks(torch_dir, monkeypatch):
     """``--max-gpu-memory``: the run as it is where it fits; else loaded on the host with as few DiT blocks
     streamed as the cap allows (``animate-14b`` FP8 at 720p×77: none at 48 GiB, some at 24 GiB, the plan
     ≤ 22 GiB there — estimates; the GPU's own peak: benchmarks/README.md); a size no plan fits names the
@@ -213,6 +213,7 @@ def test_max_gpu_memory_plans_the_fewest_streamed_blocks(torch_dir):
     from wan_trt.presets import get_preset
 
     gib = 2**30
+    monkeypatch.setattr(preflight, "available_host_bytes", lambda: 128 * gib)  # the lent GPU machine's host
     manifest = dataclasses.replace(read_manifest(torch_dir), preset=get_preset("animate-14b"), precision="fp8",
                                    quantization={"policy": load_policy().to_json()})
     groups = preflight.block_groups(manifest)
@@ -236,10 +237,17 @@ def test_max_gpu_memory_plans_the_fewest_streamed_blocks(torch_dir):
         plan(8)
     smallest = int(re.search(r"give --max-gpu-memory (\d+)GiB or more", str(refused.value)).group(1))
     assert plan(smallest) == 40
-    with pytest.raises(EngineError, match="only 9.00 GiB .* is free"):
+    with pytest.raises(EngineError, match="only 9.00 GiB .* of this GPU is free"):
         plan(24, free=9 * gib)
+    with pytest.raises(EngineError, match="no SIZE fits this GPU"):
+        preflight.plan_gpu_memory(manifest, torch_dir, 1280, 720, 77, 12 * gib, text_encoder=True, total=12 * gib,
+                                  free=12 * gib)
     with pytest.raises(BadInputError, match="more than this GPU has"):
         plan(100)
+    monkeypatch.setattr(preflight, "available_host_bytes", lambda: 40 * gib)  # the bf16 model (≈ 48 GB) first
+    with pytest.raises(EngineError, match="loads the model on the host first"):
+        plan(24)
+    assert plan(79) is None  # the plan that loads onto the GPU needs no host room
 
 
 @pytest.mark.parametrize(("value", "message"), [("24XB", "is not a memory size"), ("-2GiB", "is not a memory size"),

@@ -444,6 +444,7 @@ def estimate_device_bytes(manifest, directory: Path, width: int, height: int, se
             groups = block_groups(manifest)
             resident = 2 * (counts[Component.TRANSFORMER] - sum(p for p, _ in groups) + counts[Component.VAE])
             resident += sum(b for _, b in groups[streamed:])  # the blocks that stay on the GPU
+            # streaming 1 to GROUPS_ON_DEVICE - 1 blocks saves nothing over 0: they are all on the GPU at once
             weights = resident + min(GROUPS_ON_DEVICE, streamed) * max([b for _, b in groups[:streamed]], default=0)
             loading = resident + 2 * visiting
     else:
@@ -542,15 +543,33 @@ def plan_gpu_memory(manifest, directory: Path, width: int, height: int, segment_
     for streamed in range(blocks + 1):  # the fastest plan that fits: as few streamed blocks as possible
         need = estimate(streamed)
         if need.total <= budget:
+            _check_host_for_host_loading(manifest, text_encoder)
             log.info("--max-gpu-memory %s: loaded on the host; %d of %d DiT blocks stream from it, the rest stay "
                      "on the GPU (about %s)", _size(cap), streamed, blocks, _size(need.total))
             return streamed
-    short = f", and only {_size(free)} is free" if free is not None and free < need.total / CAP_MARGIN <= cap else ""
+    smallest = math.ceil(need.total / CAP_MARGIN / GIB) * GIB  # the SIZE whose plan fits
+    if free is not None and free < cap and smallest <= cap:  # the GPU's free memory is what is short
+        advice = f"only {_size(free)} of this GPU is free: free GPU memory, or preprocess the driving video smaller"
+    elif total is not None and smallest > total:
+        advice = f"no SIZE fits this GPU ({_size(total)}): preprocess the driving video at a smaller size"
+    else:
+        advice = f"give --max-gpu-memory {smallest // GIB}GiB or more, or preprocess the driving video smaller"
     raise EngineError(
         f"--max-gpu-memory {_size(cap)}: {width}x{height} x {segment_frames} frames needs about {_size(need.total)} "
         f"on the GPU even with every DiT block streamed from the host (weights {_size(need.weights)}, activations "
-        f"{_size(max(need.dit_activations, need.vae_activations))}){short}: give --max-gpu-memory "
-        f"{math.ceil(need.total / CAP_MARGIN / GIB)}GiB or more, or preprocess the driving video at a smaller size")
+        f"{_size(max(need.dit_activations, need.vae_activations))}): {advice}")
+
+
+def _check_host_for_host_loading(manifest, text_encoder: bool) -> None:
+    """The host plans of ``--max-gpu-memory`` load the model there in bf16 first (the DiT's quantized Linears
+    then give way to their FP8/INT8 copies block by block): refused when that does not fit the host."""
+    counts = parameter_counts(manifest.preset, int(manifest.graphs[TEXT_ENCODER].spec.vocab_size))[0]
+    need = 2 * (sum(counts.values()) - (0 if text_encoder else counts[Component.TEXT_ENCODER])) + HOST_OVERHEAD
+    available = available_host_bytes()
+    if available is not None and need > available:
+        raise EngineError(f"--max-gpu-memory: this plan loads the model on the host first, about {_size(need)}, and "
+                          f"{_size(available)} of host memory is available: free host memory, or use a GPU that "
+                          "holds the model without the option")
 
 
 def check_engines_for_request(manifest, directory: Path, backend: str, width: int, height: int,

@@ -130,6 +130,15 @@ def fast_plan(graph: torch.nn.Module, directory, manifest,
     return plan, ranges, smoothing
 
 
+def cap_allocator(size: int) -> None:
+    """Cap torch's allocator so that the process uses at most ``size`` bytes of the GPU: ``size`` less what
+    is already in use outside the allocator (the CUDA context, libraries' handles)."""
+    free, total = torch.cuda.mem_get_info()
+    outside = max(0, total - free - torch.cuda.memory_reserved())
+    torch.cuda.set_per_process_memory_fraction(max(0.0, min(1.0, (size - outside) / total)))
+    log.info("GPU memory capped at %.2f GiB (%.2f GiB of it outside torch's allocator)", size / 2**30, outside / 2**30)
+
+
 def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     """The ``--fast`` engines for an fp32 or fp8 engines directory (see the module docstring), with the FP8
     attention kernel and smoothing of ``options`` (which checked, when made, that they ask for ``--fast``
@@ -142,13 +151,13 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     if precision not in ("fp32", "fp8", "int8"):
         raise EngineError(f"--fast runs fp32, fp8 and int8 engines; these are {precision}: run them without --fast")
     if options.max_gpu_memory is not None:  # the allocator refuses more than the plan's budget
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, options.max_gpu_memory / total))
+        cap_allocator(options.max_gpu_memory)
     # straight to the GPU in bf16 (to the host when the DiT's blocks stream from there); umT5 (11 GB at full
     # size) only if a prompt is not in the build's cache
     load_device = "cpu" if options.stream_blocks is not None else "cuda"
     modules = reference_graph_modules(manifest, directory, load_device, torch.bfloat16,
-                                      graphs=[name for name in manifest.graphs if name != TEXT_ENCODER])
+                                      graphs=[name for name in manifest.graphs if name != TEXT_ENCODER],
+                                      trust_fingerprint=True)
     plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
                                                    options.fp8_attention_smoothing)
                                          if precision in ("fp8", "int8") else (None, {}, "none"))

@@ -43,7 +43,8 @@ def _kernels(device: torch.device) -> tuple:
     if device.type != "cuda":
         return quantize_input, dequantize_output
     if _COMPILED is None:
-        _COMPILED = tuple(torch.compile(f, dynamic=False) for f in (quantize_input, dequantize_output))
+        # dynamic=None: static first, then one shape-generic kernel once another token count comes
+        _COMPILED = tuple(torch.compile(f) for f in (quantize_input, dequantize_output))
     return _COMPILED
 
 
