@@ -440,6 +440,23 @@ def test_a_changed_checkpoint_is_refused_naming_the_folder(preset, checkpoint_di
     assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "c.json").exists()
 
 
+def test_fast_host_loading_trusts_the_fingerprint_and_reads_only_its_graphs(preset, checkpoint_dir, tmp_path):
+    """``--max-gpu-memory``'s host loading (bf16 on the CPU): the checkpoint's fp32 weights hash cannot hold for
+    bf16 values, so the folder's fingerprint stands for it (as on a GPU) and only the graphs asked for load."""
+    import torch
+
+    from wan_trt.runtime.loading import reference_graph_modules
+
+    engines = build_torch_engines(preset, tmp_path / "engines", checkpoint=str(checkpoint_dir))
+    manifest = read_manifest(engines)
+    wanted = [name for name in manifest.graphs if name != "text_encoder"]
+    with pytest.raises(EngineError, match="do not match the engines' weights hash"):  # hashed in bf16
+        reference_graph_modules(manifest, engines, "cpu", torch.bfloat16, graphs=wanted)
+    modules = reference_graph_modules(manifest, engines, "cpu", torch.bfloat16, graphs=wanted, trust_fingerprint=True)
+    assert list(modules) == wanted
+    assert modules["transformer"].transformer.patch_embedding.weight.dtype == torch.bfloat16
+
+
 def test_fingerprint_sees_added_removed_and_edited_weight_files_only(checkpoint_dir, tmp_path):
     from wan_trt.checkpoint_fingerprint import checkpoint_fingerprint, fingerprint_change
 
