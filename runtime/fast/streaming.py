@@ -10,7 +10,7 @@ memory plan has room, the last blocks stay on the GPU for good and only the firs
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -89,15 +89,15 @@ def _pin(host: torch.Tensor) -> None:
                            "or free host memory")
 
 
-def _to_device(modules: Sequence[torch.nn.Module], device: torch.device) -> None:
-    for module in modules:
-        for sub in module.modules():
-            for value in sub._parameters.values():
-                if value is not None:
-                    value.data = value.data.to(device)
-            for name, value in sub._buffers.items():
-                if value is not None:
-                    sub._buffers[name] = value.to(device)
+def move_tensors(modules: Iterable[torch.nn.Module], device: torch.device | str) -> None:
+    """Move each module's own parameters and buffers (not its children's) to ``device``, in place."""
+    for sub in modules:
+        for value in sub._parameters.values():
+            if value is not None:
+                value.data = value.data.to(device)
+        for name, value in sub._buffers.items():
+            if value is not None:
+                sub._buffers[name] = value.to(device)
 
 
 class BlockStreamer:
@@ -119,8 +119,7 @@ class BlockStreamer:
         if not 0 <= streamed <= len(groups):
             raise ValueError(f"streamed must be between 0 and {len(groups)}, got {streamed}")
         self.groups = [_Group(group, pin=cuda) for group in groups[:streamed]]
-        for group in groups[streamed:]:
-            _to_device(group, self.device)
+        move_tensors((sub for group in groups[streamed:] for module in group for sub in module.modules()), self.device)
         self.ahead = ahead
         self.copy_stream = torch.cuda.Stream(self.device) if cuda else None
         self.resident: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}  # group -> (device copy, event)
@@ -178,7 +177,3 @@ class BlockStreamer:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
             self.finishing.append(done)
-
-    def release_all(self) -> None:
-        for index in list(self.resident):
-            self.release(index)

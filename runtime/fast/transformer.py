@@ -23,7 +23,7 @@ from wan_trt.runtime.fast.attention import (
 from wan_trt.runtime.fast.glue import Glue
 from wan_trt.runtime.fast.int8 import Int8Linear
 from wan_trt.runtime.fast.linear import FP8_MAX, Fp8Linear, TINY
-from wan_trt.runtime.fast.streaming import BlockStreamer
+from wan_trt.runtime.fast.streaming import BlockStreamer, move_tensors
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,8 @@ class FastTransformer(torch.nn.Module, BlockRunner):
         as they run (``streaming.py``); everything else moves to ``device`` now. Instead of ``.to(device)``."""
         groups = self.block_groups()
         self.streamer = BlockStreamer(groups, device, ahead, streamed)
-        streamed = {id(sub) for group in groups for module in group for sub in module.modules()}
-        for sub in self.modules():
-            if id(sub) in streamed:
-                continue
-            for name, value in sub._parameters.items():
-                if value is not None:
-                    value.data = value.data.to(device)
-            for name, value in sub._buffers.items():
-                if value is not None:
-                    sub._buffers[name] = value.to(device)
+        in_groups = {id(sub) for group in groups for module in group for sub in module.modules()}
+        move_tensors((sub for sub in self.modules() if id(sub) not in in_groups), device)
         return self.streamer
 
     @property
