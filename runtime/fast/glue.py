@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from wan_trt.calibration.attention import smooth_kv
+from wan_trt.runtime.fast.compiled import REFERENCE_ROUNDING, compile_once
 from wan_trt.runtime.fast.linear import FP8, FP8_MAX
 
 
@@ -145,14 +146,6 @@ class Glue:
 
     @staticmethod
     def compiled() -> Glue:
-        global _COMPILED
-        if _COMPILED is None:  # one set for every FastTransformer: each function compiles once per shape
-            # emulate_precision_casts: keep each explicit cast to bf16 (the reference's rounding points) inside
-            # the fused kernels; inductor otherwise carries fp32 through them and the fast path drifts from the
-            # eager reference (tests/test_fast_torch.py::test_compiled_glue_rounds_as_the_reference)
-            opts = {"dynamic": False, "fullgraph": True, "options": {"emulate_precision_casts": True}}
-            _COMPILED = Glue(*(torch.compile(f.default, **opts) for f in dataclasses.fields(Glue)))
-        return _COMPILED
-
-
-_COMPILED: Glue | None = None
+        """Every function compiled once per process (``compiled.compile_once``), static shapes, whole graphs."""
+        return Glue(*(compile_once(f.default, dynamic=False, fullgraph=True, options=REFERENCE_ROUNDING)
+                      for f in dataclasses.fields(Glue)))

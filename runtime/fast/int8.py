@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from wan_trt.calibration.quantize import LayerPlan, quantized_weight
+from wan_trt.runtime.fast.compiled import on_device
 
 INT8_MIN, INT8_MAX = -128, 127  # the plan's scales are amax / 127 (calibration.quantize.QMAX)
 
@@ -32,20 +33,6 @@ def dequantize_output(acc: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor
     """The int32 GEMM result times the activation · weight scales, plus the bias, in ``out_dtype``."""
     out = acc.float() * scale
     return (out if bias is None else out + bias).to(out_dtype)
-
-
-_COMPILED: tuple | None = None
-
-
-def _kernels(device: torch.device) -> tuple:
-    """(quantize_input, dequantize_output): each one fused kernel on the GPU (compiled once per shape), plain on the CPU."""
-    global _COMPILED
-    if device.type != "cuda":
-        return quantize_input, dequantize_output
-    if _COMPILED is None:
-        # dynamic=None: static first, then one shape-generic kernel once another token count comes
-        _COMPILED = tuple(torch.compile(f) for f in (quantize_input, dequantize_output))
-    return _COMPILED
 
 
 class Int8Linear(torch.nn.Module):
@@ -69,7 +56,8 @@ class Int8Linear(torch.nn.Module):
         return self.weight_q.shape[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        quantize, dequantize = _kernels(x.device)
+        # one fused kernel each on the GPU (static for the first token count, shape-generic after one more)
+        quantize, dequantize = on_device(quantize_input, x.device), on_device(dequantize_output, x.device)
         lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
         x_q = quantize(x, self.inv_smooth, self.act_scale)
         rows = x_q.shape[0]

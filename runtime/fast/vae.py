@@ -4,10 +4,12 @@ diffusers' ``AutoencoderKLWan`` modules before they run on the GPU (:func:`speed
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+
+from wan_trt.runtime.fast.compiled import REFERENCE_ROUNDING, on_device
 
 #: What :func:`speed_up_vae` can change, in the order it applies them (each measured on its own by
 #: ``benchmarks/vae_speed.py``): cuDNN's autotuner, channels-last convolutions, RMSNorm + SiLU as one
@@ -40,19 +42,6 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | flo
     return F.silu(y)
 
 
-_COMPILED_NORM: Callable | None = None
-
-
-def _norm_silu_kernel(device: torch.device) -> Callable:
-    """:func:`rms_norm_silu` compiled once for every shape (GPU), or plain (CPU, tests)."""
-    global _COMPILED_NORM
-    if device.type != "cuda":
-        return rms_norm_silu
-    if _COMPILED_NORM is None:  # rounding points kept as the reference's (see glue.Glue.compiled)
-        _COMPILED_NORM = torch.compile(rms_norm_silu, dynamic=True, options={"emulate_precision_casts": True})
-    return _COMPILED_NORM
-
-
 def _norm_silu_classes():
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, WanRMS_norm
 
@@ -60,7 +49,7 @@ def _norm_silu_classes():
         """A ``WanRMS_norm`` followed by the SiLU its parent applied next (the parent's SiLU became identity)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            kernel = _norm_silu_kernel(x.device)
+            kernel = on_device(rms_norm_silu, x.device, dynamic=True, options=REFERENCE_ROUNDING)
             return kernel(x, self.gamma, self.bias, self.scale, 1 if self.channel_first else -1)
 
     class PaddedCausalConv3d(WanCausalConv3d):
