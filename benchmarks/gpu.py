@@ -197,6 +197,8 @@ def dit_flops(cfg: GpuConfig, width: int, height: int) -> dict[str, float]:
 
 
 def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
+    from wan_trt.calibration.cache import CalibrationCache
+    from wan_trt.calibration.quantize import make_plan
     from wan_trt.models.graphs import MotionEncoderGraph, TransformerGraph
     from wan_trt.runtime.fast.linear import AmaxObserver, fp8_plan
     from wan_trt.dtypes import cast_floats
@@ -241,7 +243,8 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
                 graph(*inputs)
                 channel_amax = observer.remove_channels()
                 amax = {name: max(values) for name, values in channel_amax.items()}
-                plans = {name: (_int8_plan(linears, channel_amax, policy, num_blocks) if name == "fast_int8"
+                int8_cache = CalibrationCache.from_channel_maxima(channel_amax, "animate-14b", f"one forward at {key}")
+                plans = {name: (make_plan(linears, int8_cache, policy, "int8", num_blocks) if name == "fast_int8"
                                 else fp8_plan(linears, amax, policy, num_blocks))
                          for name, policy in policies.items()
                          if name != "fast_int8" or any(v.startswith("fast_int8") for v in cfg.variants)}
@@ -283,17 +286,6 @@ def bench_dit(cfg: GpuConfig) -> dict[str, Any]:
             out.setdefault("fp8_weight_gib", {})[name] = round(fp8_weights / 2**30, 3)
     _release(variants, graph, model, motion)
     return out
-
-
-def _int8_plan(linears, channel_amax: dict[str, list[float]], policy, num_blocks: int):
-    """The INT8 (SmoothQuant W8A8) plan of ``build --precision int8`` from one forward's channel maxima."""
-    from wan_trt.calibration.cache import CalibrationCache, LayerStats
-    from wan_trt.calibration.quantize import make_plan
-
-    cache = CalibrationCache(weights_hash="benchmark", preset="animate-14b", method="max", samples=["one forward"],
-                             steps=1, layers={name: LayerStats(max(values), values)
-                                              for name, values in channel_amax.items()})
-    return make_plan(linears, cache, policy, "int8", num_blocks)
 
 
 def _reference_noise(graph, inputs, reference) -> dict[str, float]:

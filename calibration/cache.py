@@ -50,6 +50,13 @@ class CalibrationCache:
     device: str | None = None  # cpu or cuda; None: a cache from before it was recorded
     dtype: str | None = None  # the DiT's arithmetic while observed (fp32, bf16); None: as for device
 
+    @classmethod
+    def from_channel_maxima(cls, channel_amax: dict[str, list[float]], preset: str, sample: str) -> CalibrationCache:
+        """A max-method cache of one observation (``AmaxObserver(channels=True)``): each layer's per-input-channel
+        maxima and their maximum; for benchmarks and tests that calibrate on a forward of their own."""
+        layers = {name: LayerStats(max(values), list(values)) for name, values in channel_amax.items()}
+        return cls(weights_hash="observed", preset=preset, method="max", samples=[sample], steps=1, layers=layers)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION, "weights_hash": self.weights_hash, "preset": self.preset,

@@ -411,8 +411,7 @@ def _int8_plan(graph, feed, policy: PrecisionPolicy = TINY_POLICY):
     observer = AmaxObserver(quantized, channels=True)  # the GPU benchmark's INT8 calibration
     with torch.no_grad():
         graph(*feed)
-    channel = observer.remove_channels()
-    cache = CalibrationCache("w", "tiny", "max", ["s"], 1, {p: LayerStats(max(c), c) for p, c in channel.items()})
+    cache = CalibrationCache.from_channel_maxima(observer.remove_channels(), "tiny", "one forward")
     return make_plan(linear_layers(graph), cache, policy, "int8", 10)
 
 
