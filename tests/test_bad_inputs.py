@@ -794,3 +794,13 @@ def test_bucketed_graphs_agree_with_the_bucket_rules(manifest):
     assert {name for name, entry in manifest.graphs.items() if is_bucketed(entry.spec)} == {
         name for name, graph in GRAPHS.items() if graph.bucketed}
     assert set(manifest.graphs) == set(GRAPH_NAMES)
+
+
+@pytest.mark.parametrize("argv, help_command", [(["badcmd"], "wan-trt --help"),
+                                                 (["infer", "--bogus"], "wan-trt infer --help")])
+def test_usage_errors_name_the_help_to_read(argv, help_command):
+    """An unknown command or option: one line, exit 2, pointing at the right ``--help``."""
+    result = CliRunner().invoke(main, argv)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wan-trt: error:") and f"(see {help_command})" in lines[0]

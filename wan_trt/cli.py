@@ -52,7 +52,8 @@ class _Group(click.Group):
             click.echo(f"wan-trt: error: {error}", err=True)
             sys.exit(error.exit_code)
         except click.UsageError as error:  # a bad option value: one line too, exit 2 as click's own
-            command = f"wan-trt {error.ctx.info_name} --help" if error.ctx else "wan-trt --help"
+            sub = error.ctx.info_name if error.ctx and error.ctx.parent else None  # the group's own name is wan-trt
+            command = f"wan-trt {sub} --help" if sub else "wan-trt --help"
             click.echo(f"wan-trt: error: {error.format_message()} (see {command})", err=True)
             sys.exit(2)
 
