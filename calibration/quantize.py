@@ -28,6 +28,7 @@ import torch
 from wan_trt.calibration.attention import AttentionPlan, FakeQuantAttention, self_attention_processors, split_scale, stats_key
 from wan_trt.calibration.cache import CalibrationCache
 from wan_trt.calibration.policy import PrecisionPolicy
+from wan_trt.devices import compute_device
 from wan_trt.errors import BadInputError
 
 QMAX = {"fp8": 448.0, "int8": 127.0}
@@ -80,7 +81,8 @@ def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, poli
         stats = cache.layers.get(path)
         if stats is None:
             raise BadInputError(f"calibration cache has no statistics for {path}: re-run wan-trt calibrate")
-        weight = linears[path].weight.detach()  # [out, in], on its device (maxima are exact in any order)
+        weight = linears[path].weight.detach()  # [out, in] (maxima are exact in any order, on any device)
+        weight = weight.to(compute_device(weight.device))  # a host model's on the GPU, when there is one
         smooth = inverse = None
         act_amax = stats.amax
         if precision == "int8":
@@ -130,8 +132,8 @@ def quantized_weight(weight: torch.Tensor, layer: LayerPlan, precision: str) -> 
     """The dequantized weight [out, in] the engine computes with (smoothing folded in)."""
     w = weight.detach().to(torch.float32)
     if layer.smooth is not None:
-        w = w * torch.from_numpy(layer.smooth)[None, :]
-    return fake_quant(w, torch.from_numpy(layer.weight_scale)[:, None], precision)
+        w = w * torch.from_numpy(layer.smooth).to(w.device)[None, :]
+    return fake_quant(w, torch.from_numpy(layer.weight_scale).to(w.device)[:, None], precision)
 
 
 class FakeQuantLinear(torch.nn.Module):

@@ -40,9 +40,11 @@ def test_values_do_not_depend_on_chunking_and_fill_the_interval():
 def test_chunked_fill_equals_one_pass(monkeypatch):
     import wan_trt.random_weights as rw
 
-    one = fill_uniform_(torch.empty(7, 300), (1, 2), 0.5)
-    monkeypatch.setattr(rw, "_CHUNK", 64)
-    assert torch.equal(fill_uniform_(torch.empty(7, 300), (1, 2), 0.5), one)
+    one = fill_uniform_(torch.empty(7, 300), (1, 2), 0.5, draw_on="cpu")
+    monkeypatch.setattr(rw, "_CPU_CHUNK", 64)
+    assert torch.equal(fill_uniform_(torch.empty(7, 300), (1, 2), 0.5, draw_on="cpu"), one)
+    monkeypatch.setattr(rw, "_CPU_CHUNK", 1 << 24)
+    assert torch.equal(fill_uniform_(torch.empty(7, 300), (1, 2), 0.5, draw_on="cpu"), one)
 
 
 def test_bf16_weights_are_the_fp32_weights_rounded_and_the_kept_modules_stay_fp32(fp32_models):

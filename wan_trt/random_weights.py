@@ -1,4 +1,5 @@
-"""Random weights that are the same on every device, generated where they will live, in their own dtype.
+"""Random weights that are the same on every device, in their own dtype, made where they will live
+(a host tensor's values drawn on the GPU when there is one: the same values, and minutes faster at full size).
 
 The ``counter`` scheme of presets that need a checkpoint (``animate-14b --random-weights``, and
 ``tiny-gpu`` so that CI runs the same code on the CPU): each module is built with its parameters on
@@ -26,10 +27,12 @@ from typing import Any
 
 import torch
 
+from wan_trt.devices import compute_device
 from wan_trt.dtypes import keeps_fp32
 
 SCHEME = "counter-v1"  # bump when the values below change: it is part of every weights hash of this scheme
-_CHUNK = 1 << 24  # elements generated at once (int64 intermediates: 128 MiB)
+_CHUNK = 1 << 24  # elements drawn at once on a GPU (int64 intermediates: 128 MiB; fewer kernel launches)
+_CPU_CHUNK = 1 << 18  # on the CPU: intermediates that stay in cache (measured: 15x faster than 1 << 24)
 _MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B
 _STANDARD = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
@@ -56,12 +59,16 @@ def uniform_values(count: int, start: int, key: tuple[int, int], device: torch.d
     return (h >> 8).to(torch.float32) * (2.0 / (1 << 24)) - 1.0  # 24 bits: exact in fp32
 
 
-def fill_uniform_(tensor: torch.Tensor, key: tuple[int, int], bound: float) -> torch.Tensor:
-    """Fill ``tensor`` (any device and float dtype) with U(-bound, bound) values of stream ``key``, in chunks."""
+def fill_uniform_(tensor: torch.Tensor, key: tuple[int, int], bound: float,
+                  draw_on: torch.device | str | None = None) -> torch.Tensor:
+    """Fill ``tensor`` (any device and float dtype) with U(-bound, bound) values of stream ``key``, in chunks
+    computed on ``draw_on`` (default: :func:`wan_trt.devices.compute_device`) and written into ``tensor`` in its dtype."""
+    draw_on = compute_device(tensor.device) if draw_on is None else torch.device(draw_on)
+    chunk = _CPU_CHUNK if draw_on.type == "cpu" else _CHUNK
     flat = tensor.view(-1)
-    for start in range(0, flat.numel(), _CHUNK):
-        count = min(_CHUNK, flat.numel() - start)
-        flat[start:start + count] = (uniform_values(count, start, key, tensor.device) * bound).to(tensor.dtype)
+    for start in range(0, flat.numel(), chunk):
+        count = min(chunk, flat.numel() - start)
+        flat[start:start + count] = (uniform_values(count, start, key, draw_on) * bound).to(tensor.dtype)
     return tensor
 
 

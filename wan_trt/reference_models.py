@@ -124,6 +124,7 @@ def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch
                     lora_scale: float) -> ReferenceModels:
     """The ``counter`` scheme: structure on meta, then the values of ``components`` made on ``device``."""
     from wan_trt.checkpoints import empty_component
+    from wan_trt.devices import compute_device
     from wan_trt.random_weights import counter_weights_hash, materialize_random_
 
     unknown = set(components) - set(COMPONENTS)
@@ -132,7 +133,9 @@ def _counter_models(preset: Preset, *, seed: int, vocab_size: int, device: torch
     shells = {name: empty_component(name, preset, vocab_size) for name in COMPONENTS}
     for name in COMPONENTS:
         if name in components:
-            log.info("generating %s's random weights on %s (%s)", name, device, str(dtype).removeprefix("torch."))
+            drawn = compute_device(device)
+            log.info("generating %s's random weights on %s (%s)%s", name, device, str(dtype).removeprefix("torch."),
+                     f", drawn on {drawn.type}" if drawn != torch.device(device) else "")
             materialize_random_(shells[name], name, seed=seed, device=device, dtype=dtype,
                                 keep_fp32=_keep_fp32(shells[name]))
         else:
