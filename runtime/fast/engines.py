@@ -25,7 +25,7 @@ from wan_trt.registry import (
 from wan_trt.runtime.engines import pipeline_outputs
 from wan_trt.runtime.fast.streaming import STREAM_AHEAD
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
-from wan_trt.runtime.fast.vae import VAE_SPEEDUPS, speed_up_vae
+from wan_trt.runtime.fast.vae import DEFAULT_VAE_SPEEDUPS, speed_up_vae
 from wan_trt.runtime.options import RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -199,5 +199,5 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     vae = next((modules[name].vae for name in VAE_GRAPHS if name in modules), None)
     if vae is not None:  # the four streamed VAE graphs share one AutoencoderKLWan
         speed_up_vae(vae)
-        log.info("fast VAE: %s", ", ".join(VAE_SPEEDUPS))
+        log.info("fast VAE: %s", ", ".join(DEFAULT_VAE_SPEEDUPS))
     return engines

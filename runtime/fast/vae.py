@@ -11,11 +11,17 @@ import torch.nn.functional as F
 
 from wan_trt.runtime.fast.compiled import REFERENCE_ROUNDING, on_device
 
-#: What :func:`speed_up_vae` can change, in the order it applies them (each measured on its own by
-#: ``benchmarks/vae_speed.py``): cuDNN's autotuner, channels-last convolutions, RMSNorm + SiLU as one
-#: compiled kernel, and the causal convolution's spatial zero padding done by the convolution itself
-#: (one copy of its input fewer).
-VAE_SPEEDUPS = ("cudnn_benchmark", "channels_last", "fused_norm_silu", "conv_padding")
+#: What :func:`speed_up_vae` can change (``benchmarks/vae_speed.py`` adds them in this order): channels-last
+#: convolutions, the causal convolution's spatial zero padding done by the convolution itself (one copy of
+#: its input fewer), cuDNN's autotuner, and RMSNorm + SiLU as one compiled kernel.
+VAE_SPEEDUPS = ("channels_last", "conv_padding", "cudnn_benchmark", "fused_norm_silu")
+
+#: What ``--fast`` applies. Measured on an H100 at 1280x720x77 (benchmarks/README.md): with the autotuner
+#: on, channels-last took encode + decode to 0.854x diffusers' time once warm; the autotuner alone gained
+#: nothing once warm (0.997x) and autotunes every new convolution shape on the first call (the CLI's motion
+#: encoder 0.4 s -> 6.1 s, for the whole process); the compiled RMSNorm + SiLU recompiles for each channel
+#: count until dynamo's limit of 8 (the CLI's first VAE encode 6.0 s -> 22.4 s with both). So both stay off.
+DEFAULT_VAE_SPEEDUPS = ("channels_last", "conv_padding")
 
 
 @torch.no_grad()
@@ -68,7 +74,7 @@ def _norm_silu_classes():
     return WanRMS_norm, RmsNormSiLU, WanCausalConv3d, PaddedCausalConv3d
 
 
-def speed_up_vae(vae: torch.nn.Module, speedups: Iterable[str] = VAE_SPEEDUPS) -> torch.nn.Module:
+def speed_up_vae(vae: torch.nn.Module, speedups: Iterable[str] = DEFAULT_VAE_SPEEDUPS) -> torch.nn.Module:
     """Apply ``speedups`` (names from :data:`VAE_SPEEDUPS`) to an ``AutoencoderKLWan`` in place; idempotent.
 
     Every change computes the same function (tests/test_fast_torch.py compares each against the
