@@ -19,8 +19,9 @@ VAE_SPEEDUPS = ("channels_last", "conv_padding", "cudnn_benchmark", "fused_norm_
 #: What ``--fast`` applies. Measured on an H100 at 1280x720x77 (benchmarks/README.md): with the autotuner
 #: on, channels-last took encode + decode to 0.854x diffusers' time once warm; the autotuner alone gained
 #: nothing once warm (0.997x) and autotunes every new convolution shape on the first call (the CLI's motion
-#: encoder 0.4 s -> 6.1 s, for the whole process); the compiled RMSNorm + SiLU recompiles for each channel
-#: count until dynamo's limit of 8 (the CLI's first VAE encode 6.0 s -> 22.4 s with both). So both stay off.
+#: encoder 0.4 s -> 6.1 s, for the whole process); the compiled RMSNorm + SiLU recompiled for each channel
+#: count until dynamo's limit of 8 (the CLI's first VAE encode 6.0 s -> 22.4 s with both; it compiles once
+#: since, not yet timed). So both stay off.
 DEFAULT_VAE_SPEEDUPS = ("channels_last", "conv_padding")
 
 
@@ -56,7 +57,11 @@ def _norm_silu_classes():
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             kernel = on_device(rms_norm_silu, x.device, dynamic=True, options=REFERENCE_ROUNDING)
-            return kernel(x, self.gamma, self.bias, self.scale, 1 if self.channel_first else -1)
+            # plain tensors, not Parameters (whose shapes dynamo keeps static): one kernel for every channel
+            # count and layout instead of a compile for each until dynamo's limit of 8 (H100 run; on the CPU's
+            # inductor: 2 graphs instead of 6, at most one bf16 ulp from the eager function, 0 before)
+            bias = self.bias.detach() if isinstance(self.bias, torch.Tensor) else self.bias
+            return kernel(x, self.gamma.detach(), bias, self.scale, 1 if self.channel_first else -1)
 
     class PaddedCausalConv3d(WanCausalConv3d):
         """``WanCausalConv3d`` with its spatial zero padding done inside the convolution (same values, one
