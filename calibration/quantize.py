@@ -82,7 +82,7 @@ def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, poli
         if stats is None:
             raise BadInputError(f"calibration cache has no statistics for {path}: re-run wan-trt calibrate")
         weight = linears[path].weight.detach()  # [out, in] (maxima are exact in any order, on any device)
-        weight = weight.to(compute_device(weight.device))  # a host model's on the GPU, when there is one
+        weight = weight.to(compute_device(weight.device))  # on the GPU inside devices.host_work_on_gpu
         smooth = inverse = None
         act_amax = stats.amax
         if precision == "int8":

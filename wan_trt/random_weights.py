@@ -1,5 +1,5 @@
 """Random weights that are the same on every device, in their own dtype, made where they will live
-(a host tensor's values drawn on the GPU when there is one: the same values, and minutes faster at full size).
+(a host tensor's values drawn on the GPU inside ``wan_trt.devices.host_work_on_gpu``: the same values).
 
 The ``counter`` scheme of presets that need a checkpoint (``animate-14b --random-weights``, and
 ``tiny-gpu`` so that CI runs the same code on the CPU): each module is built with its parameters on

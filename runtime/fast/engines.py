@@ -11,6 +11,7 @@ import torch
 
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, range_names
 from wan_trt.calibration.quantize import QuantPlan
+from wan_trt.devices import host_work_on_gpu
 from wan_trt.dtypes import cast_floats
 from wan_trt.errors import EngineError
 from wan_trt.registry import (
@@ -155,18 +156,19 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     # straight to the GPU in bf16 (to the host when the DiT's blocks stream from there); umT5 (11 GB at full
     # size) only if a prompt is not in the build's cache
     load_device = "cpu" if options.stream_blocks is not None else "cuda"
-    modules = reference_graph_modules(manifest, directory, load_device, torch.bfloat16,
-                                      graphs=[name for name in manifest.graphs if name != TEXT_ENCODER],
-                                      trust_fingerprint=True)
-    plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
-                                                   options.fp8_attention_smoothing)
-                                         if precision in ("fp8", "int8") else (None, {}, "none"))
-    graph = modules[TRANSFORMER]
-    keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
-    cast_floats(graph, torch.bfloat16, keep, device=load_device)
-    fast_options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
-                               fp8_attention_kernel=options.fp8_attention_kernel, attention_smoothing=smoothing)
-    fast = FastTransformer(graph, plan, fast_options, release_bf16=True)
+    with host_work_on_gpu():  # a model loaded on the host: its weights drawn and quantized on the GPU
+        modules = reference_graph_modules(manifest, directory, load_device, torch.bfloat16,
+                                          graphs=[name for name in manifest.graphs if name != TEXT_ENCODER],
+                                          trust_fingerprint=True)
+        plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
+                                                       options.fp8_attention_smoothing)
+                                             if precision in ("fp8", "int8") else (None, {}, "none"))
+        graph = modules[TRANSFORMER]
+        keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
+        cast_floats(graph, torch.bfloat16, keep, device=load_device)
+        fast_options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
+                                   fp8_attention_kernel=options.fp8_attention_kernel, attention_smoothing=smoothing)
+        fast = FastTransformer(graph, plan, fast_options, release_bf16=True)
     if options.stream_blocks is not None:
         streamer = fast.stream_blocks("cuda", STREAM_AHEAD, options.stream_blocks)
         log.info("fast DiT: %d of %d blocks wait in pinned host memory (%.1f GiB), copied to the GPU %d ahead of "

@@ -93,8 +93,8 @@ def fp8_plan(linears: Mapping[str, torch.nn.Linear], act_amax: Mapping[str, floa
         weight = linears[path].weight.detach()
         w_amax = weight.to(compute_device(weight.device)).abs().amax(dim=1).to(torch.float32).clamp(min=TINY)
         act_scale = float(np.float32(max(float(act_amax[path]), TINY) / FP8_MAX))  # held as fp32, as make_plan
-        layers[path] = LayerPlan(path, act_scale,
-                                 (w_amax / FP8_MAX).cpu().numpy().astype(np.float32), None)
+        layers[path] = LayerPlan(path, act_scale,  # divided on the CPU: CUDA's division by a scalar may differ by an ulp
+                                 (w_amax.cpu() / FP8_MAX).numpy().astype(np.float32), None)
     return QuantPlan("fp8", layers)
 
 
