@@ -28,7 +28,7 @@ import torch
 from wan_trt.calibration.attention import AttentionPlan, FakeQuantAttention, self_attention_processors, split_scale, stats_key
 from wan_trt.calibration.cache import CalibrationCache
 from wan_trt.calibration.policy import PrecisionPolicy
-from wan_trt.devices import compute_device
+from wan_trt.devices import to_compute_device
 from wan_trt.errors import BadInputError
 
 QMAX = {"fp8": 448.0, "int8": 127.0}
@@ -81,8 +81,7 @@ def make_plan(linears: dict[str, torch.nn.Linear], cache: CalibrationCache, poli
         stats = cache.layers.get(path)
         if stats is None:
             raise BadInputError(f"calibration cache has no statistics for {path}: re-run wan-trt calibrate")
-        weight = linears[path].weight.detach()  # [out, in] (maxima are exact in any order, on any device)
-        weight = weight.to(compute_device(weight.device))  # on the GPU inside devices.host_work_on_gpu
+        weight = to_compute_device(linears[path].weight.detach())  # [out, in]; maxima are exact on any device
         smooth = inverse = None
         act_amax = stats.amax
         if precision == "int8":

@@ -29,3 +29,8 @@ def compute_device(device: torch.device | str) -> torch.device:
     """The device that computes for tensors that live on ``device``."""
     device = torch.device(device)
     return torch.device("cuda") if device.type == "cpu" and _GPU_FOR_HOST_WORK else device
+
+
+def to_compute_device(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` where its work runs (:func:`compute_device`): itself, or a GPU copy of a host tensor."""
+    return tensor.to(compute_device(tensor.device))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from wan_trt.calibration.quantize import LayerPlan, quantized_weight
-from wan_trt.devices import compute_device
+from wan_trt.devices import to_compute_device
 from wan_trt.runtime.fast.compiled import on_device
 
 INT8_MIN, INT8_MAX = -128, 127  # the plan's scales are amax / 127 (calibration.quantize.QMAX)
@@ -42,9 +42,10 @@ class Int8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, layer: LayerPlan, out_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__()
         self.out_dtype = out_dtype
-        home, work = linear.weight.device, compute_device(linear.weight.device)  # host weights: on the GPU
-        weight_scale = torch.from_numpy(layer.weight_scale).to(work)
-        dequantized = quantized_weight(linear.weight.to(work, torch.float32), layer, "int8")  # smoothing folded in
+        home = linear.weight.device
+        weight = to_compute_device(linear.weight.detach())
+        weight_scale = torch.from_numpy(layer.weight_scale).to(weight.device)
+        dequantized = quantized_weight(weight.to(torch.float32), layer, "int8")  # smoothing folded in
         weight_q = torch.round(dequantized / weight_scale[:, None]).clamp(INT8_MIN, INT8_MAX).to(torch.int8).to(home)
         weight_scale = weight_scale.to(home)
         self.register_buffer("weight_q", weight_q.contiguous())  # [out, in]: its transpose is the column-major B

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from wan_trt.calibration.quantize import LayerPlan, QuantPlan
-from wan_trt.devices import compute_device
+from wan_trt.devices import to_compute_device
 from wan_trt.errors import EngineError
 
 
@@ -52,10 +52,10 @@ class Fp8Linear(torch.nn.Module):
         for linear, layer in zip(linears, layers):
             if layer.smooth is not None:
                 raise EngineError(f"{layer.path}: SmoothQuant (INT8) layers have no FP8 _scaled_mm path")
-            home, work = linear.weight.device, compute_device(linear.weight.device)  # host weights: on the GPU
-            w_scale = torch.from_numpy(layer.weight_scale).to(work)
-            weights.append(quantize_fp8(linear.weight.detach().to(work), w_scale[:, None]).to(home))
-            w_scale = w_scale.to(home)
+            weight = to_compute_device(linear.weight.detach())
+            w_scale = torch.from_numpy(layer.weight_scale).to(weight.device)
+            weights.append(quantize_fp8(weight, w_scale[:, None]).to(linear.weight.device))
+            w_scale = w_scale.to(linear.weight.device)
             scales.append(w_scale)
             biases.append(None if linear.bias is None else linear.bias.detach())
         bias = None if any(b is None for b in biases) else torch.cat(biases)
@@ -90,8 +90,7 @@ def fp8_plan(linears: Mapping[str, torch.nn.Linear], act_amax: Mapping[str, floa
             raise EngineError(f"policy '{policy.source}' names layer {path}, which this model does not have")
         if path not in act_amax:
             raise EngineError(f"calibration has no statistics for {path}: re-run wan-trt calibrate")
-        weight = linears[path].weight.detach()
-        w_amax = weight.to(compute_device(weight.device)).abs().amax(dim=1).to(torch.float32).clamp(min=TINY)
+        w_amax = to_compute_device(linears[path].weight.detach()).abs().amax(dim=1).to(torch.float32).clamp(min=TINY)
         act_scale = float(np.float32(max(float(act_amax[path]), TINY) / FP8_MAX))  # held as fp32, as make_plan
         layers[path] = LayerPlan(path, act_scale,  # divided on the CPU: CUDA's division by a scalar may differ by an ulp
                                  (w_amax.cpu() / FP8_MAX).numpy().astype(np.float32), None)
