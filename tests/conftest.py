@@ -1,6 +1,6 @@
 """Shared fixtures. Every tiny build a test needs (fp32, fp16, bf16, the calibration cache, fp8, int8, FP8 VAE
-convs, FP8 over bf16) is made once and cached on disk, keyed by a hash of the code and library versions, so
-one test session (and every parallel worker of it) makes each at most once and later sessions reuse them.
+convs, FP8 over bf16) is made once and cached on disk, keyed by a hash of the code and library versions
+(``_code_key``), so one test session (and every parallel worker of it) makes each at most once and later sessions reuse them.
 
 Tests that need such a build are marked ``slow`` automatically (the suite runs ``-m "not slow"`` first).
 """
@@ -44,12 +44,12 @@ def preset():
     return get_preset("tiny")
 
 
-def _sources(*folders: str) -> list[Path]:
-    return [file for folder in folders for file in sorted((ROOT / folder).rglob("*.py"))]
-
-
-def _code_key(files: list[Path]) -> str:
-    """Hash of ``files`` and the exporting libraries' versions: a cached build is reused while it holds."""
+@functools.cache
+def _code_key() -> str:
+    """Hash of the package (its modules and policy files), this file (the builds' recipes) and the exporting
+    libraries' versions: a cached build is reused while they hold. Every build runs code from every stage (the
+    build, its verification, calibration), so one key covers them all; a narrower key for the fp32 build once
+    missed ``wan_trt/random_weights.py``, and CI reused a base whose weights no longer matched a fresh build's."""
     import diffusers
     import onnx
     import onnxruntime
@@ -57,17 +57,11 @@ def _code_key(files: list[Path]) -> str:
 
     digest = hashlib.sha256(f"{torch.__version__} {diffusers.__version__} {transformers.__version__} "
                             f"{onnx.__version__} {onnxruntime.__version__}".encode())
-    for file in files:
+    files = [file for folder in ("wan_trt", "export", "calibration", "runtime")
+             for file in sorted((ROOT / folder).rglob("*")) if file.suffix in (".py", ".json")]
+    for file in [*files, Path(__file__).resolve()]:
         digest.update(file.relative_to(ROOT).as_posix().encode() + file.read_bytes())
     return digest.hexdigest()[:16]
-
-
-@functools.cache
-def _code_key_of_package() -> str:
-    """Every package module: the build, its verification, calibration and the quantized builds all run code
-    from every stage. (A narrower key for the fp32 build once missed ``wan_trt/random_weights.py``: a CI cache
-    made before it changed was reused, and a fresh build's weights no longer matched the cached base's.)"""
-    return _code_key(_sources("wan_trt", "export", "calibration", "runtime"))
 
 
 def cached(name: str, key: str, make: Callable[[Path], object]) -> Path:
@@ -133,7 +127,7 @@ def _fp8_with_vae_convs(out: Path) -> Path:
     return _quantized("fp8", policy)(out)
 
 
-# name -> maker, all cached under one key (``_code_key_of_package``). Every build is the tiny preset with
+# name -> maker, all cached under one key (``_code_key``). Every build is the tiny preset with
 # seed 0 (the same weights).
 TINY_BUILDS: dict[str, Callable[[Path], object]] = {
     "fp32": _cli_build,
@@ -149,7 +143,7 @@ TINY_BUILDS: dict[str, Callable[[Path], object]] = {
 
 def tiny_build(kind: str) -> Path:
     """The cached tiny build ``kind`` (a key of ``TINY_BUILDS``): an engines directory, or the calibration file."""
-    return cached(f"{kind}.json" if kind == "calibration" else kind, _code_key_of_package(), TINY_BUILDS[kind])
+    return cached(f"{kind}.json" if kind == "calibration" else kind, _code_key(), TINY_BUILDS[kind])
 
 
 @pytest.fixture(name="tiny_build", scope="session")
