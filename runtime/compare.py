@@ -38,9 +38,11 @@ class RecordingEngine:
         self.outputs: dict[str, torch.Tensor] | None = None
 
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        outputs = self.engine.run(feed)
-        if self.feed is None:
+        first = self.feed is None
+        if first:  # before the call: an engine may take streamed caches out of ``feed``
             self.feed = {k: v.detach().clone() for k, v in feed.items()}
+        outputs = self.engine.run(feed)
+        if first:
             self.outputs = {k: v.detach().clone() for k, v in outputs.items()}
         return outputs
 

@@ -33,7 +33,8 @@ class Engine(Protocol):
     spec: GraphSpec
 
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run the graph on named inputs; return its named outputs."""
+        """Run the graph on named inputs; return its named outputs. An engine of a streamed graph may take
+        its ``cache_*`` inputs out of ``feed`` (a dict then): the caller hands them over."""
 
 
 class OrtEngine:

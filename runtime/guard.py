@@ -30,8 +30,8 @@ class FiniteGuard:
 
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.calls += 1
-        try:
-            outputs = self.engine.run(feed)
+        try:  # with a fallback, the engine gets a copy: streamed caches it takes stay here for the re-run
+            outputs = self.engine.run(dict(feed) if self._fallback_factory else feed)
         except Exception as error:  # noqa: BLE001 - ORT's Fail is a plain Exception; torch's OutOfMemoryError
             raise out_of_memory(self.spec.name, error) or error
         bad = [name for name, value in outputs.items() if value.is_floating_point() and not torch.isfinite(value).all()]

@@ -108,7 +108,8 @@ class AnimatePipeline:
         latents = [out.pop("latents")]
         step = self.engines["vae_encoder_step"]
         for start in range(1, frames, cond.TEMPORAL_STRIDE):
-            out = step.run({"video": video[:, :, start:start + cond.TEMPORAL_STRIDE], **_as_inputs(step, out)})
+            feed, out = {"video": video[:, :, start:start + cond.TEMPORAL_STRIDE], **_as_inputs(step, out)}, None
+            out = step.run(feed)
             latents.append(out.pop("latents"))
         return torch.cat(latents, dim=2)
 
@@ -118,7 +119,8 @@ class AnimatePipeline:
         yield out.pop("video")
         step = self.engines["vae_decoder_step"]
         for index in range(1, latents.shape[2]):
-            out = step.run({"latents": latents[:, :, index:index + 1], **_as_inputs(step, out)})
+            feed, out = {"latents": latents[:, :, index:index + 1], **_as_inputs(step, out)}, None
+            out = step.run(feed)
             yield out.pop("video")
 
     def motion_vectors(self, face_frames: np.ndarray) -> torch.Tensor:
@@ -213,5 +215,7 @@ class AnimatePipeline:
 
 
 def _as_inputs(engine: Engine, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a streamed graph's ``next_cache_*`` outputs onto its ``cache_*`` inputs."""
+    """Map a streamed graph's ``next_cache_*`` outputs onto its ``cache_*`` inputs. The callers then drop
+    ``outputs``: the feed is the caches' only holder, and an engine may take them out of it and free each
+    old one as soon as it is replaced (the fast path's VAE)."""
     return {inp: outputs[out] for inp, out in engine.spec.cache_pairs}

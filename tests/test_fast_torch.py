@@ -533,6 +533,77 @@ def test_decode_streamed_equals_decoder_graphs():
     assert relative_l2(got, want) <= 1e-6
 
 
+def test_fast_vae_engines_free_each_old_cache_within_the_chunk(monkeypatch):
+    """The pipeline's streamed VAE encode and decode through ``--fast``'s engines (``FastEngine``, here on the
+    CPU in fp32) = through engines with explicit cache I/O (the ONNX graphs' form, ``TorchEngine``); and with
+    the caches handed over, every old cache is freed before its chunk ends (one generation of the feature
+    cache alive instead of two: at 1280x720 on the H100 the decode's peak went 13.1 -> 9.7 GiB). Fails if
+    anything (the pipeline's last outputs, the guard, the engine's arguments) still holds an old cache."""
+    import weakref
+
+    from wan_trt.models.graphs import _StreamedVae, cache_layouts, graph_modules
+    from wan_trt.presets import get_preset
+    from wan_trt.registry import graph_specs
+    from wan_trt.runtime.engines import TorchEngine
+    from wan_trt.runtime.fast.engines import VAE_GRAPHS, FastEngine
+    from wan_trt.runtime.guard import guard_engines
+    from wan_trt.runtime.pipeline import AnimatePipeline
+
+    models = fresh_reference_models()
+    specs = graph_specs(get_preset("tiny"), *cache_layouts(models), vocab_size=0)
+    modules = graph_modules(models, VAE_GRAPHS)
+    alive_at_chunk_end: list[int] = []
+    chunk = _StreamedVae._caches_out
+
+    def counting(self, cache, *args):  # the chunk's last step: how many of the caches it was given live on
+        alive_at_chunk_end.append(sum(ref() is not None for ref in self.given))
+        return chunk(self, cache, *args)
+
+    def remembering(self, x, caches):
+        self.given = [weakref.ref(t) for t in caches]
+        return forward_taking_caches(self, x, caches)
+
+    forward_taking_caches = _StreamedVae.forward_taking_caches
+    monkeypatch.setattr(_StreamedVae, "_caches_out", counting)
+    monkeypatch.setattr(_StreamedVae, "forward_taking_caches", remembering)
+    for module in modules.values():
+        module.given = []
+
+    def pipeline(engine_class) -> AnimatePipeline:
+        engines = {name: engine_class(modules[name], specs[name], "cpu") for name in VAE_GRAPHS}
+        return AnimatePipeline(guard_engines(engines), get_preset("tiny"), tokenize=None)
+
+    gen = torch.Generator().manual_seed(5)
+    video = torch.rand(1, 3, 13, 48, 64, generator=gen) * 2 - 1
+    with torch.inference_mode():
+        explicit = pipeline(TorchEngine)
+        latents = explicit.vae_encode(video)
+        want_video = torch.cat(list(explicit.vae_decode(latents)), 2)
+        alive_at_chunk_end.clear()
+        fast = pipeline(lambda module, spec, device: FastEngine(module, spec, device, dtype=None))
+        assert relative_l2(fast.vae_encode(video), latents) <= 1e-6
+        assert relative_l2(torch.cat(list(fast.vae_decode(latents)), 2), want_video) <= 1e-6
+    handed = [n for n, module in modules.items() if module.given]
+    assert sorted(handed) == ["vae_decoder_step", "vae_encoder_step"]
+    assert len(alive_at_chunk_end) == 4 + 4 and max(alive_at_chunk_end) == 0, alive_at_chunk_end  # 13 frames, 4 latents
+
+
+def test_frame_by_frame_vae_needs_less_memory():
+    """``frame_by_frame``'s point, on the allocator's exact counts (CPU, tiny VAE, fp32): the streamed decode
+    and diffusers' chunked encode peak lower (at 1280x720 the same counts on the real VAE's config predict
+    decode 9.1 -> 7.6 GiB and encode 6.8 -> 5.3 GiB: benchmarks/vae_memory_cpu.py)."""
+    from benchmarks.timing import cpu_allocation_peak
+
+    vae = fresh_reference_models().vae.eval()
+    frames = speed_up_vae(copy.deepcopy(vae), ["frame_by_frame"])
+    gen = torch.Generator().manual_seed(5)
+    latents, video = torch.randn(1, 16, 3, 12, 16, generator=gen), torch.rand(1, 3, 9, 96, 128, generator=gen) * 2 - 1
+    with torch.inference_mode():
+        decode = [cpu_allocation_peak(lambda m=m: list(decode_streamed(m, latents))) for m in (vae, frames)]
+        encode = [cpu_allocation_peak(lambda m=m: m.encode(video)) for m in (vae, frames)]
+    assert decode[1] < 0.97 * decode[0] and encode[1] < 0.7 * encode[0], (decode, encode)
+
+
 @pytest.mark.parametrize("speedups", [[name] for name in VAE_SPEEDUPS] + [list(VAE_SPEEDUPS)],
                          ids=[*VAE_SPEEDUPS, "all"])
 def test_vae_speedups_compute_the_same_encode_and_decode(speedups):
@@ -544,6 +615,8 @@ def test_vae_speedups_compute_the_same_encode_and_decode(speedups):
     names = {type(m).__name__ for m in fast.modules()}
     assert ("RmsNormSiLU" in names) == ("fused_norm_silu" in speedups)
     assert ("PaddedCausalConv3d" in names) == ("conv_padding" in speedups)
+    assert ("FrameByFrameResidualBlock" in names) == ("frame_by_frame" in speedups)
+    assert ("FrameByFrameSequential" in names) == ("frame_by_frame" in speedups)
     gen = torch.Generator().manual_seed(11)
     latents, video = torch.randn(1, 16, 3, 6, 8, generator=gen), torch.rand(1, 3, 9, 48, 64, generator=gen) * 2 - 1
     with torch.no_grad():
@@ -571,7 +644,7 @@ def test_compiled_norm_silu_compiles_once_for_every_channel_count(monkeypatch):
     counters.clear()
     monkeypatch.setattr(compiled, "_COMPILED", {})
     monkeypatch.setattr(fast_vae, "on_device", lambda fn, device, **options: compiled.compile_once(fn, **options))
-    fused_class = fast_vae._norm_silu_classes()[1]
+    fused_class = fast_vae._vae_classes().fused_norm
     gen = torch.Generator().manual_seed(5)
     try:
         for layout in (torch.channels_last_3d, torch.contiguous_format):
@@ -660,3 +733,21 @@ def test_benchmark_variant_modifiers():
     _, plan = _calibrated_plan(graph, _feed(graph))
     fp8 = FastTransformer(graph, plan, FastOptions(attention="fp8", compile=False))
     assert len(fp8.fp8_attention) == 8 and not fp8.with_options(attention="bf16").fp8_attention
+
+
+def test_vae_speed_benchmark_runs_on_the_cpu(tmp_path):
+    """``benchmarks.vae_speed --device cpu`` on the tiny VAE (a smoke test of the script the GPU sessions run):
+    every variant's peaks are written, the streamed decode's below the explicit caches', every output
+    within bf16 rounding of diffusers'."""
+    import json
+
+    from benchmarks.vae_speed import main
+
+    out = tmp_path / "vae.json"
+    assert main(["--device", "cpu", "--preset", "tiny", "--sizes", "64x48", "--frames", "9", "--out", str(out),
+                 "--speedups", "frame_by_frame,conv_padding"]) == 0
+    row = json.loads(out.read_text())["sizes"]["64x48"]
+    assert list(row) == ["diffusers_whole_clip", "explicit caches", "streamed", "+frame_by_frame", "+conv_padding"]
+    peak = {key: row[key]["decode"]["memory"]["peak_allocated_gib"] for key in row}
+    assert peak["streamed"] < peak["explicit caches"]
+    assert all(row[key]["decode"]["vs_diffusers_psnr_range_2"]["psnr_db"] > 35 for key in list(row)[1:])

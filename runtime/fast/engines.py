@@ -37,7 +37,9 @@ VAE_GRAPHS = (VAE_ENCODER_FIRST, VAE_ENCODER_STEP, VAE_DECODER_FIRST, VAE_DECODE
 class FastEngine:
     """A graph module on the GPU in bf16: float inputs cast on the way in; caches stay on the device,
     other outputs come back as float32 on the host. ``offload``: the module lives on the host and
-    visits the GPU only for its call (the memory plan of the one-shot encoders)."""
+    visits the GPU only for its call (the memory plan of the one-shot encoders). A streamed VAE step
+    graph takes its feature caches out of ``feed`` (the caller hands them over, see
+    ``forward_taking_caches``): each is freed as soon as the chunk has replaced it."""
 
     def __init__(self, module: torch.nn.Module, spec, device: str = "cuda", dtype: torch.dtype | None = torch.bfloat16,
                  offload: bool = False, place: bool = True) -> None:
@@ -46,18 +48,21 @@ class FastEngine:
             self.module.to("cpu" if offload else device)
         self.seconds = 0.0
 
-    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _on_device(self, value: torch.Tensor) -> torch.Tensor:
+        value = value.to(self.device, non_blocking=True)
+        return value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value
+
+    def run(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import time
 
-        args = []
-        for t in self.spec.inputs:
-            value = feed[t.name].to(self.device, non_blocking=True)
-            args.append(value.to(self.dtype) if self.dtype is not None and value.is_floating_point() else value)
+        cache_names = [name for name, _ in self.spec.cache_pairs]
+        caches = [self._on_device(feed.pop(name)) for name in cache_names]  # handed over: no other reference
+        args = [self._on_device(feed[t.name]) for t in self.spec.inputs if t.name not in cache_names]
         start = time.perf_counter()
         if self.offload:
             self.module.to(self.device)
         with torch.inference_mode():
-            outputs = self.module(*args)
+            outputs = self.module.forward_taking_caches(*args, caches) if cache_names else self.module(*args)
         if self.offload:
             self.module.to("cpu")
             torch.cuda.empty_cache()
