@@ -43,6 +43,8 @@ from benchmarks.infer_fast_smoke import wan_trt
 _STEP_LINE = re.compile(r"step (\d+)/(\d+) \(([\d.]+) s\)")
 _PEAK_LINE = re.compile(r"GPU peak ([\d.]+) GiB")
 _PINNED_LINE = re.compile(r"(\d+) of (\d+) blocks wait in pinned host memory \(([\d.]+) GiB\)")
+_LOADED_LINE = re.compile(r"fast path loaded: (.+)")
+_PHASE = re.compile(r"([^,]+?) ([\d.]+) s(?:,|$)")
 
 
 def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) -> subprocess.CompletedProcess:
@@ -66,6 +68,9 @@ def run_step(name: str, command: list[str], results: dict[str, Any], out: Path) 
     if pinned:
         record.update(streamed_blocks=int(pinned.group(1)), blocks=int(pinned.group(2)),
                       pinned_host_gib=float(pinned.group(3)))
+    loaded = _LOADED_LINE.search(done.stderr)
+    if loaded:  # where the fast path's loading went (runtime/fast/engines.py's phases)
+        record["loading_phases_s"] = {m.group(1).strip(): float(m.group(2)) for m in _PHASE.finditer(loaded.group(1))}
     results["steps"][name] = record
     write_json(out, results)
     print(f"{name}: rc {done.returncode}, {record['wall_s']} s", file=sys.stderr, flush=True)

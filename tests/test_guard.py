@@ -42,3 +42,22 @@ def test_finite_outputs_pass_and_fallback_is_built_only_when_needed(caplog):
     out = broken["transformer"].run({"x": torch.zeros(3)})
     assert torch.equal(out["velocity"], torch.ones(3)) and built == [1]
     assert "re-running this call on the PyTorch reference" in caplog.text
+
+
+def test_loading_phases_sum_per_name_in_order_and_parse_back(monkeypatch):
+    """``run_report.Phases`` (the fast path's one 'loaded' log line) adds repeated phases, keeps their order,
+    and ``benchmarks/end_to_end.py`` reads the line back into seconds per phase (a fake clock: 1 s a tick)."""
+    import itertools
+
+    from benchmarks.end_to_end import _LOADED_LINE, _PHASE
+    from wan_trt.runtime import run_report
+
+    clock = itertools.count()
+    monkeypatch.setattr(run_report.time, "perf_counter", lambda: float(next(clock)))
+    phases = run_report.Phases()
+    for name in ("modules", "to GPU", "modules"):
+        with phases(name):
+            pass
+    assert phases.seconds == {"modules": 2.0, "to GPU": 1.0} and list(phases.seconds) == ["modules", "to GPU"]
+    line = _LOADED_LINE.search(f"INFO fast path loaded: {phases}\n").group(1)
+    assert {m.group(1).strip(): float(m.group(2)) for m in _PHASE.finditer(line)} == phases.seconds

@@ -28,6 +28,7 @@ from wan_trt.runtime.fast.streaming import STREAM_AHEAD
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 from wan_trt.runtime.fast.vae import DEFAULT_VAE_SPEEDUPS, speed_up_vae
 from wan_trt.runtime.options import RuntimeOptions
+from wan_trt.runtime.run_report import Phases
 
 log = logging.getLogger(__name__)
 
@@ -161,50 +162,60 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     # straight to the GPU in bf16 (to the host when the DiT's blocks stream from there); umT5 (11 GB at full
     # size) only if a prompt is not in the build's cache
     load_device = "cpu" if options.stream_blocks is not None else "cuda"
+    phases = Phases()  # where the loading goes (one log line; benchmarks/end_to_end.py records it)
     with host_work_on_gpu():  # a model loaded on the host: its weights drawn and quantized on the GPU
-        modules = reference_graph_modules(manifest, directory, load_device, torch.bfloat16,
-                                          graphs=[name for name in manifest.graphs if name != TEXT_ENCODER],
-                                          trust_fingerprint=True)
-        plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
-                                                       options.fp8_attention_smoothing)
-                                             if precision in ("fp8", "int8") else (None, {}, "none"))
+        with phases("modules"):
+            modules = reference_graph_modules(manifest, directory, load_device, torch.bfloat16,
+                                              graphs=[name for name in manifest.graphs if name != TEXT_ENCODER],
+                                              trust_fingerprint=True)
+        with phases("plan"):
+            plan, attention_ranges, smoothing = (fast_plan(modules[TRANSFORMER], directory, manifest,
+                                                           options.fp8_attention_smoothing)
+                                                 if precision in ("fp8", "int8") else (None, {}, "none"))
         graph = modules[TRANSFORMER]
         keep = tuple(getattr(graph.transformer, "_keep_in_fp32_modules", None) or ())
-        cast_floats(graph, torch.bfloat16, keep, device=load_device)
+        with phases("cast"):
+            cast_floats(graph, torch.bfloat16, keep, device=load_device)
         fast_options = FastOptions(attention="fp8" if attention_ranges else "bf16", fp8_attention_blocks="plan",
                                    fp8_attention_kernel=options.fp8_attention_kernel, attention_smoothing=smoothing)
-        fast = FastTransformer(graph, plan, fast_options, release_bf16=True)
+        with phases("quantize"):
+            fast = FastTransformer(graph, plan, fast_options, release_bf16=True)
     if options.stream_blocks is not None:
-        streamer = fast.stream_blocks("cuda", STREAM_AHEAD, options.stream_blocks)
+        with phases("pin"):
+            streamer = fast.stream_blocks("cuda", STREAM_AHEAD, options.stream_blocks)
         log.info("fast DiT: %d of %d blocks wait in pinned host memory (%.1f GiB), copied to the GPU %d ahead of "
                  "use", len(streamer.groups), len(fast.block_ops),
                  sum(map(streamer.group_bytes, range(len(streamer.groups)))) / 2**30, STREAM_AHEAD)
     else:
-        fast.to("cuda")
-    if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
-        fast.use_static_attention(attention_ranges)
-        fast._attention_fp8()  # choose (and check) the kernel now, before any video is decoded
-    if len(fast.fp8_attention) < len(fast.block_ops):
-        fast._attention_bf16_kernel()  # the same for the bf16 self-attention's kernel
+        with phases("to GPU"):
+            fast.to("cuda")
+    with phases("attention kernels"):
+        if attention_ranges:  # the calibrated ranges the Q/DQ graph uses, with the fast path's headroom
+            fast.use_static_attention(attention_ranges)
+            fast._attention_fp8()  # choose (and check) the kernel now, before any video is decoded
+        if len(fast.fp8_attention) < len(fast.block_ops):
+            fast._attention_bf16_kernel()  # the same for the bf16 self-attention's kernel
     torch.cuda.empty_cache()
     log.info("fast DiT: %s Linears; %s self-attention (FP8 in %d of %d blocks%s%s; bf16 on %s)",
              plan.precision.upper() if plan else "bf16", fast_options.attention, len(fast.fp8_attention), len(fast.block_ops),
              f", {fast.fp8_kernel_name}" if fast.fp8_kernel_name else "",
              f", smoothing {fast_options.attention_smoothing}" if fast.fp8_attention else "", fast.bf16_kernel_name)
     engines = {}
-    for name, entry in manifest.graphs.items():
-        if name == TEXT_ENCODER:
-            engines[name] = LazyEngine(entry.spec, lambda: _text_encoder_engine(manifest, directory))
-            continue
-        if name == TRANSFORMER:
-            engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None,  # casts itself; timestep stays fp32
-                                       place=options.stream_blocks is None)
-            continue
-        offload = GRAPHS[name].once_per_video  # run once per video, before the DiT
-        module = cast_floats(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
-        engines[name] = FastEngine(module, entry.spec, "cuda", torch.bfloat16, offload=offload)
-    vae = next((modules[name].vae for name in VAE_GRAPHS if name in modules), None)
-    if vae is not None:  # the four streamed VAE graphs share one AutoencoderKLWan
-        speed_up_vae(vae)
-        log.info("fast VAE: %s", ", ".join(DEFAULT_VAE_SPEEDUPS))
+    with phases("other graphs"):  # placed on the GPU, or the host for the once-per-video encoders
+        for name, entry in manifest.graphs.items():
+            if name == TEXT_ENCODER:
+                engines[name] = LazyEngine(entry.spec, lambda: _text_encoder_engine(manifest, directory))
+                continue
+            if name == TRANSFORMER:
+                engines[name] = FastEngine(fast, entry.spec, "cuda", dtype=None,  # casts itself; timestep stays fp32
+                                           place=options.stream_blocks is None)
+                continue
+            offload = GRAPHS[name].once_per_video  # run once per video, before the DiT
+            module = cast_floats(modules[name], torch.bfloat16, ("basis_q_t",))  # the motion basis stays fp32
+            engines[name] = FastEngine(module, entry.spec, "cuda", torch.bfloat16, offload=offload)
+        vae = next((modules[name].vae for name in VAE_GRAPHS if name in modules), None)
+        if vae is not None:  # the four streamed VAE graphs share one AutoencoderKLWan
+            speed_up_vae(vae)
+            log.info("fast VAE: %s", ", ".join(DEFAULT_VAE_SPEEDUPS))
+    log.info("fast path loaded: %s", phases)
     return engines
