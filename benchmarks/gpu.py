@@ -157,7 +157,7 @@ def bench_vae(cfg: GpuConfig) -> dict[str, Any]:
                         "decode": {"timing": dec, "memory": dec_mem.to_json(), "latent_frames": latent_frames,
                                    "frames_out": cfg.frames, "how": "graph modules, explicit cache I/O"},
                         "decode_inplace_cache": {"timing": fast, "memory": fast_mem.to_json(),
-                                                 "how": "runtime.fast.vae.decode_streamed (diffusers' cache list)",
+                                                 "how": "runtime.fast.vae.decode_streamed (caches handed over)",
                                                  "max_abs_vs_graph_decode": float((fast_video.float() - graph_video.float()).abs().max())}}
         del graph_video, fast_video
         _release(video, latents)

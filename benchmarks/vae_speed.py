@@ -11,8 +11,8 @@ chunks coming to the host as ``infer`` takes them) medians, the GPU peak of each
 its output against diffusers' (the decoded video in [-1, 1]; the latents). ``--profile`` adds the ten CUDA
 kernels that take most of the decode's time, for the first and the last variant. On the CPU (``--device
 cpu``): the allocator's exact peaks only (``timing.cpu_allocation_peak``), and each scaled to 1280x720 by the
-pixel count (activations and caches scale with it; 13.1 GiB predicted this way from 160x96 for the explicit-
-cache decode was 13.1 GiB measured on the H100). Random weights (``animate-14b``'s VAE config, seed 3) and
+pixel count (activations and caches scale with it; 12.5 GiB projected this way from 160x96 for the explicit-
+cache decode, 13.1 GiB measured on the H100). Random weights (``animate-14b``'s VAE config, seed 3) and
 random inputs: neither speed nor memory depends on their values.
 """
 

@@ -31,6 +31,7 @@ class FiniteGuard:
     def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.calls += 1
         try:  # with a fallback, the engine gets a copy: streamed caches it takes stay here for the re-run
+            # (so --fallback torch keeps two generations of the fast VAE's caches alive, as explicit caches do)
             outputs = self.engine.run(dict(feed) if self._fallback_factory else feed)
         except Exception as error:  # noqa: BLE001 - ORT's Fail is a plain Exception; torch's OutOfMemoryError
             raise out_of_memory(self.spec.name, error) or error

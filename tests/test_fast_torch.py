@@ -514,7 +514,8 @@ def test_qk_norm_rope_fp8_equals_quantized_qk_norm_rope():
 
 
 def test_decode_streamed_equals_decoder_graphs():
-    """The in-place-cache decode (fast path's VAE) = the vae_decoder_first/step graphs over 3 latent frames."""
+    """Caches handed over (``forward_taking_caches``, as the fast path) = the vae_decoder_first/step graphs'
+    explicit cache I/O, over 3 latent frames."""
     from wan_trt.models.graphs import VaeDecoderFirst, VaeDecoderStep
 
     vae = fresh_reference_models().vae
@@ -590,8 +591,9 @@ def test_fast_vae_engines_free_each_old_cache_within_the_chunk(monkeypatch):
 
 def test_frame_by_frame_vae_needs_less_memory():
     """``frame_by_frame``'s point, on the allocator's exact counts (CPU, tiny VAE, fp32): the streamed decode
-    and diffusers' chunked encode peak lower (at 1280x720 the same counts on the real VAE's config predict
-    decode 9.1 -> 7.6 GiB and encode 6.8 -> 5.3 GiB: benchmarks/vae_memory_cpu.py)."""
+    and diffusers' chunked encode peak lower (at 1280x720 the same counts on the real VAE's config project
+    decode 9.2 -> 7.6 GiB and encode 6.8 -> 5.3 GiB: ``benchmarks.vae_speed --device cpu``,
+    results/vae_memory_cpu_160x96.json)."""
     from benchmarks.timing import cpu_allocation_peak
 
     vae = fresh_reference_models().vae.eval()

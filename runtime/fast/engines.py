@@ -26,7 +26,7 @@ from wan_trt.registry import (
 from wan_trt.runtime.engines import pipeline_outputs
 from wan_trt.runtime.fast.streaming import STREAM_AHEAD
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
-from wan_trt.runtime.fast.vae import DEFAULT_VAE_SPEEDUPS, speed_up_vae
+from wan_trt.runtime.fast.vae import DEFAULT_VAE_SPEEDUPS, MEMORY_PLAN_VAE_SPEEDUPS, speed_up_vae
 from wan_trt.runtime.options import RuntimeOptions
 from wan_trt.runtime.run_report import Phases
 
@@ -215,7 +215,8 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
             engines[name] = FastEngine(module, entry.spec, "cuda", torch.bfloat16, offload=offload)
         vae = next((modules[name].vae for name in VAE_GRAPHS if name in modules), None)
         if vae is not None:  # the four streamed VAE graphs share one AutoencoderKLWan
-            speed_up_vae(vae)
-            log.info("fast VAE: %s", ", ".join(DEFAULT_VAE_SPEEDUPS))
+            speedups = DEFAULT_VAE_SPEEDUPS if options.max_gpu_memory is None else MEMORY_PLAN_VAE_SPEEDUPS
+            speed_up_vae(vae, speedups)
+            log.info("fast VAE: caches handed over from chunk to chunk, %s", ", ".join(speedups))
     log.info("fast path loaded: %s", phases)
     return engines

@@ -23,20 +23,24 @@ VAE_SPEEDUPS = ("frame_by_frame", "channels_last", "conv_padding", "cudnn_benchm
 #: nothing once warm (0.997x) and autotunes every new convolution shape on the first call (the CLI's motion
 #: encoder 0.4 s -> 6.1 s, for the whole process); the compiled RMSNorm + SiLU recompiled for each channel
 #: count until dynamo's limit of 8 (the CLI's first VAE encode 6.0 s -> 22.4 s with both; it compiles once
-#: since, not yet timed). So both stay off. Frame by frame is on for its memory (no compile, no autotuning;
-#: its GPU time is not measured yet: ``benchmarks/vae_speed.py`` adds it first).
-DEFAULT_VAE_SPEEDUPS = ("frame_by_frame", "channels_last", "conv_padding")
+#: since, not yet timed). So both stay off.
+DEFAULT_VAE_SPEEDUPS = ("channels_last", "conv_padding")
+
+#: What ``--fast --max-gpu-memory`` applies: the defaults and frame by frame, for its memory (its GPU time is
+#: not measured yet: ``benchmarks/vae_speed.py`` adds it first; without a cap the GPU has room to spare).
+MEMORY_PLAN_VAE_SPEEDUPS = ("frame_by_frame", *DEFAULT_VAE_SPEEDUPS)
 
 
 @torch.no_grad()
 def decode_streamed(vae: torch.nn.Module, latents: torch.Tensor) -> Iterator[torch.Tensor]:
     """Normalised latents ``[B, 16, F, h, w]`` → pixel chunks in [-1, 1] (1 frame, then 4 per latent frame),
     as ``--fast`` decodes: the ``vae_decoder_first/step`` graph modules, each chunk's caches handed over to
-    the next (``forward_taking_caches``), so that an old cache is freed as soon as its replacement exists."""
+    the next (``forward_taking_caches``), so that an old cache is freed as soon as its replacement exists.
+    (For tests and benchmarks: making the two modules runs a few decodes at 32x32 pixels.)"""
     from wan_trt.models.graphs import VaeDecoderFirst, VaeDecoderStep
 
-    dtype = next(vae.parameters()).dtype
-    first, step = VaeDecoderFirst(vae).to(dtype=dtype), VaeDecoderStep(vae).to(dtype=dtype)  # (their mean, std)
+    dtype = next(vae.parameters()).dtype  # their latent mean and std: on the latents' device, in the VAE's dtype
+    first, step = (module.to(latents.device, dtype) for module in (VaeDecoderFirst(vae), VaeDecoderStep(vae)))
     video, *caches = first(latents[:, :, :1])
     yield video
     for index in range(1, latents.shape[2]):
@@ -87,8 +91,8 @@ def _vae_classes() -> SimpleNamespace:
 
     class FrameByFrameResidualBlock(WanResidualBlock):
         """A ``WanResidualBlock`` run on a chunk one frame at a time. Its convolutions are causal and their
-        feature cache carries the last frames from call to call, so the result is the same (tested); only a
-        frame's temporaries are alive at once (at 1280x720 a 4-frame chunk's are several GiB)."""
+        feature cache carries the last frames from call to call, so the result is the same up to rounding
+        (tested); only a frame's temporaries are alive at once (at 1280x720 a 4-frame chunk's are GiBs)."""
 
         def forward(self, x: torch.Tensor, feat_cache: list | None = None, feat_idx: list | None = None):
             feat_idx = [0] if feat_idx is None else feat_idx
@@ -120,9 +124,9 @@ def speed_up_vae(vae: torch.nn.Module, speedups: Iterable[str] = DEFAULT_VAE_SPE
 
     Every change computes the same function (tests/test_fast_torch.py compares each against the
     unchanged VAE; the fused kernel, compiled on a GPU, within one bf16 ulp): ``frame_by_frame`` runs the
-    residual blocks and the resampling's spatial part one frame at a time (at 1280x720 with the in-place
-    caches, peaks predicted from allocator counts on the CPU: decode 9.1 -> 7.6 GiB, encode 6.8 -> 5.3 GiB;
-    benchmarks/README.md); ``fused_norm_silu`` swaps the norms that a SiLU always follows (residual blocks'
+    residual blocks and the resampling's spatial part one frame at a time (the same function up to rounding;
+    at 1280x720 with the caches handed over, peaks projected from allocator counts on the CPU: decode 9.2 ->
+    7.6 GiB, encode 6.8 -> 5.3 GiB; benchmarks/README.md); ``fused_norm_silu`` swaps the norms that a SiLU always follows (residual blocks'
     ``norm1``/``norm2``, the encoder's and decoder's ``norm_out``) for ``RmsNormSiLU`` and that parent's SiLU
     for identity; ``conv_padding`` swaps every causal convolution for one that pads inside
     cuDNN; ``channels_last`` stores convolution weights channels-last (activations follow them);

@@ -231,7 +231,7 @@ class _StreamedVae(torch.nn.Module):
     def forward_taking_caches(self, x: torch.Tensor, caches: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """``forward(x, *caches)``, the caller handing ``caches`` over (the list is emptied): each old cache is
         then freed as soon as its convolution has replaced it, as in diffusers' own loop, instead of two
-        generations of the feature cache being alive at the end of a chunk (≈ 3.4 GiB at 1280x720)."""
+        generations of the feature cache being alive at the end of a chunk (the decoder's: ≈ 4 GiB at 1280x720)."""
         cache = self._cache_list(caches)
         caches.clear()
         return self._chunk(x, cache)
