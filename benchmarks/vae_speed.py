@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         video = (torch.rand(1, 3, args.frames, height, width, device=device, generator=gen) * 2 - 1).to(torch.bfloat16)
         row: dict[str, Any] = {}
         with torch.inference_mode():
-            mean, std = explicit.engines["vae_encoder_first"].module.latents_mean, explicit.engines[
-                "vae_encoder_first"].module.latents_std
+            graph = explicit.engines["vae_encoder_first"].module  # the streamed graphs' latent mean and std
+            mean, std = graph.latents_mean, graph.latents_std
             raw = vae.encode(video).latent_dist.mode()
             want_latents = (raw - mean) / std
             row["diffusers_whole_clip"] = {"encode": meter(lambda: vae.encode(video).latent_dist.mode()),

@@ -126,12 +126,12 @@ def speed_up_vae(vae: torch.nn.Module, speedups: Iterable[str] = DEFAULT_VAE_SPE
     unchanged VAE; the fused kernel, compiled on a GPU, within one bf16 ulp): ``frame_by_frame`` runs the
     residual blocks and the resampling's spatial part one frame at a time (the same function up to rounding;
     at 1280x720 with the caches handed over, peaks projected from allocator counts on the CPU: decode 9.2 ->
-    7.6 GiB, encode 6.8 -> 5.3 GiB; benchmarks/README.md); ``fused_norm_silu`` swaps the norms that a SiLU always follows (residual blocks'
-    ``norm1``/``norm2``, the encoder's and decoder's ``norm_out``) for ``RmsNormSiLU`` and that parent's SiLU
-    for identity; ``conv_padding`` swaps every causal convolution for one that pads inside
-    cuDNN; ``channels_last`` stores convolution weights channels-last (activations follow them);
-    ``cudnn_benchmark`` turns on cuDNN's autotuner for the whole process (the DiT has no convolution in
-    its loop: only its patch embedding).
+    7.6 GiB, encode 6.8 -> 5.3 GiB; benchmarks/README.md); ``fused_norm_silu`` swaps the norms that a SiLU
+    always follows (residual blocks' ``norm1``/``norm2``, the encoder's and decoder's ``norm_out``) for
+    ``RmsNormSiLU`` and that parent's SiLU for identity; ``conv_padding`` swaps every causal convolution
+    for one that pads inside cuDNN; ``channels_last`` stores convolution weights channels-last (activations
+    follow them); ``cudnn_benchmark`` turns on cuDNN's autotuner for the whole process (the DiT has no
+    convolution in its loop: only its patch embedding).
     """
     wanted = set(speedups)
     unknown = wanted - set(VAE_SPEEDUPS)
