@@ -23,6 +23,9 @@ RUN pip install --no-cache-dir ".[trt,gpu]" \
     && pip uninstall -y onnxruntime onnxruntime-gpu \
     && pip install --no-cache-dir "onnxruntime-gpu>=1.22"
 
+# `infer --fast` keeps torch.compile's kernels here, in the mounted folder, so that the next `docker run`
+# skips compiling them (docs/cli.md, "The fast GPU path").
+ENV WAN_TRT_COMPILE_CACHE=/work/.wan-trt/torch-compile
 WORKDIR /work
 ENTRYPOINT ["wan-trt"]
 CMD ["--help"]

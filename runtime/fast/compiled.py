@@ -3,13 +3,27 @@ shared by every module that uses it (each new input shape compiles once more, as
 
 On the GPU the fast modules call :func:`on_device`'s compiled function; on the CPU (tests, CI) they run the
 function as written, which is the numerics the compiled kernels are tested against.
+
+Compiling them is most of the first denoising step's warm-up on a fresh machine. Inductor keeps what it
+compiled on disk and reuses it in the next process, but by default under ``/tmp``, which a reboot or a fresh
+container (one ``docker run`` per video) empties: :func:`use_persistent_compile_cache` moves that cache to
+a folder that lasts.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
+
+#: Where ``--fast`` keeps torch.compile's kernels between runs, if set (else ``~/.cache/wan-trt/torch-compile``).
+COMPILE_CACHE_ENV = "WAN_TRT_COMPILE_CACHE"
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # torch's own setting, which wins when the user set it
 
 #: Inductor keeps each explicit cast to bf16 (the reference's rounding points) inside a fused kernel; without
 #: it, values are carried in fp32 through the kernel and the fast path drifts from the eager reference
@@ -31,3 +45,32 @@ def compile_once(fn: Callable, *, dynamic: bool | None = None, fullgraph: bool =
 def on_device(fn: Callable, device: torch.device, **compile_options: Any) -> Callable:
     """``fn`` compiled (:func:`compile_once`) for a CUDA device, ``fn`` itself for any other."""
     return compile_once(fn, **compile_options) if device.type == "cuda" else fn
+
+
+def persistent_compile_cache_dir() -> Path:
+    """``$WAN_TRT_COMPILE_CACHE``, else ``torch-compile`` under ``$XDG_CACHE_HOME/wan-trt`` (``~/.cache/wan-trt``)."""
+    if os.environ.get(COMPILE_CACHE_ENV):
+        return Path(os.environ[COMPILE_CACHE_ENV]).expanduser()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "wan-trt" / "torch-compile"
+
+
+def use_persistent_compile_cache() -> Path | None:
+    """Point Inductor's on-disk cache at :func:`persistent_compile_cache_dir`, unless the user set
+    ``$TORCHINDUCTOR_CACHE_DIR`` (importing ``torch._dynamo``, as diffusers does, sets it to Inductor's default
+    folder: that value does not count); call before the first compile. Returns the folder in use, or None
+    (logged) when the persistent one cannot be made: Inductor then keeps its default."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    chosen = os.environ.get(INDUCTOR_CACHE_ENV)
+    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
+        return Path(chosen)
+    folder = persistent_compile_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("torch.compile's cache stays in its default folder (lost at reboot): cannot make %s (%s); "
+                    "set %s to a writable folder", folder, exc.strerror or exc, COMPILE_CACHE_ENV)
+        return None
+    os.environ[INDUCTOR_CACHE_ENV] = str(folder.resolve())
+    return folder

@@ -24,6 +24,7 @@ from wan_trt.registry import (
     VAE_ENCODER_STEP,
 )
 from wan_trt.runtime.engines import pipeline_outputs
+from wan_trt.runtime.fast.compiled import use_persistent_compile_cache
 from wan_trt.runtime.fast.streaming import STREAM_AHEAD
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 from wan_trt.runtime.fast.vae import DEFAULT_VAE_SPEEDUPS, MEMORY_PLAN_VAE_SPEEDUPS, speed_up_vae
@@ -159,6 +160,8 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
         raise EngineError(f"--fast runs fp32, fp8 and int8 engines; these are {precision}: run them without --fast")
     if options.max_gpu_memory is not None:  # the allocator refuses more than the plan's budget
         cap_allocator(options.max_gpu_memory)
+    compile_cache = use_persistent_compile_cache()
+    log.info("torch.compile's kernels are kept in %s", compile_cache or "Inductor's default folder")
     # straight to the GPU in bf16 (to the host when the DiT's blocks stream from there); umT5 (11 GB at full
     # size) only if a prompt is not in the build's cache
     load_device = "cpu" if options.stream_blocks is not None else "cuda"
