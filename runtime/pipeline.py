@@ -67,6 +67,9 @@ class GenerationRequest:
     guide_frames: int = 1
     clip_preprocess: str = "original"  # CLIP input convention: "original" (official Wan) or "diffusers" (conditioning)
     on_step: Callable[[int, int, int, int], None] | None = field(default=None, repr=False)  # segment, n, step, n
+    # each decoded chunk's new frames ([t, H, W, 3] uint8, in order) as soon as the VAE decoder gives them, so that
+    # a writer can encode them while the next chunks decode; together they are every segment's ``frames``
+    on_frames: Callable[[np.ndarray], None] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.clip_preprocess not in cond.CLIP_PREPROCESSING:
@@ -206,12 +209,21 @@ class AnimatePipeline:
                 if request.on_step:
                     request.on_step(index, num_segments, step + 1, len(timesteps))
 
-            video = torch.cat(list(self.vae_decode(latents[:, :, 1:])), dim=2)
+            overlap = 0 if index == 0 else request.guide_frames  # decoded again, already emitted
+            chunks, frames = [], []
+            for chunk in self.vae_decode(latents[:, :, 1:]):
+                chunks.append(chunk)
+                new = chunk[:, :, overlap:][:, :, : num_frames - emitted]
+                overlap, emitted = max(0, overlap - chunk.shape[2]), emitted + new.shape[2]
+                if new.shape[2]:
+                    frames.append(cond.to_uint8(new))
+                    if request.on_frames is not None:
+                        request.on_frames(frames[-1])
+            video = torch.cat(chunks, dim=2)
             previous = video[:, :, -request.guide_frames:]
             new = video if index == 0 else video[:, :, request.guide_frames:]
-            new = new[:, :, : num_frames - emitted]
-            emitted += new.shape[2]
-            yield Segment(index, cond.to_uint8(new), new, latents)
+            new = new[:, :, : sum(len(part) for part in frames)]
+            yield Segment(index, np.concatenate(frames) if frames else cond.to_uint8(new), new, latents)
 
 
 def _as_inputs(engine: Engine, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,9 +1,10 @@
 """Where an ``infer`` run spent its time and memory: one summary line on stderr at the end of the run.
 
 Each engine is wrapped in a ``TimedEngine`` (wall time of its calls; every engine returns host tensors or
-waits for the GPU before returning, so a call's time includes its GPU work), the mp4 writer's time is
-added by the caller, and the peaks are read at the end: the GPU's (``torch.cuda.max_memory_allocated``,
-what PyTorch's allocator held at most) and the host's (``ru_maxrss``: the process's peak resident set).
+waits for the GPU before returning, so a call's time includes its GPU work), the time the run waited for
+the mp4 writer (which encodes on a thread, overlapping the decode) is set by the caller, and the peaks
+are read at the end: the GPU's (``torch.cuda.max_memory_allocated``, what PyTorch's allocator held at
+most) and the host's (``ru_maxrss``: the process's peak resident set).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class RunReport:
     started: float = field(default_factory=time.perf_counter)
     loaded: float | None = None  # engines open
     first_step: float | None = None  # the first denoising step finished
-    writing: float = 0.0  # seconds in the mp4 writer
+    writing: float = 0.0  # seconds the run waited for the mp4 writer's thread
     engines: dict[str, TimedEngine] = field(default_factory=dict)
 
     def time(self, engines: Mapping[str, object]) -> dict[str, TimedEngine]:

@@ -4,6 +4,8 @@ decoded video. And the same seed twice gives a byte-identical mp4 on ONNX Runtim
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -48,9 +50,11 @@ def test_multi_segment_video_equals_diffusers(mode, guide_frames, guidance, torc
         guide_frames=guide_frames, guidance_scale=guidance, negative_prompt="",
         background_frames=background if mode == "replace" else None, mask_frames=mask if mode == "replace" else None,
     )
-    segments = list(ours.generate(request))
+    streamed = []  # what a writer gets chunk by chunk while the VAE decodes
+    segments = list(ours.generate(replace(request, on_frames=streamed.append)))
     got = torch.cat([s.pixels for s in segments], dim=2)
     assert got.shape[2] == FRAMES and sum(len(s.frames) for s in segments) == FRAMES
+    assert np.array_equal(np.concatenate(streamed), np.concatenate([s.frames for s in segments]))
     assert len(segments) == cond.segment_plan(FRAMES, SEGMENT, guide_frames)[1] >= 3
 
     models = fresh_reference_models()
@@ -131,3 +135,20 @@ def test_a_300_frame_input_gives_300_frames_at_the_input_fps(tiny_engines, tmp_p
     info = probe_video(out)
     assert info.num_frames == 300 and (info.width, info.height) == (48, 32)
     assert abs(info.fps - 23.976) < 1e-3
+
+
+@pytest.mark.parametrize("guide_frames", [3, 6])
+def test_frames_stream_out_chunk_by_chunk_without_the_overlap(guide_frames, torch_engines_, preset):
+    """Guides that end inside a decoded chunk (3) or past the first two (6): each chunk's new frames are given
+    as it decodes, the overlap never, and together they are the segments' frames."""
+    ref, pose, face, _, _ = _inputs(preset)
+    ours = AnimatePipeline(torch_engines_, preset, lambda p: tokenize(build_tiny_tokenizer(), p))
+    streamed = []
+    request = GenerationRequest(ref_image=ref, pose_frames=pose, face_frames=face, seed=SEED, sampling=Sampling(steps=1),
+                                segment_frames=SEGMENT, guide_frames=guide_frames, on_frames=streamed.append)
+    segments = list(ours.generate(request))
+    assert len(segments) >= 3 and sum(len(part) for part in streamed) == FRAMES
+    assert len(streamed) > len(segments)  # several chunks per segment
+    assert np.array_equal(np.concatenate(streamed), np.concatenate([s.frames for s in segments]))
+    assert np.array_equal(np.concatenate([s.frames for s in segments]),
+                          cond.to_uint8(torch.cat([s.pixels for s in segments], dim=2)))

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.json_files import write_json_atomic
+from wan_trt.background_writer import BackgroundWriter
 from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.preflight import check_infer
@@ -173,7 +174,7 @@ DETERMINISTIC_X264 = {"x264-params": "mbtree=0"}
 
 def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out_path: Path, fps: float,
                       label: str, keep: bool, report: RunReport | None = None) -> np.ndarray | None:
-    """Run the pipeline, streaming each segment's frames into the mp4 (atomic) as it finishes.
+    """Run the pipeline, streaming each decoded chunk's frames into the mp4 (atomic) on a thread as it comes.
 
     Memory does not grow with the video's length unless ``keep`` (for ``--compare``) holds all frames.
     """
@@ -183,14 +184,14 @@ def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out
         return None
     height, width = request.pose_frames.shape[1:3]
     produced = []
-    with VideoWriter(out_path, width=width, height=height, fps=fps, options=DETERMINISTIC_X264) as writer:
-        for segment in _with_progress(pipeline, request, label, report):
-            start = time.perf_counter()
-            writer.write(segment.frames)
-            if report is not None:
-                report.writing += time.perf_counter() - start
+    with VideoWriter(out_path, width=width, height=height, fps=fps, options=DETERMINISTIC_X264) as writer, \
+            BackgroundWriter(writer) as background:  # each chunk encoded while the next ones decode
+        for segment in _with_progress(pipeline, replace(request, on_frames=background.write), label, report):
             if keep:
                 produced.append(segment.frames)
+        background.close()
+    if report is not None:
+        report.writing = background.waited
     return np.concatenate(produced) if keep else None
 
 
