@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+
 from wan_trt.background_writer import BackgroundWriter
 from wan_trt.inference import DETERMINISTIC_X264
 from wan_trt.media import VideoWriter, read_video
@@ -55,20 +56,20 @@ def test_frames_arrive_in_order_on_one_thread_and_a_full_queue_makes_the_caller_
 
 def test_an_error_on_the_thread_reaches_the_caller_and_no_file_is_left(tmp_path):
     out = tmp_path / "out.mp4"
-    with pytest.raises(ValueError, match="expects frames"):
-        with VideoWriter(out, WIDTH, HEIGHT, 16) as writer, BackgroundWriter(writer) as background:
-            background.write(_frames(2))
-            background.write(np.zeros((2, HEIGHT + 2, WIDTH, 3), dtype=np.uint8))  # the wrong size
-            for _ in range(20):  # raised by a later write, or by the close at the end of the block
-                background.write(_frames(1))
+    with pytest.raises(ValueError, match="expects frames"), VideoWriter(out, WIDTH, HEIGHT, 16) as writer, \
+            BackgroundWriter(writer) as background:
+        background.write(_frames(2))
+        background.write(np.zeros((2, HEIGHT + 2, WIDTH, 3), dtype=np.uint8))  # the wrong size
+        for _ in range(20):  # raised by a later write, or by the close at the end of the block
+            background.write(_frames(1))
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failure_in_the_caller_stops_the_thread_and_leaves_nothing(tmp_path):
     out = tmp_path / "out.mp4"
-    with pytest.raises(RuntimeError, match="the decoder failed"):
-        with VideoWriter(out, WIDTH, HEIGHT, 16) as writer, BackgroundWriter(writer) as background:
-            background.write(_frames(3))
-            raise RuntimeError("the decoder failed")
+    with pytest.raises(RuntimeError, match="the decoder failed"), VideoWriter(out, WIDTH, HEIGHT, 16) as writer, \
+            BackgroundWriter(writer) as background:
+        background.write(_frames(3))
+        raise RuntimeError("the decoder failed")
     assert not background._thread.is_alive()
     assert list(tmp_path.iterdir()) == []

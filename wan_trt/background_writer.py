@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from types import TracebackType
+from typing import Self
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class BackgroundWriter:
             self.waited += time.perf_counter() - start
         self._raise_error()
 
-    def __enter__(self) -> BackgroundWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
