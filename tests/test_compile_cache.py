@@ -25,7 +25,8 @@ from wan_trt.runtime.fast.compiled import (
 
 @pytest.fixture
 def clean_env(monkeypatch, tmp_path):
-    monkeypatch.delenv(INDUCTOR_CACHE_ENV, raising=False)
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, "")  # recorded, so that what the tests set is undone
+    monkeypatch.delenv(INDUCTOR_CACHE_ENV)
     monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     return tmp_path
@@ -57,7 +58,13 @@ def test_an_unwritable_folder_keeps_inductors_default_and_says_so(clean_env, mon
     monkeypatch.setenv(COMPILE_CACHE_ENV, str(blocker / "cache"))
     assert use_persistent_compile_cache() is None
     assert INDUCTOR_CACHE_ENV not in os.environ
-    assert COMPILE_CACHE_ENV in caplog.text and "cannot make" in caplog.text
+    assert COMPILE_CACHE_ENV in caplog.text and "cannot write" in caplog.text
+
+
+def test_a_folder_that_exists_but_is_not_writable_keeps_inductors_default(clean_env, monkeypatch, caplog):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root can write anywhere: as another user would
+    assert use_persistent_compile_cache() is None
+    assert INDUCTOR_CACHE_ENV not in os.environ and "not writable" in caplog.text
 
 
 PROBE = textwrap.dedent("""

@@ -6,6 +6,7 @@ the colour conversion release the GIL, so the GPU's decode (and the next segment
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -16,6 +17,7 @@ import numpy as np
 
 from wan_trt.media import VideoWriter
 
+log = logging.getLogger(__name__)
 _DONE = object()  # tells the thread that no more frames come
 
 
@@ -78,4 +80,13 @@ class BackgroundWriter:
             return
         self._cancelled = True  # the caller failed: drop what waits, stop the thread, let its exception through
         self._queue.put(_DONE)
-        self._thread.join()
+        interrupted = None
+        while self._thread.is_alive():  # the writer is aborted next: never while the thread is still in it
+            try:
+                self._thread.join()
+            except KeyboardInterrupt as again:  # a second Ctrl-C: finish the join, then raise it
+                interrupted = again
+        if self._error is not None:
+            log.warning("the mp4 writer had failed too: %s", self._error)
+        if interrupted is not None:
+            raise interrupted

@@ -69,8 +69,10 @@ def use_persistent_compile_cache() -> Path | None:
     folder = persistent_compile_cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):  # e.g. made by a root container, used by another user
+            raise PermissionError(13, "not writable")
     except OSError as exc:
-        log.warning("torch.compile's cache stays in its default folder (lost at reboot): cannot make %s (%s); "
+        log.warning("torch.compile's cache stays in its default folder (lost at reboot): cannot write to %s (%s); "
                     "set %s to a writable folder", folder, exc.strerror or exc, COMPILE_CACHE_ENV)
         return None
     os.environ[INDUCTOR_CACHE_ENV] = str(folder.resolve())
