@@ -210,20 +210,18 @@ class AnimatePipeline:
                     request.on_step(index, num_segments, step + 1, len(timesteps))
 
             overlap = 0 if index == 0 else request.guide_frames  # decoded again, already emitted
-            chunks, frames = [], []
+            chunks, pixels, frames = [], [], []  # every decoded chunk; the new frames as floats and uint8
             for chunk in self.vae_decode(latents[:, :, 1:]):
                 chunks.append(chunk)
-                new = chunk[:, :, overlap:][:, :, : num_frames - emitted]
+                new = chunk[:, :, overlap:][:, :, : num_frames - emitted]  # every segment has some (segment_plan)
                 overlap, emitted = max(0, overlap - chunk.shape[2]), emitted + new.shape[2]
                 if new.shape[2]:
+                    pixels.append(new)
                     frames.append(cond.to_uint8(new))
                     if request.on_frames is not None:
                         request.on_frames(frames[-1])
-            video = torch.cat(chunks, dim=2)
-            previous = video[:, :, -request.guide_frames:]
-            new = video if index == 0 else video[:, :, request.guide_frames:]
-            new = new[:, :, : sum(len(part) for part in frames)]
-            yield Segment(index, np.concatenate(frames) if frames else cond.to_uint8(new), new, latents)
+            previous = torch.cat(chunks, dim=2)[:, :, -request.guide_frames:]
+            yield Segment(index, np.concatenate(frames), torch.cat(pixels, dim=2), latents)
 
 
 def _as_inputs(engine: Engine, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from wan_trt.background_writer import BackgroundWriter
 from wan_trt.driving_inputs import DrivingInputs, load_driving_inputs
 from wan_trt.errors import BadInputError, EngineError
 from wan_trt.json_files import write_json_atomic
-from wan_trt.background_writer import BackgroundWriter
 from wan_trt.media import VideoWriter
 from wan_trt.metrics import psnr
 from wan_trt.preflight import check_infer
@@ -188,8 +188,7 @@ def _generate_to_file(pipeline: AnimatePipeline, request: GenerationRequest, out
         for segment in _with_progress(pipeline, replace(request, on_frames=background.write), label, report):
             if keep:
                 produced.append(segment.frames)
-        background.close()
-    if report is not None:
+    if report is not None:  # the with block's end waited for the last frames
         report.writing = background.waited
     return np.concatenate(produced) if keep else None
 
