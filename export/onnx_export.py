@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 OPSET = 19  # FLOAT8E4M3FN Q/DQ needs >= 19
 EXPORT_SIZES = {"B": 2, "F": 2, "h2": 2, "w2": 3, "L": 16, "N": 5}  # example sizes; none 0/1 (export specialises those)
 TWO_GB = 2 * 1024**3
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def dynamic_shapes_for(spec: GraphSpec, module: torch.nn.Module) -> dict[str, Any]:
@@ -71,16 +74,29 @@ def export_graph(spec: GraphSpec, module: torch.nn.Module, path: Path, sizes: Ma
             optimize=True,
             verbose=False,
         )
-    # torch.export's graph annotations (its range constraints print in an order that follows Python's hash
-    # seed) would make two exports of one module differ byte for byte; nothing reads them. The nodes' own
-    # annotations stay: calibration.qdq finds each Linear's module path in them.
-    program.model.graph.metadata_props.clear()
+    make_reproducible(program.model)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=size > TWO_GB)
     check_onnx(path)
     log.info("exported %s in %.1f s (%s)", spec.name, time.monotonic() - start, _human(os.path.getsize(path)))
     return path
+
+
+def make_reproducible(model) -> None:
+    """Drop or normalise the exporter's annotations that differ between two exports of one module, so that
+    re-exporting unchanged weights gives the same bytes wherever and in whichever process it runs (a LoRA build
+    then copies, not refits, every engine whose graph it did not change). Nothing compiles them:
+    - the graph's own (torch.export's range constraints print in an order that follows Python's hash seed);
+    - each node's stack trace (absolute paths of this checkout and its site-packages);
+    - object addresses in the nodes' module paths (``<function sym_float at 0x7f...>``).
+    The nodes' module paths stay: calibration.qdq finds each Linear's module in them."""
+    model.graph.metadata_props.clear()
+    for node in model.graph.all_nodes():
+        props = node.metadata_props
+        props.pop(STACK_TRACE_KEY, None)
+        for key, value in props.items():
+            props[key] = _ADDRESS.sub("", value)
 
 
 def check_onnx(path: Path) -> None:

@@ -49,14 +49,17 @@ def _code_key() -> str:
     """Hash of the package (its modules and policy files), this file (the builds' recipes) and the exporting
     libraries' versions: a cached build is reused while they hold. Every build runs code from every stage (the
     build, its verification, calibration), so one key covers them all; a narrower key for the fp32 build once
-    missed ``wan_trt/random_weights.py``, and CI reused a base whose weights no longer matched a fresh build's."""
+    missed ``wan_trt/random_weights.py``, and CI reused a base whose weights no longer matched a fresh build's.
+    The checkout's folder and environment are in the key too: a cache shared by two checkouts is not reused
+    across them (CI once failed on a base whose ONNX files held another folder's paths, most likely one made
+    by a run in another checkout under the same home folder)."""
     import diffusers
     import onnx
     import onnxruntime
     import transformers
 
     digest = hashlib.sha256(f"{torch.__version__} {diffusers.__version__} {transformers.__version__} "
-                            f"{onnx.__version__} {onnxruntime.__version__}".encode())
+                            f"{onnx.__version__} {onnxruntime.__version__} {ROOT} {sys.prefix}".encode())
     files = [file for folder in ("wan_trt", "export", "calibration", "runtime")
              for file in sorted((ROOT / folder).rglob("*")) if file.suffix in (".py", ".json")]
     for file in [*files, Path(__file__).resolve()]:
