@@ -210,9 +210,10 @@ class AnimatePipeline:
                     request.on_step(index, num_segments, step + 1, len(timesteps))
 
             overlap = 0 if index == 0 else request.guide_frames  # decoded again, already emitted
-            chunks, pixels, frames = [], [], []  # every decoded chunk; the new frames as floats and uint8
+            pixels, frames = [], []  # the new frames, as floats and as uint8
+            tail: torch.Tensor | None = None  # the last decoded frames, which guide the next segment
             for chunk in self.vae_decode(latents[:, :, 1:]):
-                chunks.append(chunk)
+                tail = (chunk if tail is None else torch.cat((tail, chunk), dim=2))[:, :, -request.guide_frames:]
                 new = chunk[:, :, overlap:][:, :, : num_frames - emitted]  # every segment has some (segment_plan)
                 overlap, emitted = max(0, overlap - chunk.shape[2]), emitted + new.shape[2]
                 if new.shape[2]:
@@ -220,7 +221,7 @@ class AnimatePipeline:
                     frames.append(cond.to_uint8(new))
                     if request.on_frames is not None:
                         request.on_frames(frames[-1])
-            previous = torch.cat(chunks, dim=2)[:, :, -request.guide_frames:]
+            previous = tail
             yield Segment(index, np.concatenate(frames), torch.cat(pixels, dim=2), latents)
 
 
