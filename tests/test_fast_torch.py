@@ -631,6 +631,25 @@ def test_vae_speedups_compute_the_same_encode_and_decode(speedups):
         speed_up_vae(fast, ["tiling"])
 
 
+def test_warm_up_seconds_count_what_torch_compile_spends():
+    """``infer --fast --timings``' warm-up figures: torch.compile's seconds (torch's own metrics) grow by what
+    a new function's compile took, timed around it here; the cuDNN attention graphs' seconds are reported."""
+    import time
+
+    from wan_trt.runtime.fast.engines import warm_up_seconds
+
+    def double_sine(x: torch.Tensor) -> torch.Tensor:
+        return (2 * x).sin()
+
+    before = warm_up_seconds()
+    assert set(before) == {"compiling_s", "attention graphs_s"}, before
+    started = time.perf_counter()
+    torch.compile(double_sine, backend="eager")(torch.randn(8))
+    spent = time.perf_counter() - started
+    grown = warm_up_seconds()["compiling_s"] - before["compiling_s"]
+    assert 0 < grown <= spent, (grown, spent)
+
+
 def test_compiled_norm_silu_compiles_once_for_every_channel_count(monkeypatch):
     """The fused RMSNorm + SiLU, compiled (on the CPU's inductor here; on the GPU in --fast), over the VAE's
     channel counts and 1 or 2 frames of channels-last input (the VAE's layout in --fast): at most 2 graphs

@@ -150,6 +150,10 @@ def run_inference(options: InferenceOptions) -> CompareReport | None:
                                keep=bool(options.compare), report=report)
     if is_main_rank():
         summary = report.summary(cuda=device != "cpu")
+        if runtime.fast:  # where the first step's warm-up went
+            from wan_trt.runtime.fast.engines import warm_up_seconds
+
+            summary.update(warm_up_seconds())
         log.info("%s", format_summary(summary))
         if options.timings:
             write_json_atomic(Path(options.timings), {"engines": str(options.engines_dir), "backend": runtime.backend,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 
 import torch
@@ -39,6 +40,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class CudnnFp8Attention:
     """cuDNN's fused FP8 attention (``sdpa_fp8``) on ``[B, L, H, D]`` E4M3 tensors, one graph per shape."""
 
+    #: Seconds this process has spent building these graphs (part of the first step's warm-up).
+    build_seconds: float = 0.0
+
     def __init__(self) -> None:
         try:
             import cudnn
@@ -54,6 +58,7 @@ class CudnnFp8Attention:
         key = (batch, length, heads, dim)
         if key in self.graphs:
             return self.graphs[key]
+        started = time.perf_counter()
         cudnn = self.cudnn
         dt = cudnn.data_type
         graph = cudnn.pygraph(io_data_type=dt.FP8_E4M3, intermediate_data_type=dt.FLOAT, compute_data_type=dt.FLOAT,
@@ -75,7 +80,9 @@ class CudnnFp8Attention:
         ports = {"q": q, "k": k, "v": v, "o": o, "amax_s": amax_s, "amax_o": amax_o, **scalars}
         workspace = torch.empty(graph.get_workspace_size(), device="cuda", dtype=torch.uint8)
         self.graphs[key] = (graph, ports, workspace)
-        log.info("built cuDNN FP8 attention graph for B=%d L=%d H=%d D=%d", *key)
+        seconds = time.perf_counter() - started
+        CudnnFp8Attention.build_seconds += seconds
+        log.info("built cuDNN FP8 attention graph for B=%d L=%d H=%d D=%d in %.1f s", *key, seconds)
         return self.graphs[key]
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, descale_q: torch.Tensor,

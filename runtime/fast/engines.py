@@ -24,7 +24,7 @@ from wan_trt.registry import (
     VAE_ENCODER_STEP,
 )
 from wan_trt.runtime.engines import pipeline_outputs
-from wan_trt.runtime.fast.compiled import use_persistent_compile_cache
+from wan_trt.runtime.fast.compiled import compile_seconds, use_persistent_compile_cache
 from wan_trt.runtime.fast.streaming import STREAM_AHEAD
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 from wan_trt.runtime.fast.vae import DEFAULT_VAE_SPEEDUPS, MEMORY_PLAN_VAE_SPEEDUPS, speed_up_vae
@@ -136,6 +136,16 @@ def fast_plan(graph: torch.nn.Module, directory, manifest,
     ranges = {block: tuple(cache.layers[key].amax for key in row)
               for block, row in zip(sorted(plan.attention), keys(smoothing))}
     return plan, ranges, smoothing
+
+
+def warm_up_seconds() -> dict[str, float]:
+    """What this process has spent so far making the fast path's kernels, for ``infer --timings``: most of
+    the first denoising step's warm-up on a fresh machine (torch.compile, cuDNN's FP8 attention graphs;
+    a figure this torch does not report is left out)."""
+    from wan_trt.runtime.fast.attention import CudnnFp8Attention
+
+    seconds = {"compiling_s": compile_seconds(), "attention graphs_s": CudnnFp8Attention.build_seconds}
+    return {key: value for key, value in seconds.items() if value is not None}
 
 
 def cap_allocator(size: int) -> None:
