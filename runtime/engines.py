@@ -98,12 +98,20 @@ class TorchEngine:
 
 def pipeline_outputs(names: list[str], outputs, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Named outputs where the pipeline takes them: streamed feature caches (``next_cache*``) stay on the
-    engine's device, to be fed straight back; everything else comes to the host (in ``dtype`` if given)."""
-    result = {}
+    engine's device, to be fed straight back; everything else comes to the host (in ``dtype`` if given,
+    converted before the copy), from a GPU through pinned memory: one wait for all of them."""
+    result, copied = {}, False
     for name, value in zip(names, outputs, strict=True):
         if not name.startswith(CACHE_OUTPUT_PREFIX):
-            value = (value if dtype is None else value.to(dtype)).cpu()
+            value = value if dtype is None else value.to(dtype)
+            if value.is_cuda:  # a pageable copy runs at a fraction of the bus (0.56 s of a 720p decode's 4.7 s)
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                value, copied = host.copy_(value, non_blocking=True), True
+            else:
+                value = value.cpu()
         result[name] = value
+    if copied:
+        torch.cuda.current_stream().synchronize()
     return result
 
 
