@@ -105,4 +105,5 @@ def format_summary(summary: Mapping[str, float]) -> str:
     parts = [f"{key.removesuffix('_s')} {value:.1f} s" for key, value in summary.items() if key.endswith("_s")]
     parts += [f"{key.removesuffix('_gib').replace('_', ' ')} {value:.1f} GiB"
               for key, value in summary.items() if key.endswith("_gib")]
+    parts += [f"{key} {value}" for key, value in summary.items() if isinstance(value, int)]  # counts
     return "run: " + ", ".join(parts)

@@ -633,7 +633,8 @@ def test_vae_speedups_compute_the_same_encode_and_decode(speedups):
 
 def test_warm_up_seconds_count_what_torch_compile_spends():
     """``infer --fast --timings``' warm-up figures: torch.compile's seconds (torch's own metrics) grow by what
-    a new function's compile took, timed around it here; the cuDNN attention graphs' seconds are reported."""
+    a new function's compile took, timed around it here, and its count of compiles by one; the cuDNN
+    attention graphs' seconds are reported."""
     import time
 
     from wan_trt.runtime.fast.engines import warm_up_seconds
@@ -642,12 +643,14 @@ def test_warm_up_seconds_count_what_torch_compile_spends():
         return (2 * x).sin()
 
     before = warm_up_seconds()
-    assert set(before) == {"compiling_s", "attention graphs_s"}, before
+    assert set(before) == {"compiling_s", "compiles", "attention graphs_s"}, before
     started = time.perf_counter()
     torch.compile(double_sine, backend="eager")(torch.randn(8))
     spent = time.perf_counter() - started
-    grown = warm_up_seconds()["compiling_s"] - before["compiling_s"]
+    after = warm_up_seconds()
+    grown = after["compiling_s"] - before["compiling_s"]
     assert 0 < grown <= spent, (grown, spent)
+    assert after["compiles"] == before["compiles"] + 1, (before, after)
 
 
 def test_compiled_norm_silu_compiles_once_for_every_channel_count(monkeypatch):

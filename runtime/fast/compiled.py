@@ -49,17 +49,17 @@ def on_device(fn: Callable, device: torch.device, **compile_options: Any) -> Cal
     return compile_once(fn, **compile_options) if device.type == "cuda" else fn
 
 
-def compile_seconds() -> float | None:
-    """Seconds this process has spent in torch.compile (Dynamo and Inductor, every compile so far; 0 before
-    the first), from torch's own compile-time metrics; None if this torch does not keep them under the name
-    read here (``torch._dynamo.utils.compilation_time_metrics``, present in torch 2.1 to 2.13)."""
+def compile_times() -> list[float] | None:
+    """Seconds of each torch.compile this process has made so far (Dynamo and Inductor; empty before the
+    first), from torch's own compile-time metrics; None if this torch does not keep them under the name read
+    here (``torch._dynamo.utils.compilation_time_metrics``, present in torch 2.1 to 2.13)."""
     dynamo_utils = sys.modules.get("torch._dynamo.utils")
     if dynamo_utils is None:
-        return 0.0  # nothing compiled: torch.compile imports it
+        return []  # nothing compiled: torch.compile imports it
     metrics = getattr(dynamo_utils, "compilation_time_metrics", None)
     if metrics is None:
         return None
-    return float(sum(metrics.get("_compile.compile_inner", ())))
+    return [float(t) for t in metrics.get("_compile.compile_inner", ())]
 
 
 def persistent_compile_cache_dir() -> Path:

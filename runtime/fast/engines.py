@@ -24,7 +24,7 @@ from wan_trt.registry import (
     VAE_ENCODER_STEP,
 )
 from wan_trt.runtime.engines import pipeline_outputs
-from wan_trt.runtime.fast.compiled import compile_seconds, use_persistent_compile_cache
+from wan_trt.runtime.fast.compiled import compile_times, use_persistent_compile_cache
 from wan_trt.runtime.fast.streaming import STREAM_AHEAD
 from wan_trt.runtime.fast.transformer import FastOptions, FastTransformer
 from wan_trt.runtime.fast.vae import DEFAULT_VAE_SPEEDUPS, MEMORY_PLAN_VAE_SPEEDUPS, speed_up_vae
@@ -144,7 +144,9 @@ def warm_up_seconds() -> dict[str, float]:
     a figure this torch does not report is left out)."""
     from wan_trt.runtime.fast.attention import CudnnFp8Attention
 
-    seconds = {"compiling_s": compile_seconds(), "attention graphs_s": CudnnFp8Attention.build_seconds}
+    times = compile_times()
+    seconds = {"compiling_s": None if times is None else sum(times), "compiles": None if times is None else len(times),
+               "attention graphs_s": CudnnFp8Attention.build_seconds}
     return {key: value for key, value in seconds.items() if value is not None}
 
 
