@@ -9,7 +9,8 @@ then ``wan-trt infer --fast``, at full size (``animate-14b --random-weights``), 
 ``fp8`` runs the FP8 journey: ``calibrate --device cuda`` on each size's inputs (or ``--calibration``,
 a cache made earlier, e.g. at another size, or ``--calibration-clip``, one made here on a short synthetic clip
 in segments of its length: the results say which), ``build --precision fp8 --backend
-torch`` with that cache, then ``infer --fast`` on those engines. ``--sampler``/``--shift``/``--steps``
+torch`` with that cache (its warm-up compiling ``--fast``'s kernels for the sizes measured: ``--bucket``), then
+``infer --fast`` on those engines. ``--sampler``/``--shift``/``--steps``
 are the schedule of calibration and inference alike (``--sampler euler --steps 4`` is the
 ``lightx2v-4step`` recipe's schedule: its speed, on random weights without the distillation LoRA,
 which changes no shape or kernel).
@@ -96,6 +97,11 @@ def schedule_options(args: argparse.Namespace) -> list[str]:
     return ["--sampler", args.sampler, "--steps", str(args.steps), "--shift", f"{args.shift:g}"]
 
 
+def warm_up_buckets(args: argparse.Namespace) -> list[str]:
+    """``build``'s warm-up (on by default on a GPU) compiles ``--fast``'s kernels for the sizes measured here."""
+    return [option for size in args.sizes.split(",") if size for option in ("--bucket", f"{size}x{args.frames}")]
+
+
 def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: argparse.Namespace,
                 results: dict[str, Any], out: Path) -> Path | None:
     """Calibrate on the GPU (unless ``--calibration``) and build FP8 torch engines from the cache."""
@@ -114,7 +120,7 @@ def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: a
     if not engines.is_dir() and run_step(
             f"build_torch_fp8_{size}", wan_trt("build", "--preset", "animate-14b", "--random-weights", "--backend",
                                                "torch", "--precision", "fp8", "--calibration", str(cache),
-                                               "--policy", args.policy, "--out", str(engines)),
+                                               "--policy", args.policy, *warm_up_buckets(args), "--out", str(engines)),
             results, out).returncode:
         return None
     return engines
@@ -158,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     needs_fp32 = args.precision == "bf16" or not args.calibration  # fp8 with a cache given: no fp32 build
     if needs_fp32 and not args.skip_build and not fp32_engines.is_dir():
         if run_step("build_torch_fp32", wan_trt("build", "--preset", "animate-14b", "--random-weights",
-                                                "--backend", "torch", "--out", str(fp32_engines)),
+                                                "--backend", "torch", "--out", str(fp32_engines),
+                                                # fp32 engines run --fast only for a bf16 measurement; else calibrate
+                                                *(warm_up_buckets(args) if args.precision == "bf16" else ["--no-warm-up"])),
                     results, out).returncode:
             return 1
     ok = True

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import fresh_reference_models
@@ -110,7 +111,7 @@ def test_compare_refuses_onnxruntime_on_a_torch_directory(torch_dir):
     assert "--backend onnxruntime" in result.stderr
 
 
-@pytest.mark.parametrize("option", [["--bucket", "64x48x5"], ["--refittable"], ["--weight-streaming"],
+@pytest.mark.parametrize("option", [["--refittable"], ["--weight-streaming"],
                                     ["--workspace", "1"], ["--opt-level", "2"], ["--no-verify"],
                                     ["--accuracy-video"]])
 def test_onnx_and_tensorrt_options_with_backend_torch_are_one_line(option, tmp_path):
@@ -120,11 +121,86 @@ def test_onnx_and_tensorrt_options_with_backend_torch_are_one_line(option, tmp_p
     assert option[0] in _error_lines(result)[0] and not out.exists()
 
 
-def test_cli_build_backend_torch(tmp_path):
+def test_cli_build_backend_torch(tmp_path, caplog):
     out = tmp_path / "e"
+    caplog.set_level("INFO", logger="wan_trt")
     result = CliRunner().invoke(main, ["build", "--backend", "torch", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out) and _files(out) == {MANIFEST_NAME, "tokenizer.json", "prompt_embeds.npz"}
+    if not torch.cuda.is_available():  # nothing to warm: said, not an error
+        assert "no CUDA GPU: infer --fast compiles its kernels on its first denoising step" in caplog.messages
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--backend", "onnxruntime", "--warm-up"], 2, "--warm-up/--no-warm-up compile infer --fast's kernels"),
+    (["--backend", "tensorrt", "--no-warm-up"], 2, "they apply to --backend torch (got --backend tensorrt)"),
+    (["--backend", "torch", "--warm-up"], 3, "--warm-up compiles infer --fast's kernels on a CUDA GPU and there is none"),
+])
+def test_warm_up_outside_a_torch_build_on_a_gpu_is_one_line(args, code, message, tmp_path):
+    if code == 3 and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: --warm-up is valid here")
+    out = tmp_path / "e"
+    result = CliRunner().invoke(main, ["build", *args, "--out", str(out)])
+    assert result.exit_code == code and len(_error_lines(result)) == 1, result.output
+    assert message in _error_lines(result)[0] and not out.exists()
+
+
+def test_warm_up_runs_the_dit_once_per_kernel_shape(preset, torch_dir):
+    """The build's warm-up: one DiT call per bucket whose kernels differ (a bucket and its transpose share them),
+    on inputs made from the graph's declaration that the DiT accepts."""
+    from wan_trt.buckets import Bucket
+    from wan_trt.registry import TRANSFORMER
+    from wan_trt.runtime.engines import TorchEngine
+    from wan_trt.runtime.fast.warm_up import kernel_buckets, run_dit_once_per_bucket
+    from wan_trt.runtime.loading import torch_engines
+
+    landscape, portrait, other = Bucket(64, 48, 5), Bucket(48, 64, 5), Bucket(96, 64, 9)
+    assert kernel_buckets([landscape, portrait, other, landscape]) == [landscape, other]
+    assert [b.name for b in kernel_buckets(Bucket(w, h, 77) for w, h in
+                                           ((832, 480), (480, 832), (1280, 720), (720, 1280)))] == \
+        ["832x480x77", "1280x720x77"]
+
+    manifest = read_manifest(torch_dir)
+    engine = torch_engines(manifest, "cpu", torch_dir)[TRANSFORMER]
+    assert isinstance(engine, TorchEngine)
+    calls = []
+    run = engine.run
+    engine.run = lambda feed: calls.append({k: tuple(v.shape) for k, v in feed.items()}) or run(feed)
+    seconds = run_dit_once_per_bucket(engine, manifest.graphs[TRANSFORMER].spec, [landscape, portrait, other])
+    assert list(seconds) == ["64x48x5", "96x64x9"] and all(s > 0 for s in seconds.values())
+    assert [c["latent_input"][2:] for c in calls] == [(2 + 1, 6, 8), (3 + 1, 8, 12)]  # F + the reference frame
+
+
+def test_warm_up_skips_a_size_that_does_not_fit_the_gpu(torch_dir, caplog):
+    """The warm-up's sizes are those whose ``infer --fast`` run fits the free GPU memory, by the estimate
+    ``infer``'s pre-flight uses; any other is one warning (the build itself succeeded)."""
+    from wan_trt.buckets import Bucket
+
+    small, large = Bucket(64, 48, 5), Bucket(128, 96, 9)
+    manifest = read_manifest(torch_dir)
+    need = {b.name: preflight.estimate_device_bytes(manifest, torch_dir, b.width, b.height, b.frames,
+                                                    text_encoder=False, fast=True).total for b in (small, large)}
+    assert need["64x48x5"] < need["128x96x9"]
+    assert preflight.warm_up_buckets(torch_dir, [small, large], free=need["128x96x9"]) == [small, large]
+    caplog.set_level("WARNING", logger="wan_trt.preflight")
+    assert preflight.warm_up_buckets(torch_dir, [small, large], free=need["128x96x9"] - 1) == [small]
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["not compiling --fast's kernels for 128x96x9"]
+
+
+def test_bad_warm_up_bucket_is_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["build", "--backend", "torch", "--bucket", "64x48", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and len(_error_lines(result)) == 1, result.output
+    assert "expected WIDTHxHEIGHTxFRAMES" in result.stderr and not (tmp_path / "e").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiles infer --fast's kernels: needs a CUDA GPU")
+def test_warm_up_compiles_the_fast_path_on_the_gpu(torch_dir):
+    from wan_trt.buckets import Bucket
+    from wan_trt.runtime.fast.compiled import compile_times
+    from wan_trt.runtime.fast.warm_up import warm_up_fast_path
+
+    seconds = warm_up_fast_path(torch_dir, [Bucket(64, 48, 5), Bucket(48, 64, 5)])
+    assert list(seconds) == ["64x48x5"] and len(compile_times()) > 0
 
 
 def test_failed_build_leaves_nothing_and_keeps_the_previous_directory(preset, torch_dir, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ import click
 
 from wan_trt import __version__
 from wan_trt.calibration.attention import DEFAULT_SMOOTHING, SMOOTHING_MODES
-from wan_trt.errors import BadInputError, WanTrtError
+from wan_trt.errors import BadInputError, EngineError, WanTrtError
 from wan_trt.preflight import MEMORY_SIZE, SEED, FiniteFloatRange
 from wan_trt.registry import TRANSFORMER
 from wan_trt.runtime.compare import COMPONENT_TOLERANCE, graph_tolerances
@@ -33,6 +33,12 @@ def _exit_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -136,12 +142,16 @@ def _sampling_options(command):
 @click.option("--out", "out_dir", type=click.Path(), required=True, help="Engines directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
+@click.option("--warm-up/--no-warm-up", default=None,
+              help="--backend torch: compile infer --fast's kernels for each --bucket (default: the preset's) into "
+                   "this machine's compile cache, so that the first video does not [on where there is a CUDA GPU].")
 @click.pass_context
 def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weights: bool, loras: tuple[str, ...],
           lora_unmatched: str, backend: str, buckets: tuple[str, ...],
           opt_level: int, workspace: float | None, refittable: bool, weight_streaming: bool, precision: str,
           calibration: str | None, policy: str | None, smoothquant_alpha: float, seed: int, out_dir: str,
-          verify: bool, high_precision: str, accuracy_video: bool | None, refit_from: str | None) -> None:
+          verify: bool, high_precision: str, accuracy_video: bool | None, refit_from: str | None,
+          warm_up: bool | None) -> None:
     """Export every component to ONNX and write an engines directory with a manifest (--backend torch: no
     ONNX, the manifest, tokenizer, prompt cache and calibration for the torch backend)."""
     from wan_trt.buckets import Bucket, default_buckets
@@ -157,9 +167,16 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
     if backend in ("tensorrt", "all"):
         chosen = [Bucket.parse(b) for b in buckets] or default_buckets(model.buckets, model.segment_frames)
         tensorrt = TrtOptions(tuple(chosen), opt_level, workspace, refittable, weight_streaming)
-    elif buckets or refittable or weight_streaming or workspace or refit_from or (backend == "torch" and "opt_level" in given):
+    elif (buckets and backend != "torch") or refittable or weight_streaming or workspace or refit_from or (
+            backend == "torch" and "opt_level" in given):
         raise BadInputError("--bucket/--opt-level/--refittable/--refit-from/--weight-streaming/--workspace apply to "
-                            f"--backend tensorrt or all (got --backend {backend})")
+                            f"--backend tensorrt or all (got --backend {backend}; --bucket also to torch)")
+    if warm_up is not None and backend != "torch":
+        raise BadInputError(f"--warm-up/--no-warm-up compile infer --fast's kernels: they apply to --backend torch "
+                            f"(got --backend {backend})")
+    if warm_up and not _cuda_available():
+        raise EngineError("--warm-up compiles infer --fast's kernels on a CUDA GPU and there is none "
+                          "(torch.cuda.is_available() is False): drop --warm-up")
     if backend == "torch" and given & {"verify", "accuracy_video"}:
         raise BadInputError("--verify/--no-verify/--accuracy-video/--no-accuracy-video check ONNX graphs: "
                             "--backend torch exports none; drop them")
@@ -195,7 +212,16 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
     if backend == "torch":
         from wan_trt.export.torch_build import build_torch
 
-        click.echo(str(build_torch(request)))
+        chosen = [Bucket.parse(b) for b in buckets] or default_buckets(model.buckets, model.segment_frames)
+        out = build_torch(request)
+        if warm_up is not False and _cuda_available():
+            from wan_trt.preflight import warm_up_buckets
+            from wan_trt.runtime.fast.warm_up import warm_up_fast_path
+
+            warm_up_fast_path(out, warm_up_buckets(out, chosen))
+        elif warm_up is None:
+            log.info("no CUDA GPU: infer --fast compiles its kernels on its first denoising step")
+        click.echo(str(out))
         return
     from wan_trt.export.build import build as build_onnx
 

@@ -509,6 +509,26 @@ def check_device_memory(manifest, directory: Path, width: int, height: int, segm
         f"{_size(free)} free: {advice}")
 
 
+def warm_up_buckets(directory: Path, buckets, free: int | None = None) -> list:
+    """The buckets of ``build``'s warm-up (``runtime.fast.warm_up.kernel_buckets``) whose ``infer --fast`` run
+    fits the GPU's free memory (the estimate ``infer`` checks, prompts cached); each other one is a warning."""
+    from wan_trt.runtime.fast.warm_up import kernel_buckets
+    from wan_trt.runtime.manifest import read_manifest
+
+    manifest = read_manifest(directory)
+    free = free_device_bytes("cuda") if free is None else free
+    fitting = []
+    for bucket in kernel_buckets(buckets):
+        need = estimate_device_bytes(manifest, directory, bucket.width, bucket.height, bucket.frames,
+                                     text_encoder=False, fast=True).total
+        if free is not None and need > free:
+            log.warning("not compiling --fast's kernels for %s: about %s of GPU memory needed, %s free (the first "
+                        "infer at that size compiles them)", bucket.name, _size(need), _size(free))
+        else:
+            fitting.append(bucket)
+    return fitting
+
+
 def total_device_bytes(device: str) -> int | None:
     """All memory of the current CUDA device, or None where there is none."""
     import torch
