@@ -215,9 +215,15 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
         chosen = [Bucket.parse(b) for b in buckets] or default_buckets(model.buckets, model.segment_frames)
         out = build_torch(request)
         if warm_up is not False and _cuda_available():
+            import gc
+
+            import torch
+
             from wan_trt.preflight import warm_up_buckets
             from wan_trt.runtime.fast.warm_up import warm_up_fast_path
 
+            gc.collect()  # the build's modules are gone: give their memory back before asking what is free
+            torch.cuda.empty_cache()
             warm_up_fast_path(out, warm_up_buckets(out, chosen))
         elif warm_up is None:
             log.info("no CUDA GPU: infer --fast compiles its kernels on its first denoising step")
