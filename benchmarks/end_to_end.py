@@ -97,14 +97,19 @@ def schedule_options(args: argparse.Namespace) -> list[str]:
     return ["--sampler", args.sampler, "--steps", str(args.steps), "--shift", f"{args.shift:g}"]
 
 
-def warm_up_buckets(args: argparse.Namespace) -> list[str]:
-    """``build``'s warm-up (on by default on a GPU) compiles ``--fast``'s kernels for the sizes measured here."""
-    return [option for size in args.sizes.split(",") if size for option in ("--bucket", f"{size}x{args.frames}")]
+def warm_up_buckets(sizes: list[str]) -> list[str]:
+    """``build``'s warm-up compiles ``--fast``'s kernels for the sizes measured here, in 77-frame segments
+    (``infer``'s default; a shorter video is padded to one)."""
+    from wan_trt.presets import get_preset
+
+    frames = get_preset("animate-14b").segment_frames
+    return [option for size in sizes for option in ("--bucket", f"{size}x{frames}")]
 
 
 def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: argparse.Namespace,
                 results: dict[str, Any], out: Path) -> Path | None:
     """Calibrate on the GPU (unless ``--calibration``) and build FP8 torch engines from the cache."""
+    sizes, measured = [s for s in args.sizes.split(",") if s], size
     segment: list[str] = []
     if args.calibration_clip:  # one short clip calibrates every size (the ranges' values do not change speed);
         size, inputs = args.calibration_clip, calibration_clip(work, args.calibration_clip)
@@ -120,7 +125,10 @@ def fp8_engines(work: Path, fp32_engines: Path, inputs: Path, size: str, args: a
     if not engines.is_dir() and run_step(
             f"build_torch_fp8_{size}", wan_trt("build", "--preset", "animate-14b", "--random-weights", "--backend",
                                                "torch", "--precision", "fp8", "--calibration", str(cache),
-                                               "--policy", args.policy, *warm_up_buckets(args), "--out", str(engines)),
+                                               "--policy", args.policy, "--out", str(engines),
+                                               # one cache for every size (a clip or --calibration), else this size's
+                                               *warm_up_buckets(sizes if args.calibration_clip or args.calibration
+                                                                else [measured])),
             results, out).returncode:
         return None
     return engines
@@ -166,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         if run_step("build_torch_fp32", wan_trt("build", "--preset", "animate-14b", "--random-weights",
                                                 "--backend", "torch", "--out", str(fp32_engines),
                                                 # fp32 engines run --fast only for a bf16 measurement; else calibrate
-                                                *(warm_up_buckets(args) if args.precision == "bf16" else ["--no-warm-up"])),
+                                                *(["--warm-up", *warm_up_buckets([s for s in args.sizes.split(",") if s])]
+                                                  if args.precision == "bf16" else [])),
                     results, out).returncode:
             return 1
     ok = True

@@ -98,21 +98,25 @@ class TorchEngine:
 
 def pipeline_outputs(names: list[str], outputs, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Named outputs where the pipeline takes them: streamed feature caches (``next_cache*``) stay on the
-    engine's device, to be fed straight back; everything else comes to the host (in ``dtype`` if given,
-    converted before the copy), from a GPU through pinned memory: one wait for all of them."""
-    result, copied = {}, False
+    engine's device, to be fed straight back; everything else comes to the host (in ``dtype`` if given).
+    From a GPU, each is copied in its own type into a pinned staging tensor (a pageable copy runs at a
+    fraction of the bus: 0.56 s of a 720p decode's 4.7 s), then converted into ordinary host memory, so that
+    the staging blocks go back to torch's pinned cache for the next call instead of piling up."""
+    result, staged = {}, []
     for name, value in zip(names, outputs, strict=True):
-        if not name.startswith(CACHE_OUTPUT_PREFIX):
-            value = value if dtype is None else value.to(dtype)
-            if value.is_cuda:  # a pageable copy runs at a fraction of the bus (0.56 s of a 720p decode's 4.7 s)
-                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-                value, copied = host.copy_(value, non_blocking=True), True
-            else:
-                value = value.cpu()
-        result[name] = value
-    if copied:
-        torch.cuda.current_stream().synchronize()
-    return result
+        if name.startswith(CACHE_OUTPUT_PREFIX):
+            result[name] = value
+        elif value.is_cuda:
+            staging = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            staging.copy_(value, non_blocking=True)
+            staged.append((name, staging, value.device))
+        else:
+            result[name] = value if dtype is None else value.to(dtype)
+    for device in {device for _, _, device in staged}:
+        torch.cuda.current_stream(device).synchronize()
+    for name, staging, _ in staged:
+        result[name] = torch.empty(staging.shape, dtype=dtype or staging.dtype).copy_(staging)
+    return {name: result[name] for name in names}  # in the declared order
 
 
 def ort_providers(device: str) -> list[str]:

@@ -105,5 +105,6 @@ def format_summary(summary: Mapping[str, float]) -> str:
     parts = [f"{key.removesuffix('_s')} {value:.1f} s" for key, value in summary.items() if key.endswith("_s")]
     parts += [f"{key.removesuffix('_gib').replace('_', ' ')} {value:.1f} GiB"
               for key, value in summary.items() if key.endswith("_gib")]
-    parts += [f"{key} {value}" for key, value in summary.items() if isinstance(value, int)]  # counts
+    parts += [f"{key} {value}" for key, value in summary.items()  # counts
+              if isinstance(value, int) and not isinstance(value, bool) and not key.endswith(("_s", "_gib"))]
     return "run: " + ", ".join(parts)

@@ -127,13 +127,15 @@ def test_cli_build_backend_torch(tmp_path, caplog):
     result = CliRunner().invoke(main, ["build", "--backend", "torch", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out) and _files(out) == {MANIFEST_NAME, "tokenizer.json", "prompt_embeds.npz"}
-    if not torch.cuda.is_available():  # nothing to warm: said, not an error
-        assert "no CUDA GPU: infer --fast compiles its kernels on its first denoising step" in caplog.messages
+    assert "no CUDA GPU: infer --fast compiles its kernels on its first denoising step" not in caplog.messages  # fp32
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
     (["--backend", "onnxruntime", "--warm-up"], 2, "--warm-up/--no-warm-up compile infer --fast's kernels"),
     (["--backend", "tensorrt", "--no-warm-up"], 2, "they apply to --backend torch (got --backend tensorrt)"),
+    (["--backend", "torch", "--precision", "bf16", "--warm-up"], 2, "--fast runs fp32, fp8 and int8 engines"),
+    (["--backend", "torch", "--bucket", "64x48x5"], 2, "this build does not warm up"),
+    (["--backend", "torch", "--bucket", "64x48x5", "--no-warm-up"], 2, "add --warm-up or drop --bucket"),
     (["--backend", "torch", "--warm-up"], 3, "--warm-up compiles infer --fast's kernels on a CUDA GPU and there is none"),
 ])
 def test_warm_up_outside_a_torch_build_on_a_gpu_is_one_line(args, code, message, tmp_path):
@@ -143,6 +145,16 @@ def test_warm_up_outside_a_torch_build_on_a_gpu_is_one_line(args, code, message,
     result = CliRunner().invoke(main, ["build", *args, "--out", str(out)])
     assert result.exit_code == code and len(_error_lines(result)) == 1, result.output
     assert message in _error_lines(result)[0] and not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a build without a CUDA GPU says")
+def test_quantized_torch_build_without_a_gpu_says_it_warms_nothing(caplog):
+    from wan_trt.cli import _check_warm_up
+
+    caplog.set_level("INFO", logger="wan_trt")
+    assert _check_warm_up(None, "torch", "fp8", buckets=True) is False  # on by default for fp8, but no GPU
+    assert caplog.messages == ["no CUDA GPU: infer --fast compiles its kernels on its first denoising step"]
+    assert _check_warm_up(None, "torch", "fp32", buckets=False) is False and len(caplog.messages) == 1  # off: silent
 
 
 def test_warm_up_runs_the_dit_once_per_kernel_shape(preset, torch_dir):
@@ -188,7 +200,8 @@ def test_warm_up_skips_a_size_that_does_not_fit_the_gpu(torch_dir, caplog):
 
 
 def test_bad_warm_up_bucket_is_one_line(tmp_path):
-    result = CliRunner().invoke(main, ["build", "--backend", "torch", "--bucket", "64x48", "--out", str(tmp_path / "e")])
+    result = CliRunner().invoke(main, ["build", "--backend", "torch", "--warm-up", "--bucket", "64x48",
+                                       "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and len(_error_lines(result)) == 1, result.output
     assert "expected WIDTHxHEIGHTxFRAMES" in result.stderr and not (tmp_path / "e").exists()
 

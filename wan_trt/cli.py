@@ -112,8 +112,8 @@ def _sampling_options(command):
               show_default=True, help="onnxruntime: the verified ONNX files; tensorrt/all: plus TensorRT engines; "
                                       "torch: no ONNX, only what infer --backend torch (and --fast) reads (minutes).")
 @click.option("--bucket", "buckets", multiple=True,
-              help="TensorRT shape bucket WIDTHxHEIGHTxFRAMES, repeatable [the preset's: 832x480, 1280x720, both "
-                   "orientations, x77].")
+              help="TensorRT shape bucket (--backend torch: a size --warm-up compiles for) WIDTHxHEIGHTxFRAMES, "
+                   "repeatable [the preset's: 832x480, 1280x720, both orientations, x77].")
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
               help="TensorRT builder optimization level.")
 @click.option("--workspace", type=FiniteFloatRange(0.0, min_open=True), default=None,
@@ -143,8 +143,8 @@ def _sampling_options(command):
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check each ONNX graph in ONNX Runtime against PyTorch while building.")
 @click.option("--warm-up/--no-warm-up", default=None,
-              help="--backend torch: compile infer --fast's kernels for each --bucket (default: the preset's) into "
-                   "this machine's compile cache, so that the first video does not [on where there is a CUDA GPU].")
+              help="--backend torch on a CUDA GPU: compile infer --fast's kernels for each --bucket (default: the "
+                   "preset's) into this machine's compile cache, so that the first video does not [on for fp8/int8].")
 @click.pass_context
 def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weights: bool, loras: tuple[str, ...],
           lora_unmatched: str, backend: str, buckets: tuple[str, ...],
@@ -171,12 +171,8 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
             backend == "torch" and "opt_level" in given):
         raise BadInputError("--bucket/--opt-level/--refittable/--refit-from/--weight-streaming/--workspace apply to "
                             f"--backend tensorrt or all (got --backend {backend}; --bucket also to torch)")
-    if warm_up is not None and backend != "torch":
-        raise BadInputError(f"--warm-up/--no-warm-up compile infer --fast's kernels: they apply to --backend torch "
-                            f"(got --backend {backend})")
-    if warm_up and not _cuda_available():
-        raise EngineError("--warm-up compiles infer --fast's kernels on a CUDA GPU and there is none "
-                          "(torch.cuda.is_available() is False): drop --warm-up")
+    warm_buckets = [Bucket.parse(b) for b in buckets] if backend == "torch" else []  # bad text: exit 2 before work
+    warm = _check_warm_up(warm_up, backend, precision, bool(buckets))
     if backend == "torch" and given & {"verify", "accuracy_video"}:
         raise BadInputError("--verify/--no-verify/--accuracy-video/--no-accuracy-video check ONNX graphs: "
                             "--backend torch exports none; drop them")
@@ -212,26 +208,59 @@ def build(ctx: click.Context, preset: str, checkpoint: str | None, random_weight
     if backend == "torch":
         from wan_trt.export.torch_build import build_torch
 
-        chosen = [Bucket.parse(b) for b in buckets] or default_buckets(model.buckets, model.segment_frames)
         out = build_torch(request)
-        if warm_up is not False and _cuda_available():
-            import gc
-
-            import torch
-
-            from wan_trt.preflight import warm_up_buckets
-            from wan_trt.runtime.fast.warm_up import warm_up_fast_path
-
-            gc.collect()  # the build's modules are gone: give their memory back before asking what is free
-            torch.cuda.empty_cache()
-            warm_up_fast_path(out, warm_up_buckets(out, chosen))
-        elif warm_up is None:
-            log.info("no CUDA GPU: infer --fast compiles its kernels on its first denoising step")
+        if warm:
+            _warm_up(out, warm_buckets or default_buckets(model.buckets, model.segment_frames), asked=bool(warm_up))
         click.echo(str(out))
         return
     from wan_trt.export.build import build as build_onnx
 
     click.echo(str(build_onnx(request)))
+
+
+def _check_warm_up(warm_up: bool | None, backend: str, precision: str, buckets: bool) -> bool:
+    """Whether ``build`` warms ``infer --fast``'s compile cache (by default: fp8/int8 torch builds on a CUDA GPU);
+    a request that cannot be met is one line (exit 2, or 3 without a GPU)."""
+    if warm_up is not None and backend != "torch":
+        raise BadInputError(f"--warm-up/--no-warm-up compile infer --fast's kernels: they apply to --backend torch "
+                            f"(got --backend {backend})")
+    if backend != "torch":
+        return False
+    if warm_up and precision in ("fp16", "bf16"):
+        raise BadInputError(f"--warm-up compiles infer --fast's kernels and --fast runs fp32, fp8 and int8 engines "
+                            f"(got --precision {precision}): drop --warm-up")
+    warm = warm_up if warm_up is not None else precision in ("fp8", "int8")
+    if buckets and not warm:
+        raise BadInputError("--bucket with --backend torch names the sizes the warm-up compiles for, and this build "
+                            "does not warm up (fp32 torch builds only with --warm-up): add --warm-up or drop --bucket")
+    if warm and not _cuda_available():
+        if warm_up:
+            raise EngineError("--warm-up compiles infer --fast's kernels on a CUDA GPU and there is none "
+                              "(torch.cuda.is_available() is False): drop --warm-up")
+        log.info("no CUDA GPU: infer --fast compiles its kernels on its first denoising step")
+        return False
+    return warm
+
+
+def _warm_up(out: Path, buckets: list, asked: bool) -> None:
+    """``build``'s warm-up of ``infer --fast``'s kernels for ``out``; a failure of the default one (not
+    ``--warm-up``) is a warning: the engines are written and the first ``infer`` compiles what is missing."""
+    import gc
+
+    import torch
+
+    from wan_trt.preflight import warm_up_buckets
+    from wan_trt.runtime.fast.warm_up import warm_up_fast_path
+
+    gc.collect()  # the build's modules are gone: give their memory back before asking what is free
+    torch.cuda.empty_cache()
+    try:
+        warm_up_fast_path(out, warm_up_buckets(out, buckets))
+    except (WanTrtError, torch.OutOfMemoryError) as error:
+        if asked:
+            raise
+        log.warning("the engines in %s are written; compiling infer --fast's kernels failed (%s): the first infer "
+                    "compiles them", out, str(error).splitlines()[0])
 
 
 @main.command()

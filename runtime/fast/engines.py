@@ -138,14 +138,15 @@ def fast_plan(graph: torch.nn.Module, directory, manifest,
     return plan, ranges, smoothing
 
 
-def warm_up_seconds() -> dict[str, float]:
+def warm_up_seconds() -> dict[str, float | int]:
     """What this process has spent so far making the fast path's kernels, for ``infer --timings``: most of
     the first denoising step's warm-up on a fresh machine (torch.compile, cuDNN's FP8 attention graphs;
     a figure this torch does not report is left out)."""
     from wan_trt.runtime.fast.attention import CudnnFp8Attention
 
     times = compile_times()
-    seconds = {"compiling_s": None if times is None else sum(times), "compiles": None if times is None else len(times),
+    seconds = {"compiling_s": None if times is None else float(sum(times)),
+               "compiles": None if times is None else len(times),
                "attention graphs_s": CudnnFp8Attention.build_seconds}
     return {key: value for key, value in seconds.items() if value is not None}
 

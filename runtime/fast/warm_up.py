@@ -9,7 +9,9 @@ machine (or with the same ``$WAN_TRT_COMPILE_CACHE``) finds every kernel compile
 The glue's shapes depend on the segment's latent frames and tokens per frame only, so a bucket and its
 transpose (832x480 and 480x832) share their kernels: one forward serves both. The inputs are random (the
 kernels do not depend on values); the DiT's batch is 1 (no classifier-free guidance, the default): a run
-with ``--guidance-scale`` > 1 compiles its batch-2 kernels on its first step.
+with ``--guidance-scale`` > 1 compiles its batch-2 kernels on its first step. Between sizes, dynamo's state
+is reset, so that each size compiles what a fresh ``infer`` process at that size compiles (a function that
+had seen another shape in the same process would be compiled shape-generic instead).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def run_dit_once_per_bucket(engine, spec, buckets: Iterable[Bucket]) -> dict[str
     todo = kernel_buckets(buckets)
     seconds = {}
     for index, bucket in enumerate(todo, 1):
+        if index > 1:  # compile each size as a fresh infer process would (static shapes, its own compile limits)
+            torch._dynamo.reset()
         feed = {name: torch.from_numpy(value) for name, value in
                 spec.sample_inputs(segment_sizes(bucket.frames, bucket.height, bucket.width), seed=index).items()}
         started = time.perf_counter()
