@@ -226,10 +226,13 @@ def _check_warm_up(warm_up: bool | None, backend: str, precision: str, buckets: 
                             f"(got --backend {backend})")
     if backend != "torch":
         return False
-    if warm_up and precision in ("fp16", "bf16"):
-        raise BadInputError(f"--warm-up compiles infer --fast's kernels and --fast runs fp32, fp8 and int8 engines "
-                            f"(got --precision {precision}): drop --warm-up")
-    warm = warm_up if warm_up is not None else precision in ("fp8", "int8")
+    from wan_trt.preflight import QUANTIZED_PRECISIONS
+    from wan_trt.runtime.fast.engines import FAST_PRECISIONS
+
+    if warm_up and precision not in FAST_PRECISIONS:
+        raise BadInputError(f"--warm-up compiles infer --fast's kernels and --fast runs "
+                            f"{', '.join(FAST_PRECISIONS[:-1])} and {FAST_PRECISIONS[-1]} engines (got --precision {precision}): drop --warm-up")
+    warm = warm_up if warm_up is not None else precision in QUANTIZED_PRECISIONS
     if buckets and not warm:
         raise BadInputError("--bucket with --backend torch names the sizes the warm-up compiles for, and this build "
                             "does not warm up (fp32 torch builds only with --warm-up): add --warm-up or drop --bucket")

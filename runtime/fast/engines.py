@@ -34,6 +34,7 @@ from wan_trt.runtime.run_report import Phases
 log = logging.getLogger(__name__)
 
 VAE_GRAPHS = (VAE_ENCODER_FIRST, VAE_ENCODER_STEP, VAE_DECODER_FIRST, VAE_DECODER_STEP)
+FAST_PRECISIONS = ("fp32", "fp8", "int8")  # the engines --fast runs (fp16/bf16 ones: without --fast)
 
 
 class FastEngine:
@@ -169,7 +170,7 @@ def fast_torch_engines(manifest, directory, options: RuntimeOptions) -> dict:
     if not torch.cuda.is_available():
         raise EngineError("--fast needs a CUDA GPU (torch.cuda.is_available() is False): run without --fast on a CPU")
     precision = manifest.precision
-    if precision not in ("fp32", "fp8", "int8"):
+    if precision not in FAST_PRECISIONS:
         raise EngineError(f"--fast runs fp32, fp8 and int8 engines; these are {precision}: run them without --fast")
     if options.max_gpu_memory is not None:  # the allocator refuses more than the plan's budget
         cap_allocator(options.max_gpu_memory)

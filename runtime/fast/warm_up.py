@@ -65,7 +65,7 @@ def warm_up_fast_path(directory: Path, buckets: Iterable[Bucket]) -> dict[str, f
     from wan_trt.runtime.manifest import read_manifest
     from wan_trt.runtime.options import RuntimeOptions
 
-    buckets = kernel_buckets(buckets)
+    buckets = list(buckets)
     if not buckets:
         return {}
     manifest = read_manifest(directory)
